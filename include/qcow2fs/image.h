@@ -1,0 +1,150 @@
+// The qcow2fs core: a qcow2 (or raw) disk image as a thread-safe guest disk.
+//
+// Every method of Image may be called from many threads at once. Guest I/O is
+// positional (pread/pwrite style) on byte ranges of any size and alignment
+// inside [0, size()). Nothing here throws; errors are Status values whose
+// message names the structure and offset at fault.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "qcow2fs/status.h"
+
+namespace qcow2fs {
+
+enum class CompressionType { kZlib = 0, kZstd = 1 };
+
+struct OpenOptions {
+  bool read_only = true;
+  // Bytes of L2 tables kept in memory. 0 picks the default: enough tables to
+  // map 8 GiB of guest disk (QEMU's rule of thumb is 1 MiB of L2 per 8 GiB at
+  // 64 KiB clusters), at least 1 MiB, at most 32 MiB.
+  size_t l2_cache_bytes = 0;
+  // Take the image-level flock and QEMU's byte-range locks. Turning this off
+  // is only safe for read-only access to an image nobody writes.
+  bool lock = true;
+  // Open an internal snapshot (by ID or name) instead of the active state.
+  // Implies read-only.
+  std::optional<std::string> snapshot;
+  // Format of the file: "qcow2", "raw", or empty to probe (qcow2 magic, else
+  // raw). The top image of a mount is required to be qcow2 by the daemon.
+  std::string format;
+};
+
+struct CreateOptions {
+  uint64_t size = 0;                 // virtual size in bytes
+  uint32_t cluster_size = 65536;     // 512 .. 2 MiB, a power of two
+  int version = 3;                   // 2 or 3
+  int refcount_bits = 16;            // 1, 2, 4, ..., 64 (v2: only 16)
+  bool extended_l2 = false;          // v3 only, cluster_size >= 16 KiB
+  CompressionType compression = CompressionType::kZlib;  // zstd needs v3
+  std::string backing_file;          // as stored in the header
+  std::string backing_format;        // "qcow2" or "raw"; probed when empty
+};
+
+// One internal snapshot, as read from the snapshot table.
+struct SnapshotInfo {
+  std::string id;
+  std::string name;
+  uint64_t disk_size = 0;
+  uint64_t vm_state_size = 0;
+  uint64_t date_sec = 0;
+  uint32_t date_nsec = 0;
+  uint64_t vm_clock_nsec = 0;
+};
+
+// What an image is made of; the fields a tool or a log line needs.
+struct ImageInfo {
+  std::string format;  // "qcow2" or "raw"
+  std::string path;
+  int version = 0;
+  uint64_t virtual_size = 0;
+  uint32_t cluster_size = 0;
+  int refcount_bits = 0;
+  bool extended_l2 = false;
+  CompressionType compression = CompressionType::kZlib;
+  std::string backing_file;        // as stored in the header
+  std::string backing_file_resolved;
+  std::string backing_format;
+  std::string data_file;           // external data file name, if any
+  bool data_file_raw = false;
+  bool read_only = true;
+  bool corrupt = false;
+  bool dirty = false;
+  bool lazy_refcounts = false;
+  uint64_t l1_size = 0;
+  std::vector<SnapshotInfo> snapshots;
+  std::vector<std::string> warnings;  // e.g. why the image was opened read-only
+};
+
+// How a guest range is stored in this image (not looking into backing files).
+enum class BlockKind {
+  kData,         // allocated in this image (normal or compressed)
+  kZero,         // reads as zeros without being backed by data
+  kUnallocated,  // reads from the backing file, or zeros without one
+};
+
+struct BlockStatus {
+  BlockKind kind = BlockKind::kUnallocated;
+  uint64_t length = 0;  // bytes from the queried offset with this kind
+  bool compressed = false;
+  std::optional<uint64_t> host_offset;  // first byte, for uncompressed data
+};
+
+class Image {
+ public:
+  // Opens an image. Backing files and external data files are opened
+  // read-only, resolved relative to the image's directory.
+  static Result<std::unique_ptr<Image>> Open(const std::string& path,
+                                             const OpenOptions& options);
+  // Creates a new qcow2 image at `path` (which must not exist).
+  static Status Create(const std::string& path, const CreateOptions& options);
+
+  virtual ~Image() = default;
+  Image(const Image&) = delete;
+  Image& operator=(const Image&) = delete;
+
+  // Virtual disk size in bytes.
+  virtual uint64_t size() const = 0;
+  virtual bool read_only() const = 0;
+  virtual ImageInfo info() const = 0;
+
+  // Reads buf.size() bytes at guest `offset`. The range must lie inside the
+  // disk. A corrupt mapping fails the call with kCorrupt; other ranges stay
+  // readable.
+  virtual Status Read(uint64_t offset, std::span<std::byte> buf) = 0;
+  // Writes data at guest `offset`; on return it is visible to readers. It is
+  // durable only after Flush().
+  virtual Status Write(uint64_t offset, std::span<const std::byte> data) = 0;
+  // Makes [offset, offset+length) read as zeros. With may_unmap the core may
+  // free the host clusters instead of writing zeros.
+  virtual Status WriteZeroes(uint64_t offset, uint64_t length,
+                             bool may_unmap) = 0;
+  // Tells the image the guest no longer needs the range. Whole clusters are
+  // freed (and the host file's blocks punched); the range reads as zeros
+  // afterwards, or as backing data where the format says so.
+  virtual Status Discard(uint64_t offset, uint64_t length) = 0;
+  // Writes back all dirty metadata in crash-safe order, then syncs: every
+  // write completed before the call survives a crash after it returns.
+  virtual Status Flush() = 0;
+  // Changes the virtual size. Growing always works on a writable image;
+  // shrinking only when nothing is allocated past the new end.
+  virtual Status Resize(uint64_t new_size) = 0;
+  // How the range starting at `offset` is stored: the kind of its first byte
+  // and how many bytes from there share it (at most `length`).
+  virtual Result<BlockStatus> GetBlockStatus(uint64_t offset,
+                                             uint64_t length) = 0;
+  // Bytes the image occupies on the host (allocated blocks of its files).
+  virtual uint64_t AllocatedBytes() const = 0;
+
+ protected:
+  Image() = default;
+};
+
+}  // namespace qcow2fs

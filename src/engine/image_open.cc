@@ -1,0 +1,61 @@
+// Image::Open and the format probe: the entry from paths to Image objects.
+#include "engine/image_open.h"
+
+#include <cstring>
+
+#include "engine/image_lock.h"
+#include "engine/qcow2_image.h"
+#include "format/endian.h"
+#include "format/header.h"
+
+namespace qcow2fs {
+
+FileOpener HostFileOpener() {
+  return [](const std::string& path, bool writable) {
+    return OpenPosixFile(path, writable);
+  };
+}
+
+Result<std::unique_ptr<Image>> OpenImageFile(std::unique_ptr<File> file,
+                                             const std::string& path,
+                                             const OpenOptions& options,
+                                             const FileOpener& opener,
+                                             int chain_depth) {
+  std::byte magic[4];
+  QCOW2FS_RETURN_IF_ERROR(file->ReadAt(0, magic));
+  const bool is_qcow2 = LoadBe32(magic) == kQcow2Magic;
+  if (options.format == "qcow2" && !is_qcow2) {
+    return Status(ErrorCode::kInvalidArgument, path + " is not a qcow2 image");
+  }
+  if (!options.format.empty() && options.format != "qcow2" &&
+      options.format != "raw") {
+    return Status(ErrorCode::kUnsupported,
+                  "image format '" + options.format + "' is not supported");
+  }
+  if (options.lock && file->fd() >= 0) {
+    QCOW2FS_RETURN_IF_ERROR(LockImageFile(
+        file->fd(), path, !options.read_only && !options.snapshot));
+  }
+  if (is_qcow2 && options.format != "raw") {
+    return Qcow2Image::Open(std::move(file), path, options, opener, chain_depth);
+  }
+  return OpenRaw(std::move(file), options);
+}
+
+Result<std::unique_ptr<Image>> OpenQcow2(std::unique_ptr<File> file,
+                                         const std::string& path,
+                                         const OpenOptions& options,
+                                         const FileOpener& opener) {
+  OpenOptions o = options;
+  o.format = "qcow2";
+  return OpenImageFile(std::move(file), path, o, opener);
+}
+
+Result<std::unique_ptr<Image>> Image::Open(const std::string& path,
+                                           const OpenOptions& options) {
+  QCOW2FS_ASSIGN_OR_RETURN(auto file, OpenPosixFile(path, !options.read_only &&
+                                                              !options.snapshot));
+  return OpenImageFile(std::move(file), path, options, HostFileOpener());
+}
+
+}  // namespace qcow2fs

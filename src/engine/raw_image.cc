@@ -1,0 +1,79 @@
+// RawImage: a plain file as an Image, used for raw backing files.
+#include <algorithm>
+
+#include "engine/image_open.h"
+
+namespace qcow2fs {
+namespace {
+
+class RawImage final : public Image {
+ public:
+  RawImage(std::unique_ptr<File> file, uint64_t size, bool read_only)
+      : file_(std::move(file)), size_(size), read_only_(read_only) {}
+
+  uint64_t size() const override { return size_; }
+  bool read_only() const override { return read_only_; }
+  ImageInfo info() const override {
+    ImageInfo i;
+    i.format = "raw";
+    i.path = file_->name();
+    i.virtual_size = size_;
+    i.read_only = read_only_;
+    return i;
+  }
+
+  Status Read(uint64_t offset, std::span<std::byte> buf) override {
+    if (offset > size_ || buf.size() > size_ - offset) {
+      return Status(ErrorCode::kOutOfRange, "read past the end of " + file_->name());
+    }
+    return file_->ReadAt(offset, buf);
+  }
+  Status Write(uint64_t offset, std::span<const std::byte> data) override {
+    QCOW2FS_RETURN_IF_ERROR(CheckWrite(offset, data.size()));
+    return file_->WriteAt(offset, data);
+  }
+  Status WriteZeroes(uint64_t offset, uint64_t length, bool) override {
+    QCOW2FS_RETURN_IF_ERROR(CheckWrite(offset, length));
+    return file_->PunchHole(offset, length);
+  }
+  Status Discard(uint64_t offset, uint64_t length) override {
+    return WriteZeroes(offset, length, true);
+  }
+  Status Flush() override { return read_only_ ? Status() : file_->Sync(); }
+  Status Resize(uint64_t) override {
+    return Status(ErrorCode::kUnsupported, "raw images cannot be resized here");
+  }
+  Result<BlockStatus> GetBlockStatus(uint64_t offset, uint64_t length) override {
+    if (offset >= size_) return Status(ErrorCode::kOutOfRange, "past the end");
+    BlockStatus s;
+    s.kind = BlockKind::kData;
+    s.length = std::min(length, size_ - offset);
+    s.host_offset = offset;
+    return s;
+  }
+  uint64_t AllocatedBytes() const override { return file_->AllocatedBytes(); }
+
+ private:
+  Status CheckWrite(uint64_t offset, uint64_t length) const {
+    if (read_only_) return Status(ErrorCode::kReadOnly, file_->name() + " is read-only");
+    if (offset > size_ || length > size_ - offset) {
+      return Status(ErrorCode::kOutOfRange, "write past the end of " + file_->name());
+    }
+    return Status();
+  }
+
+  std::unique_ptr<File> file_;
+  const uint64_t size_;
+  const bool read_only_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Image>> OpenRaw(std::unique_ptr<File> file,
+                                       const OpenOptions& options) {
+  QCOW2FS_ASSIGN_OR_RETURN(uint64_t size, file->Size());
+  return std::unique_ptr<Image>(
+      new RawImage(std::move(file), size, options.read_only));
+}
+
+}  // namespace qcow2fs
