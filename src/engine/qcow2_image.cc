@@ -43,7 +43,18 @@ size_t DefaultL2CacheBytes(const Header& h, uint64_t virtual_size) {
 
 }  // namespace
 
-Qcow2Image::~Qcow2Image() = default;
+Qcow2Image::~Qcow2Image() {
+  if (read_only_ || !refcounts_ || fenced_.load()) return;
+  // Flush applies deferred frees, which dirties refcount blocks once more.
+  Status s = Flush();
+  if (s.ok()) {
+    std::lock_guard lk(meta_mutex_);
+    s = WriteBackLocked();
+  }
+  if (!s.ok()) {
+    std::fprintf(stderr, "qcow2fs: closing %s: %s\n", path_.c_str(), s.ToString().c_str());
+  }
+}
 
 Result<std::unique_ptr<Image>> Qcow2Image::Open(std::unique_ptr<File> file,
                                                 const std::string& path,
@@ -98,6 +109,10 @@ Status Qcow2Image::LoadMetadata(const OpenOptions& options,
     };
     QCOW2FS_ASSIGN_OR_RETURN(snapshots_,
                              ReadSnapshotTable(header_, file_size, read));
+    for (const auto& s : snapshots_) {
+      snapshot_table_bytes_ +=
+          (40 + s.extra_data.size() + s.id.size() + s.name.size() + 7) & ~uint64_t{7};
+    }
   }
 
   uint64_t l1_offset = header_.l1_table_offset;
@@ -135,6 +150,7 @@ Status Qcow2Image::LoadMetadata(const OpenOptions& options,
 
   QCOW2FS_RETURN_IF_ERROR(OpenDataFile(opener));
   QCOW2FS_RETURN_IF_ERROR(OpenBacking(options, opener, chain_depth));
+  if (!read_only_) QCOW2FS_RETURN_IF_ERROR(PrepareForWriting());
   return Status();
 }
 

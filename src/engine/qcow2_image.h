@@ -13,7 +13,10 @@
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <set>
+#include <unordered_set>
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
@@ -23,6 +26,7 @@
 
 #include "engine/image_open.h"
 #include "engine/l2_cache.h"
+#include "engine/refcounts.h"
 #include "format/header.h"
 #include "format/snapshot_table.h"
 #include "io/file.h"
@@ -85,6 +89,40 @@ class Qcow2Image final : public Image {
   Status ReadBacking(uint64_t offset, std::span<std::byte> dst);
   std::string Where(uint64_t guest_offset) const;
 
+  // --- writing (qcow2_write.cc, qcow2_zero.cc, qcow2_metadata.cc) ---
+  Status PrepareForWriting();
+  Status CheckWritable(uint64_t offset, uint64_t length) const;
+  // The write path proper; the caller holds discard_lock_ shared.
+  Status WriteShared(uint64_t offset, std::span<const std::byte> data);
+  // Writes zeros through the data path (partial clusters).
+  Status WriteZeroBytes(uint64_t offset, uint64_t length);
+  // The active L2 table for L1 index `l1_index`, allocated or copied away
+  // from a shared one as needed.
+  Result<std::shared_ptr<L2Table>> L2ForWriteLocked(
+      std::unique_lock<std::mutex>& lk, uint64_t l1_index);
+  Result<std::shared_ptr<L2Table>> L2ForMappingLocked(
+      std::unique_lock<std::mutex>& lk, uint64_t l1_index, uint64_t guest);
+  // Allocates `count` contiguous host clusters for metadata or data.
+  Result<uint64_t> AllocateClustersLocked(uint64_t count);
+  // Drops the image's reference to whatever the L2 entry pointed to; the
+  // refcount is decremented at the next flush, after the new entry is on
+  // disk (see docs/concurrency.md).
+  void ReleaseEntryLocked(uint64_t word);
+  void ReleaseClusterLocked(uint64_t host_offset);
+  // Makes whole clusters [first, first+count) read as zeros (zero flag or
+  // deallocation). Caller holds discard_lock_ exclusively.
+  Status ZeroClustersExclusive(uint64_t first_cluster, uint64_t count,
+                               bool discard, bool may_unmap);
+  // Writes dirty metadata in crash-safe order and syncs the image file.
+  Status WriteBackLocked();
+  // Applies deferred refcount decrements whose L2 changes are on disk.
+  Status FreeClustersExclusive(std::vector<uint64_t> clusters);
+  Status WriteHeaderLocked();
+  // Refuses a metadata write into the header, L1 or refcount table.
+  Status CheckOverlapLocked(uint64_t offset, uint64_t length, const char* what);
+  // Marks the image corrupt on disk and stops all writes.
+  Status FenceCorrupt(const Status& cause);
+
   // Fixed after open.
   std::string path_;
   Header header_;
@@ -112,6 +150,20 @@ class Qcow2Image final : public Image {
   std::mutex meta_mutex_;
   std::vector<uint64_t> l1_;  // guarded by meta_mutex_
   std::unique_ptr<L2Cache> l2_cache_;  // guarded by meta_mutex_
+  std::unique_ptr<Refcounts> refcounts_;  // guarded by meta_mutex_
+  std::set<uint64_t> l1_dirty_;           // guarded by meta_mutex_
+  bool header_dirty_ = false;             // guarded by meta_mutex_
+  // Host clusters whose refcount drops by one at the next flush, once the
+  // L2/L1 changes that removed the reference are on disk.
+  std::vector<uint64_t> pending_frees_;   // guarded by meta_mutex_
+  // Guest clusters with an allocating write between mapping and L2 update;
+  // a second allocating writer waits on inflight_done_.
+  std::unordered_set<uint64_t> inflight_;  // guarded by meta_mutex_
+  std::condition_variable inflight_done_;
+  // Set once corruption is found at run time; read without a lock because
+  // it only ever goes from false to true and fences writes.
+  std::atomic<bool> fenced_{false};
+  uint64_t snapshot_table_bytes_ = 0;
 };
 
 }  // namespace qcow2fs

@@ -1,0 +1,241 @@
+// Qcow2Image metadata persistence: write-back in crash-safe order, flush,
+// deferred frees, header updates, resize, overlap checks and fencing.
+//
+// The on-disk order that keeps every crash point consistent (at worst
+// leaked clusters):
+//   refcount blocks -> sync -> refcount table -> sync -> [header] -> sync
+//   -> L2 tables -> sync -> L1 entries and header -> sync
+//   -> (exclusive discard lock) punch and decrement freed clusters.
+// A cluster is counted before anything points to it, a table is complete
+// before its parent points to it, and a reference is gone from disk before
+// its cluster's refcount drops and the cluster can be reused.
+#include <algorithm>
+#include <cinttypes>
+#include <cstdio>
+
+#include "engine/qcow2_image.h"
+#include "format/align.h"
+#include "format/endian.h"
+#include "format/l2_entry.h"
+#include "format/limits.h"
+
+namespace qcow2fs {
+namespace {
+
+std::string Hex(uint64_t v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "0x%" PRIx64, v);
+  return buf;
+}
+
+}  // namespace
+
+Status Qcow2Image::PrepareForWriting() {
+  if (header_.incompatible_features & kIncompatDirty) {
+    return Status(ErrorCode::kUnsupported,
+                  "image is dirty (lazy refcounts, not closed cleanly); repair it "
+                  "with 'qemu-img check -r all' before opening it for writing");
+  }
+  refcounts_ = std::make_unique<Refcounts>(*file_, header_);
+  QCOW2FS_RETURN_IF_ERROR(refcounts_->Load());
+  // Autoclear features we do not maintain (persistent bitmaps) must be
+  // cleared before the first write, so that their data is known stale.
+  const uint64_t autoclear = header_.autoclear_features & kAutoclearKnown;
+  if (autoclear != header_.autoclear_features) {
+    header_.autoclear_features = autoclear;
+    std::lock_guard lk(meta_mutex_);
+    QCOW2FS_RETURN_IF_ERROR(WriteHeaderLocked());
+    QCOW2FS_RETURN_IF_ERROR(file_->Sync());
+  }
+  return Status();
+}
+
+Status Qcow2Image::WriteHeaderLocked() {
+  QCOW2FS_ASSIGN_OR_RETURN(std::vector<std::byte> buf, EncodeHeader(header_));
+  return file_->WriteAt(0, buf).Annotate("writing the header");
+}
+
+Status Qcow2Image::CheckOverlapLocked(uint64_t offset, uint64_t length,
+                                      const char* what) {
+  auto overlaps = [&](uint64_t start, uint64_t bytes) {
+    return bytes != 0 && offset < start + bytes && start < offset + length;
+  };
+  const char* hit = nullptr;
+  if (overlaps(0, cluster_size_)) hit = "the header";
+  else if (overlaps(header_.l1_table_offset, uint64_t{header_.l1_size} * 8)) hit = "the L1 table";
+  else if (overlaps(refcounts_->table_offset(),
+                    uint64_t{refcounts_->table_clusters()} * cluster_size_)) {
+    hit = "the refcount table";
+  } else if (overlaps(header_.snapshots_offset, snapshot_table_bytes_)) {
+    hit = "the snapshot table";
+  } else {
+    for (const auto& s : snapshots_) {
+      if (overlaps(s.l1_table_offset, uint64_t{s.l1_size} * 8)) hit = "a snapshot's L1 table";
+    }
+  }
+  if (!hit) return Status();
+  return FenceCorrupt(Status(ErrorCode::kCorrupt,
+                             std::string(what) + " at " + Hex(offset) + " would overwrite " +
+                                 hit + " (refcounts are inconsistent)"));
+}
+
+Status Qcow2Image::FenceCorrupt(const Status& cause) {
+  if (!fenced_.exchange(true)) {
+    header_.incompatible_features |= kIncompatCorrupt;
+    if (WriteHeaderLocked().ok()) (void)file_->Sync();
+  }
+  return cause.Annotate(path_ + " is now marked corrupt; no further writes");
+}
+
+Status Qcow2Image::WriteBackLocked() {
+  // 1-3: refcounts first; a moved refcount table needs the header.
+  if (refcounts_->dirty()) {
+    QCOW2FS_ASSIGN_OR_RETURN(bool moved, refcounts_->WriteBack());
+    if (moved) {
+      header_.refcount_table_offset = refcounts_->table_offset();
+      header_.refcount_table_clusters = refcounts_->table_clusters();
+      QCOW2FS_RETURN_IF_ERROR(WriteHeaderLocked());
+      QCOW2FS_RETURN_IF_ERROR(file_->Sync());
+      for (uint64_t c : refcounts_->TakeRetiredTableClusters()) pending_frees_.push_back(c);
+    }
+  }
+  // 4: L2 tables.
+  bool wrote = false;
+  Status status;
+  std::vector<std::byte> raw(cluster_size_);
+  l2_cache_->ForEachDirty([&](L2Table& t) {
+    if (!status.ok()) return;
+    status = CheckOverlapLocked(t.offset, cluster_size_, "L2 table");
+    if (!status.ok()) return;
+    for (size_t i = 0; i < t.entries.size(); i++) StoreBe64(raw.data() + 8 * i, t.entries[i]);
+    status = file_->WriteAt(t.offset, raw);
+    if (status.ok()) {
+      t.dirty = false;
+      wrote = true;
+    }
+  });
+  QCOW2FS_RETURN_IF_ERROR(status);
+  if (wrote) QCOW2FS_RETURN_IF_ERROR(file_->Sync());
+  // 5: L1 entries, then the header (size, L1 location).
+  if (!l1_dirty_.empty() || header_dirty_) {
+    for (uint64_t i : l1_dirty_) {
+      std::byte entry[8];
+      StoreBe64(entry, l1_[i]);
+      QCOW2FS_RETURN_IF_ERROR(file_->WriteAt(header_.l1_table_offset + 8 * i, entry));
+    }
+    l1_dirty_.clear();
+    if (header_dirty_) {
+      QCOW2FS_RETURN_IF_ERROR(WriteHeaderLocked());
+      header_dirty_ = false;
+    }
+    QCOW2FS_RETURN_IF_ERROR(file_->Sync());
+  }
+  l2_cache_->Trim();
+  QCOW2FS_ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
+  file_size_.store(std::max(file_size, file_size_.load()), std::memory_order_release);
+  return Status();
+}
+
+Status Qcow2Image::FreeClustersExclusive(std::vector<uint64_t> clusters) {
+  if (clusters.empty()) return Status();
+  std::sort(clusters.begin(), clusters.end());
+  std::unique_lock lk(meta_mutex_);
+  for (uint64_t c : clusters) {
+    QCOW2FS_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get(c));
+    if (rc == 0) {
+      return FenceCorrupt(Status(ErrorCode::kCorrupt,
+                                 "freeing cluster " + Hex(c << cluster_bits_) +
+                                     " whose refcount is already 0"));
+    }
+    if (rc == 1) {
+      // Last reference gone: give the space back to the host. Nobody can
+      // reach the cluster (its references are gone and the caller holds the
+      // discard lock exclusively), and it is not reusable until counted 0.
+      l2_cache_->Erase(c << cluster_bits_);
+      QCOW2FS_RETURN_IF_ERROR(file_->PunchHole(c << cluster_bits_, cluster_size_));
+    }
+    QCOW2FS_RETURN_IF_ERROR(refcounts_->Add(c, -1));
+  }
+  return Status();
+}
+
+Status Qcow2Image::Flush() {
+  if (read_only_ || fenced_.load()) return Status();
+  std::vector<uint64_t> frees;
+  {
+    std::unique_lock lk(meta_mutex_);
+    QCOW2FS_RETURN_IF_ERROR(WriteBackLocked());
+    // Only frees whose L2/L1 changes just reached disk are safe to apply.
+    frees = std::move(pending_frees_);
+    pending_frees_.clear();
+  }
+  QCOW2FS_RETURN_IF_ERROR(file_->Sync());
+  if (owned_data_file_) QCOW2FS_RETURN_IF_ERROR(owned_data_file_->Sync());
+  if (frees.empty()) return Status();
+  std::unique_lock guard(discard_lock_);
+  return FreeClustersExclusive(std::move(frees));
+}
+
+Status Qcow2Image::Resize(uint64_t new_size) {
+  if (read_only_) return Status(ErrorCode::kReadOnly, path_ + " is open read-only");
+  if (fenced_.load()) return Status(ErrorCode::kReadOnly, path_ + " is marked corrupt");
+  if (new_size > limits::kMaxVirtualSize) {
+    return Status(ErrorCode::kInvalidArgument, "size " + std::to_string(new_size) + " is too large");
+  }
+  const uint64_t old_size = size();
+  if (new_size == old_size) return Status();
+  if (new_size < old_size) {
+    // Shrink only when nothing past the new end is mapped.
+    auto st = GetBlockStatus(new_size, old_size - new_size);
+    if (!st.ok()) return st.status();
+    if (st->kind != BlockKind::kUnallocated || st->length < old_size - new_size) {
+      return Status(ErrorCode::kInvalidArgument,
+                    "cannot shrink to " + std::to_string(new_size) +
+                        " bytes: data is allocated past the new end");
+    }
+  }
+  {
+    std::unique_lock guard(discard_lock_);
+    std::unique_lock lk(meta_mutex_);
+    const uint64_t needed = header_.l1_entries_for(new_size);
+    if (needed * 8 > limits::kMaxL1Bytes) {
+      return Status(ErrorCode::kInvalidArgument, "size " + std::to_string(new_size) +
+                                                     " needs an L1 table over 32 MiB");
+    }
+    if (needed > l1_.size()) {
+      // A bigger L1 table in new clusters, complete on disk before the
+      // header points to it.
+      QCOW2FS_RETURN_IF_ERROR(WriteBackLocked());
+      const uint64_t clusters = (needed * 8 + cluster_size_ - 1) >> cluster_bits_;
+      QCOW2FS_ASSIGN_OR_RETURN(uint64_t offset, AllocateClustersLocked(clusters));
+      QCOW2FS_RETURN_IF_ERROR(WriteBackLocked());  // its refcounts
+      std::vector<std::byte> raw(clusters << cluster_bits_);
+      for (size_t i = 0; i < l1_.size(); i++) StoreBe64(raw.data() + 8 * i, l1_[i]);
+      QCOW2FS_RETURN_IF_ERROR(file_->WriteAt(offset, raw));
+      QCOW2FS_RETURN_IF_ERROR(file_->Sync());
+      const uint64_t old_offset = header_.l1_table_offset;
+      const uint64_t old_clusters = (uint64_t{header_.l1_size} * 8 + cluster_size_ - 1) >> cluster_bits_;
+      header_.l1_table_offset = offset;
+      header_.l1_size = static_cast<uint32_t>(needed);
+      l1_.resize(needed, 0);
+      if (old_offset != 0) {
+        for (uint64_t c = 0; c < old_clusters; c++) {
+          pending_frees_.push_back((old_offset >> cluster_bits_) + c);
+        }
+      }
+    }
+    header_.size = new_size;
+    QCOW2FS_RETURN_IF_ERROR(WriteHeaderLocked());
+    QCOW2FS_RETURN_IF_ERROR(file_->Sync());
+    size_.store(new_size, std::memory_order_release);
+  }
+  // Growing exposes the rest of a partial last cluster, which may hold
+  // stale bytes from before a shrink: make it read as zeros.
+  if (new_size > old_size && (old_size & (cluster_size_ - 1)) != 0) {
+    const uint64_t stop = std::min(new_size, AlignUp(old_size, cluster_size_));
+    QCOW2FS_RETURN_IF_ERROR(WriteZeroBytes(old_size, stop - old_size));
+  }
+  return Status();
+}
+
+}  // namespace qcow2fs

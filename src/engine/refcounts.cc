@@ -1,0 +1,213 @@
+// Refcounts implementation: block cache, allocation, table growth.
+#include "engine/refcounts.h"
+
+#include <algorithm>
+#include <cinttypes>
+#include <cstdio>
+
+#include "format/endian.h"
+#include "format/l2_entry.h"
+#include "format/limits.h"
+#include "format/refcount_block.h"
+
+namespace qcow2fs {
+namespace {
+
+std::string Hex(uint64_t v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "0x%" PRIx64, v);
+  return buf;
+}
+
+}  // namespace
+
+Refcounts::Refcounts(File& file, const Header& header)
+    : file_(file),
+      cluster_bits_(header.cluster_bits),
+      cluster_size_(header.cluster_size()),
+      order_(header.refcount_order),
+      block_entries_(header.cluster_size() * 8 >> header.refcount_order),
+      table_offset_(header.refcount_table_offset),
+      table_clusters_(header.refcount_table_clusters) {}
+
+Status Refcounts::Load() {
+  const uint64_t bytes = uint64_t{table_clusters_} * cluster_size_;
+  std::vector<std::byte> raw(bytes);
+  QCOW2FS_RETURN_IF_ERROR(file_.ReadAt(table_offset_, raw));
+  table_.resize(bytes / 8);
+  for (size_t i = 0; i < table_.size(); i++) {
+    table_[i] = LoadBe64(raw.data() + 8 * i);
+    if ((table_[i] & ~kRefcountTableOffsetMask) != 0 ||
+        table_[i] % cluster_size_ != 0 || table_[i] > limits::kMaxHostOffset) {
+      return Status(ErrorCode::kCorrupt,
+                    "refcount table entry " + std::to_string(i) +
+                        " points to unaligned or invalid offset " + Hex(table_[i]));
+    }
+  }
+  return Status();
+}
+
+bool Refcounts::IsRefcountMetadata(uint64_t offset) const {
+  const uint64_t table_bytes = uint64_t{table_clusters_} * cluster_size_;
+  if (offset >= table_offset_ && offset < table_offset_ + table_bytes) return true;
+  const uint64_t cluster_start = offset & ~(cluster_size_ - 1);
+  return std::find(table_.begin(), table_.end(), cluster_start) != table_.end();
+}
+
+Result<std::vector<std::byte>*> Refcounts::Block(uint64_t index, bool create) {
+  auto it = blocks_.find(index);
+  if (it != blocks_.end()) return &it->second;
+  if (index < table_.size() && table_[index] != 0) {
+    std::vector<std::byte> block(cluster_size_);
+    QCOW2FS_RETURN_IF_ERROR(file_.ReadAt(table_[index], block).Annotate(
+        "reading refcount block at " + Hex(table_[index])));
+    return &blocks_.emplace(index, std::move(block)).first->second;
+  }
+  if (!create) return static_cast<std::vector<std::byte>*>(nullptr);
+
+  // A new block. It needs a cluster, whose own refcount lives either in the
+  // new block itself or in another block (created recursively).
+  if (index >= table_.size()) {
+    // Growing counts the new table's clusters, which may create this very
+    // block: look again afterwards.
+    QCOW2FS_RETURN_IF_ERROR(GrowTable(index + 1));
+    return Block(index, create);
+  }
+  QCOW2FS_ASSIGN_OR_RETURN(uint64_t cluster, FindFree(1));
+  auto& block = blocks_.emplace(index, std::vector<std::byte>(cluster_size_))
+                    .first->second;
+  table_[index] = cluster << cluster_bits_;
+  table_dirty_ = true;
+  dirty_blocks_[index] = true;
+  QCOW2FS_RETURN_IF_ERROR(CountNewClusters(cluster, 1));
+  return &block;
+}
+
+Result<uint64_t> Refcounts::Get(uint64_t cluster) {
+  QCOW2FS_ASSIGN_OR_RETURN(auto* block, Block(cluster / block_entries_, false));
+  if (!block) return uint64_t{0};
+  return GetRefcountEntry(block->data(), order_, cluster % block_entries_);
+}
+
+Status Refcounts::Set(uint64_t cluster, uint64_t value) {
+  if (value > MaxRefcount(order_)) {
+    return Status(ErrorCode::kCorrupt, "refcount of cluster " +
+                                           Hex(cluster << cluster_bits_) +
+                                           " would overflow");
+  }
+  const uint64_t index = cluster / block_entries_;
+  QCOW2FS_ASSIGN_OR_RETURN(auto* block, Block(index, true));
+  SetRefcountEntry(block->data(), order_, cluster % block_entries_, value);
+  dirty_blocks_[index] = true;
+  return Status();
+}
+
+Status Refcounts::Add(uint64_t cluster, int64_t delta) {
+  QCOW2FS_ASSIGN_OR_RETURN(uint64_t current, Get(cluster));
+  if (delta < 0 && current < static_cast<uint64_t>(-delta)) {
+    return Status(ErrorCode::kCorrupt, "refcount of cluster " +
+                                           Hex(cluster << cluster_bits_) +
+                                           " would drop below zero");
+  }
+  const uint64_t next = current + static_cast<uint64_t>(delta);
+  if (next == 0) HintFree(cluster);
+  return Set(cluster, next);
+}
+
+Result<uint64_t> Refcounts::FindFree(uint64_t count) {
+  uint64_t run_start = free_cursor_, run_len = 0;
+  bool first_free_seen = false;
+  for (uint64_t c = free_cursor_;; c++) {
+    if ((c << cluster_bits_) > limits::kMaxHostOffset) {
+      return Status(ErrorCode::kNoSpace, "image file has no room for more clusters");
+    }
+    bool used = c == 0 || std::any_of(reserved_.begin(), reserved_.end(),
+                                      [c](const auto& r) {
+                                        return c >= r.first && c < r.second;
+                                      });
+    if (!used) {
+      QCOW2FS_ASSIGN_OR_RETURN(uint64_t rc, Get(c));
+      used = rc != 0;
+    }
+    if (used) {
+      run_start = c + 1;
+      run_len = 0;
+      continue;
+    }
+    if (!first_free_seen) {
+      first_free_seen = true;
+      free_cursor_ = c;
+    }
+    if (++run_len == count) return run_start;
+  }
+}
+
+Result<uint64_t> Refcounts::Allocate(uint64_t count) {
+  QCOW2FS_ASSIGN_OR_RETURN(uint64_t start, FindFree(count));
+  QCOW2FS_RETURN_IF_ERROR(CountNewClusters(start, count));
+  if (free_cursor_ == start) free_cursor_ = start + count;
+  return start << cluster_bits_;
+}
+
+Status Refcounts::CountNewClusters(uint64_t start, uint64_t count) {
+  reserved_.emplace_back(start, start + count);
+  Status status;
+  for (uint64_t c = start; c < start + count && status.ok(); c++) {
+    status = Set(c, 1);
+  }
+  reserved_.pop_back();
+  return status;
+}
+
+Status Refcounts::GrowTable(uint64_t min_entries) {
+  const uint64_t per_cluster = cluster_size_ / 8;
+  uint64_t entries = std::max<uint64_t>(min_entries, table_.size() * 2);
+  while (true) {
+    const uint64_t clusters = (entries + per_cluster - 1) / per_cluster;
+    if (clusters * cluster_size_ > limits::kMaxRefcountTableBytes) {
+      return Status(ErrorCode::kNoSpace, "refcount table would exceed 8 MiB");
+    }
+    QCOW2FS_ASSIGN_OR_RETURN(uint64_t start, FindFree(clusters));
+    // The new table must also cover the blocks that count its own clusters.
+    if ((start + clusters) / block_entries_ + 1 >= entries) {
+      entries = (start + clusters) / block_entries_ + 2;
+      continue;
+    }
+    for (uint64_t c = table_offset_ >> cluster_bits_;
+         c < (table_offset_ >> cluster_bits_) + table_clusters_; c++) {
+      retired_table_.push_back(c);
+    }
+    table_.resize(clusters * per_cluster, 0);
+    table_offset_ = start << cluster_bits_;
+    table_clusters_ = static_cast<uint32_t>(clusters);
+    table_dirty_ = true;
+    table_moved_ = true;
+    return CountNewClusters(start, clusters);
+  }
+}
+
+Result<bool> Refcounts::WriteBack() {
+  if (!dirty_blocks_.empty()) {
+    for (const auto& [index, unused] : dirty_blocks_) {
+      QCOW2FS_RETURN_IF_ERROR(file_.WriteAt(table_[index], blocks_.at(index)));
+    }
+    QCOW2FS_RETURN_IF_ERROR(file_.Sync());
+    dirty_blocks_.clear();
+  }
+  if (table_dirty_) {
+    std::vector<std::byte> raw(uint64_t{table_clusters_} * cluster_size_);
+    for (size_t i = 0; i < table_.size(); i++) StoreBe64(raw.data() + 8 * i, table_[i]);
+    QCOW2FS_RETURN_IF_ERROR(file_.WriteAt(table_offset_, raw));
+    QCOW2FS_RETURN_IF_ERROR(file_.Sync());
+    table_dirty_ = false;
+  }
+  const bool moved = table_moved_;
+  table_moved_ = false;
+  return moved;
+}
+
+std::vector<uint64_t> Refcounts::TakeRetiredTableClusters() {
+  return std::exchange(retired_table_, {});
+}
+
+}  // namespace qcow2fs

@@ -1,0 +1,88 @@
+// Refcounts: the refcount table and blocks in memory, and host cluster
+// allocation.
+//
+// Guarded by the image's metadata mutex (the caller holds it for every
+// call). Changes stay in memory until WriteBack(), which writes them in the
+// order that keeps the image consistent at every instant:
+//   1. new and changed refcount blocks, then sync;
+//   2. the refcount table (in place, or a new, larger copy), then sync;
+//   3. the header, if the table moved (the caller writes it), then sync.
+// A refcount block is thus on disk before any table entry points to it, and
+// a moved table is complete before the header points to it.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <vector>
+
+#include "format/header.h"
+#include "io/file.h"
+#include "qcow2fs/status.h"
+
+namespace qcow2fs {
+
+class Refcounts {
+ public:
+  Refcounts(File& file, const Header& header);
+
+  // Reads the refcount table.
+  Status Load();
+
+  Result<uint64_t> Get(uint64_t cluster);
+  // Sets a cluster's refcount, creating its refcount block if needed.
+  Status Set(uint64_t cluster, uint64_t value);
+  // Adds `delta` (may be negative) to a cluster's refcount; fails with
+  // kCorrupt on underflow or overflow.
+  Status Add(uint64_t cluster, int64_t delta);
+
+  // Finds `count` contiguous free clusters, sets their refcounts to 1 and
+  // returns the host offset of the first.
+  Result<uint64_t> Allocate(uint64_t count);
+
+  bool dirty() const { return !dirty_blocks_.empty() || table_dirty_; }
+  // Writes dirty blocks and the table (steps 1 and 2 above). Returns true
+  // when the table moved and the header must be rewritten to point to it.
+  Result<bool> WriteBack();
+  // The clusters of the table that WriteBack() replaced; free them once the
+  // header no longer points to them.
+  std::vector<uint64_t> TakeRetiredTableClusters();
+
+  uint64_t table_offset() const { return table_offset_; }
+  uint32_t table_clusters() const { return table_clusters_; }
+  // Cluster-aligned ranges of refcount metadata, for overlap checks.
+  bool IsRefcountMetadata(uint64_t offset) const;
+  // Lowest cluster worth searching for free space (after a free).
+  void HintFree(uint64_t cluster) {
+    if (cluster < free_cursor_) free_cursor_ = cluster;
+  }
+
+ private:
+  Result<std::vector<std::byte>*> Block(uint64_t table_index, bool create);
+  Status GrowTable(uint64_t min_entries);
+  Result<uint64_t> FindFree(uint64_t count);
+
+  File& file_;
+  const uint32_t cluster_bits_;
+  const uint64_t cluster_size_;
+  const uint32_t order_;
+  const uint64_t block_entries_;  // refcounts per block
+
+  uint64_t table_offset_;
+  uint32_t table_clusters_;
+  std::vector<uint64_t> table_;  // refcount block offsets
+  bool table_dirty_ = false;
+  bool table_moved_ = false;
+  std::vector<uint64_t> retired_table_;  // old table clusters to free
+
+  std::map<uint64_t, std::vector<std::byte>> blocks_;  // by table index
+  std::map<uint64_t, bool> dirty_blocks_;               // table indexes
+  uint64_t free_cursor_ = 0;
+  // Cluster ranges [first, second) handed out but not yet counted: the run
+  // being allocated, a growing table, a new refcount block. Counting them
+  // may create blocks, whose allocation must not pick these clusters.
+  std::vector<std::pair<uint64_t, uint64_t>> reserved_;
+  // Counts [start, start + count) as used, with the range reserved meanwhile.
+  Status CountNewClusters(uint64_t start, uint64_t count);
+};
+
+}  // namespace qcow2fs
