@@ -138,8 +138,20 @@ Result<size_t> Qcow2Image::MapLocked(std::unique_lock<std::mutex>& lk,
         if (host == 0 && !has_data_file) {
           return corrupt(pos, "L2 entry points to the image header");
         }
+        if (!has_data_file && host >= file_size) {
+          return corrupt(pos, "L2 entry points to host offset " + Hex(host) +
+                                  ", past the end of the image file");
+        }
         return Status();
       };
+      // Offset 0 with the copied flag means "host offset 0", valid only in
+      // an external data file.
+      if (!has_data_file && (word & ~kOflagZero) == kOflagCopied) {
+        return corrupt(pos, "L2 entry claims host offset 0 (the image header)");
+      }
+      if (type == ClusterType::kZeroAlloc && host % cluster_size_ != 0) {
+        return corrupt(pos, "zero cluster preallocated at unaligned host offset " + Hex(host));
+      }
 
       if (!extended_l2_) {
         Extent e{Extent::Kind::kBacking, pos, cluster_end - pos};
@@ -191,6 +203,15 @@ Status Qcow2Image::Read(uint64_t offset, std::span<std::byte> buf) {
                   "read of " + std::to_string(buf.size()) + " bytes at " +
                       Hex(offset) + " is past the end of the disk");
   }
+  if (!compressed_cache_) return ReadImage(offset, buf);
+  // Staged bytes win; captured first so a commit in between cannot be missed.
+  auto staged = compressed_cache_->Capture(offset, buf.size());
+  QCOW2FS_RETURN_IF_ERROR(ReadImage(offset, buf));
+  CompressedWriteCache::Apply(staged, offset, buf);
+  return Status();
+}
+
+Status Qcow2Image::ReadImage(uint64_t offset, std::span<std::byte> buf) {
   std::shared_lock guard(discard_lock_);
   Extent extents[kExtentBatch];
   const uint64_t end = offset + buf.size();
@@ -264,7 +285,19 @@ Result<BlockStatus> Qcow2Image::GetBlockStatus(uint64_t offset, uint64_t length)
   if (offset >= size()) {
     return Status(ErrorCode::kOutOfRange, "block status past the end of the disk");
   }
-  const uint64_t end = offset + std::min(length, size() - offset);
+  uint64_t end = offset + std::min(length, size() - offset);
+  if (compressed_cache_) {
+    // Staged clusters hold data the image does not show yet.
+    if (auto staged = compressed_cache_->FirstStaged(offset, end)) {
+      if (*staged == offset) {
+        BlockStatus s;
+        s.kind = BlockKind::kData;
+        s.length = std::min(end, (offset & ~(cluster_size_ - 1)) + cluster_size_) - offset;
+        return s;
+      }
+      end = *staged;
+    }
+  }
   auto kind_of = [](Extent::Kind k) {
     switch (k) {
       case Extent::Kind::kData:

@@ -72,7 +72,7 @@ Status FaultInjectionFile::ReadAt(uint64_t offset, std::span<std::byte> buf) {
   std::lock_guard lock(mu_);
   if (crashed_) return Status(ErrorCode::kIoError, name_ + ": device is gone", EIO);
   std::fill(buf.begin(), buf.end(), std::byte{0});
-  if (offset < current_.size()) {
+  if (offset < current_.size() && !buf.empty()) {
     const uint64_t n = std::min<uint64_t>(buf.size(), current_.size() - offset);
     std::memcpy(buf.data(), current_.data() + offset, n);
   }

@@ -20,7 +20,7 @@ class MemoryFile final : public File {
   Status ReadAt(uint64_t offset, std::span<std::byte> buf) override {
     std::lock_guard lock(mu_);
     std::fill(buf.begin(), buf.end(), std::byte{0});
-    if (offset < data_.size()) {
+    if (offset < data_.size() && !buf.empty()) {
       uint64_t n = std::min<uint64_t>(buf.size(), data_.size() - offset);
       std::memcpy(buf.data(), data_.data() + offset, n);
     }
