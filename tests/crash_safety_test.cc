@@ -54,7 +54,7 @@ void RunWorkload(Image& image, Model& m, uint64_t cluster_size) {
     Status s;
     std::string data;
     if (kind < 6) {
-      data = RandomBytes(len, static_cast<uint64_t>(i));
+      data = SemiCompressible(len, static_cast<uint64_t>(i));
       s = image.Write(off, AsBytes(data));
     } else if (kind < 8) {
       data.assign(len, '\0');
@@ -83,6 +83,7 @@ struct CrashCase {
   std::string name;
   std::string create_options;
   uint64_t cluster_size;
+  bool compress = false;  // through the compressed-write staging cache
 };
 
 class CrashSafetyTest : public ::testing::TestWithParam<CrashCase> {};
@@ -104,6 +105,7 @@ TEST_P(CrashSafetyTest, CrashAtAnyWriteLeavesAtWorstLeaks) {
   options.read_only = false;
   options.lock = false;
   options.l2_cache_bytes = 2 * cc.cluster_size;  // evictions write back mid-run
+  if (cc.compress) options.compress = CompressionType::kZlib;
   auto refuse = [](const std::string&, bool) -> Result<std::unique_ptr<File>> {
     return Status(ErrorCode::kNotFound, "no other files in this test");
   };
@@ -165,7 +167,8 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(CrashCase{"v3_4k", "cluster_size=4k", 4096},
                       CrashCase{"v3_512_refcount64", "cluster_size=512,refcount_bits=64", 512},
                       CrashCase{"v2_64k", "compat=0.10", 65536},
-                      CrashCase{"extended_l2_32k", "cluster_size=32k,extended_l2=on", 32768}),
+                      CrashCase{"extended_l2_32k", "cluster_size=32k,extended_l2=on", 32768},
+                      CrashCase{"compressed_staging_4k", "cluster_size=4k", 4096, true}),
     [](const auto& param_info) { return param_info.param.name; });
 
 }  // namespace

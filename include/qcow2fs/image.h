@@ -22,9 +22,9 @@ enum class CompressionType { kZlib = 0, kZstd = 1 };
 
 struct OpenOptions {
   bool read_only = true;
-  // Bytes of L2 tables kept in memory. 0 picks the default: enough tables to
-  // map 8 GiB of guest disk (QEMU's rule of thumb is 1 MiB of L2 per 8 GiB at
-  // 64 KiB clusters), at least 1 MiB, at most 32 MiB.
+  // Bytes of L2 tables kept in memory. 0 picks the default, as QEMU's on
+  // Linux: enough tables to map the whole disk, at least 1 MiB, at most
+  // 32 MiB.
   size_t l2_cache_bytes = 0;
   // Take the image-level flock and QEMU's byte-range locks. Turning this off
   // is only safe for read-only access to an image nobody writes.
@@ -35,6 +35,13 @@ struct OpenOptions {
   // Format of the file: "qcow2", "raw", or empty to probe (qcow2 magic, else
   // raw). The top image of a mount is required to be qcow2 by the daemon.
   std::string format;
+  // Store newly written guest clusters compressed (must match the image's
+  // compression type). Small and unaligned writes are staged in memory until
+  // a whole cluster is known; Flush() writes out everything staged.
+  std::optional<CompressionType> compress;
+  // Memory bound of that staging, in bytes. 0 picks 64 MiB (at least 16
+  // clusters). Writers wait when it is full.
+  size_t compress_cache_bytes = 0;
 };
 
 struct CreateOptions {

@@ -151,6 +151,7 @@ Status Qcow2Image::LoadMetadata(const OpenOptions& options,
   QCOW2FS_RETURN_IF_ERROR(OpenDataFile(opener));
   QCOW2FS_RETURN_IF_ERROR(OpenBacking(options, opener, chain_depth));
   if (!read_only_) QCOW2FS_RETURN_IF_ERROR(PrepareForWriting());
+  if (options.compress) QCOW2FS_RETURN_IF_ERROR(SetUpCompressedWrites(options));
   return Status();
 }
 

@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/compressed_write_cache.h"
 #include "engine/image_open.h"
 #include "engine/l2_cache.h"
 #include "engine/refcounts.h"
@@ -45,7 +46,7 @@ struct Extent {
   uint64_t cluster_guest_offset = 0;  // kCompressed: guest offset of its cluster
 };
 
-class Qcow2Image final : public Image {
+class Qcow2Image final : public Image, private CompressedClusterSink {
  public:
   static Result<std::unique_ptr<Image>> Open(std::unique_ptr<File> file,
                                              const std::string& path,
@@ -88,6 +89,27 @@ class Qcow2Image final : public Image {
   Status ReadCompressed(const Extent& e, std::byte* dst);
   Status ReadBacking(uint64_t offset, std::span<std::byte> dst);
   std::string Where(uint64_t guest_offset) const;
+
+  // Read/WriteZeroes/Discard without the compressed staging cache.
+  Status ReadImage(uint64_t offset, std::span<std::byte> buf);
+  Status ZeroRange(uint64_t offset, uint64_t length, bool may_unmap);
+  Status DiscardRange(uint64_t offset, uint64_t length);
+
+  // --- compressed writes (qcow2_compressed.cc) ---
+  Status SetUpCompressedWrites(const OpenOptions& options);
+  // Routes a compress-mode write: clusters we own go in place, the rest to
+  // the staging cache.
+  Status WriteCompressMode(uint64_t offset, std::span<const std::byte> data);
+  bool WritableInPlace(uint64_t offset, uint64_t end);
+  Status ReadClusterForFill(uint64_t guest_offset, std::span<std::byte> out) override;
+  Result<uint64_t> AllocateSegment(uint64_t count) override;
+  Status WriteSegment(uint64_t host_offset, std::span<const std::byte> data) override;
+  Status CommitSegment(const std::vector<Placed>& placed, uint64_t segment_offset,
+                       uint64_t count) override;
+  Status WriteUncompressedCluster(uint64_t guest_offset,
+                                  std::span<const std::byte> data) override;
+  Status ZeroCluster(uint64_t guest_offset) override;
+  uint64_t MaxCompressedPerHostCluster() const override;
 
   // --- writing (qcow2_write.cc, qcow2_zero.cc, qcow2_metadata.cc) ---
   Status PrepareForWriting();
@@ -164,6 +186,8 @@ class Qcow2Image final : public Image {
   // it only ever goes from false to true and fences writes.
   std::atomic<bool> fenced_{false};
   uint64_t snapshot_table_bytes_ = 0;
+  // Present when opened with OpenOptions::compress; thread-safe itself.
+  std::unique_ptr<CompressedWriteCache> compressed_cache_;
 };
 
 }  // namespace qcow2fs

@@ -161,6 +161,7 @@ Status Qcow2Image::FreeClustersExclusive(std::vector<uint64_t> clusters) {
 
 Status Qcow2Image::Flush() {
   if (read_only_ || fenced_.load()) return Status();
+  if (compressed_cache_) QCOW2FS_RETURN_IF_ERROR(compressed_cache_->Flush());
   std::vector<uint64_t> frees;
   {
     std::unique_lock lk(meta_mutex_);
@@ -184,6 +185,7 @@ Status Qcow2Image::Resize(uint64_t new_size) {
   }
   const uint64_t old_size = size();
   if (new_size == old_size) return Status();
+  if (compressed_cache_) QCOW2FS_RETURN_IF_ERROR(compressed_cache_->Flush());
   if (new_size < old_size) {
     // Shrink only when nothing past the new end is mapped.
     auto st = GetBlockStatus(new_size, old_size - new_size);
@@ -229,6 +231,7 @@ Status Qcow2Image::Resize(uint64_t new_size) {
     QCOW2FS_RETURN_IF_ERROR(file_->Sync());
     size_.store(new_size, std::memory_order_release);
   }
+  if (compressed_cache_) compressed_cache_->set_disk_size(new_size);
   // Growing exposes the rest of a partial last cluster, which may hold
   // stale bytes from before a shrink: make it read as zeros.
   if (new_size > old_size && (old_size & (cluster_size_ - 1)) != 0) {

@@ -61,6 +61,7 @@ Status Qcow2Image::CheckWritable(uint64_t offset, uint64_t length) const {
 
 Status Qcow2Image::Write(uint64_t offset, std::span<const std::byte> data) {
   QCOW2FS_RETURN_IF_ERROR(CheckWritable(offset, data.size()));
+  if (compressed_cache_) return WriteCompressMode(offset, data);
   std::shared_lock guard(discard_lock_);
   return WriteShared(offset, data);
 }

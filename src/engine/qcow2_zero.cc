@@ -122,6 +122,11 @@ static Status ForClusterSpan(uint64_t offset, uint64_t length, uint64_t cluster_
 
 Status Qcow2Image::WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap) {
   QCOW2FS_RETURN_IF_ERROR(CheckWritable(offset, length));
+  if (compressed_cache_) QCOW2FS_RETURN_IF_ERROR(compressed_cache_->Drop(offset, length));
+  return ZeroRange(offset, length, may_unmap);
+}
+
+Status Qcow2Image::ZeroRange(uint64_t offset, uint64_t length, bool may_unmap) {
   if (length == 0) return Status();
   // A disk whose size is not cluster aligned still owns its whole last
   // cluster, so a range reaching the end counts that cluster as whole.
@@ -143,6 +148,11 @@ Status Qcow2Image::WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap)
 
 Status Qcow2Image::Discard(uint64_t offset, uint64_t length) {
   QCOW2FS_RETURN_IF_ERROR(CheckWritable(offset, length));
+  if (compressed_cache_) QCOW2FS_RETURN_IF_ERROR(compressed_cache_->Drop(offset, length));
+  return DiscardRange(offset, length);
+}
+
+Status Qcow2Image::DiscardRange(uint64_t offset, uint64_t length) {
   if (length == 0) return Status();
   const uint64_t span_end =
       offset + length == size() ? AlignUp(size(), cluster_size_) : offset + length;

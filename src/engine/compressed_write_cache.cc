@@ -1,0 +1,443 @@
+// CompressedWriteCache implementation.
+#include "engine/compressed_write_cache.h"
+
+#include <tbb/parallel_for.h>
+
+#include <algorithm>
+#include <bit>
+#include <cstring>
+
+#include "codec/compression.h"
+#include "format/align.h"
+#include "format/l2_entry.h"
+
+namespace qcow2fs {
+namespace {
+
+bool AllZeroBytes(std::span<const std::byte> data) {
+  const std::byte* p = data.data();
+  size_t n = data.size();
+  for (; n >= 8; p += 8, n -= 8) {
+    uint64_t w;
+    std::memcpy(&w, p, 8);
+    if (w != 0) return false;
+  }
+  for (; n > 0; p++, n--) {
+    if (*p != std::byte{0}) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+CompressedWriteCache::CompressedWriteCache(CompressedClusterSink& sink, CompressionType type,
+                                           uint64_t cluster_size, uint64_t disk_size,
+                                           size_t max_bytes)
+    : sink_(sink),
+      type_(type),
+      cluster_size_(cluster_size),
+      cluster_bits_(static_cast<uint32_t>(std::countr_zero(cluster_size))),
+      max_entries_(std::max<size_t>(16, (max_bytes ? max_bytes : (64u << 20)) / cluster_size)),
+      max_users_(sink.MaxCompressedPerHostCluster()),
+      // Segments of 1 MiB (at least two clusters) keep host writes large.
+      segment_clusters_(std::max<uint64_t>(2, (1u << 20) / cluster_size)),
+      disk_size_(disk_size) {}
+
+CompressedWriteCache::~CompressedWriteCache() = default;
+
+void CompressedWriteCache::set_disk_size(uint64_t size) {
+  std::lock_guard lk(mu_);
+  disk_size_ = size;
+}
+
+size_t CompressedWriteCache::staged_bytes() const {
+  std::lock_guard lk(mu_);
+  return entries_.size() * cluster_size_;
+}
+
+void CompressedWriteCache::MarkValid(Entry& e, uint64_t from, uint64_t to) {
+  for (uint64_t i = from; i < to;) {
+    const uint64_t word = i / 64, bit = i % 64;
+    const uint64_t n = std::min<uint64_t>(64 - bit, to - i);
+    const uint64_t mask = (n == 64 ? ~uint64_t{0} : ((uint64_t{1} << n) - 1)) << bit;
+    e.valid_bytes += static_cast<uint64_t>(std::popcount(mask & ~e.valid[word]));
+    e.valid[word] |= mask;
+    i += n;
+  }
+}
+
+void CompressedWriteCache::ClearValid(Entry& e, uint64_t from, uint64_t to) {
+  for (uint64_t i = from; i < to;) {
+    const uint64_t word = i / 64, bit = i % 64;
+    const uint64_t n = std::min<uint64_t>(64 - bit, to - i);
+    const uint64_t mask = (n == 64 ? ~uint64_t{0} : ((uint64_t{1} << n) - 1)) << bit;
+    e.valid_bytes -= static_cast<uint64_t>(std::popcount(mask & e.valid[word]));
+    e.valid[word] &= ~mask;
+    i += n;
+  }
+}
+
+void CompressedWriteCache::Erase(uint64_t index) {
+  auto it = entries_.find(index);
+  if (it == entries_.end()) return;
+  if (it->second->state == State::kFilling) lru_.erase(it->second->lru);
+  entries_.erase(it);
+  changed_.notify_all();
+}
+
+Status CompressedWriteCache::Write(uint64_t offset, std::span<const std::byte> data) {
+  const uint64_t end = offset + data.size();
+  std::unique_lock lk(mu_);
+  for (uint64_t pos = offset; pos < end;) {
+    const uint64_t index = pos >> cluster_bits_;
+    const uint64_t cluster_start = index << cluster_bits_;
+    const uint64_t piece_end = std::min(end, cluster_start + cluster_size_);
+    auto it = entries_.find(index);
+    if (it != entries_.end() && it->second->state != State::kFilling) {
+      // Being compressed or waiting in the segment: let it reach the image
+      // first, then stage the new data on top.
+      if (it->second->state == State::kPacked && !sealing_ && !segment_.placed.empty()) {
+        QCOW2FS_RETURN_IF_ERROR(SealSegment(lk));
+      } else {
+        changed_.wait(lk);
+      }
+      continue;
+    }
+    if (it == entries_.end()) {
+      if (entries_.size() >= max_entries_) {
+        QCOW2FS_RETURN_IF_ERROR(MakeRoom(lk));
+        continue;
+      }
+      auto entry = std::make_unique<Entry>();
+      entry->guest_offset = cluster_start;
+      entry->data.resize(cluster_size_);
+      entry->valid.resize((cluster_size_ + 63) / 64);
+      // Bytes past the end of the disk are known: they are zeros.
+      if (disk_size_ < cluster_start + cluster_size_) {
+        MarkValid(*entry, disk_size_ > cluster_start ? disk_size_ - cluster_start : 0,
+                  cluster_size_);
+      }
+      lru_.push_back(index);
+      entry->lru = std::prev(lru_.end());
+      it = entries_.emplace(index, std::move(entry)).first;
+    }
+    Entry& e = *it->second;
+    std::memcpy(e.data.data() + (pos - cluster_start), data.data() + (pos - offset),
+                piece_end - pos);
+    MarkValid(e, pos - cluster_start, piece_end - cluster_start);
+    pos = piece_end;
+    if (IsComplete(e)) QCOW2FS_RETURN_IF_ERROR(Finish(lk, e));
+  }
+  return Status();
+}
+
+CompressedWriteCache::Job CompressedWriteCache::Start(Entry& e) {
+  e.state = State::kCompressing;
+  lru_.erase(e.lru);
+  Job job{&e, {}};
+  if (!IsComplete(e)) job.filled = e.data;
+  return job;
+}
+
+void CompressedWriteCache::Requeue(Entry& e) {
+  e.state = State::kFilling;
+  lru_.push_front(e.guest_offset >> cluster_bits_);
+  e.lru = lru_.begin();
+  changed_.notify_all();
+}
+
+Status CompressedWriteCache::Finish(std::unique_lock<std::mutex>& lk, Entry& e) {
+  Job job = Start(e);
+  lk.unlock();
+  auto prepared = Prepare(job);
+  lk.lock();
+  if (!prepared.ok()) {
+    Requeue(e);
+    return prepared.status();
+  }
+  return Place(lk, job, std::move(prepared).value());
+}
+
+Result<CompressedWriteCache::Prepared> CompressedWriteCache::Prepare(Job& job) {
+  const Entry& e = *job.entry;
+  if (!job.filled.empty()) {
+    // Unknown bytes keep what the image holds now.
+    std::vector<std::byte> old(cluster_size_);
+    QCOW2FS_RETURN_IF_ERROR(sink_.ReadClusterForFill(e.guest_offset, old));
+    for (uint64_t i = 0; i < cluster_size_; i++) {
+      if (!IsValid(e, i)) job.filled[i] = old[i];
+    }
+  }
+  const std::vector<std::byte>& data = job.filled.empty() ? e.data : job.filled;
+  Prepared p;
+  if (AllZeroBytes(data)) {
+    p.action = Prepared::Action::kZero;
+    return p;
+  }
+  p.compressed.resize(cluster_size_);
+  QCOW2FS_ASSIGN_OR_RETURN(size_t n, CompressCluster(type_, data, p.compressed));
+  if (n == 0) {
+    p.action = Prepared::Action::kUncompressed;
+    p.compressed.clear();
+  } else {
+    p.action = Prepared::Action::kCompressed;
+    p.compressed.resize(n);
+  }
+  return p;
+}
+
+Status CompressedWriteCache::Place(std::unique_lock<std::mutex>& lk, Job& job,
+                                   Prepared prepared) {
+  Entry& e = *job.entry;
+  if (!job.filled.empty()) {
+    e.data = std::move(job.filled);
+    std::fill(e.valid.begin(), e.valid.end(), ~uint64_t{0});
+    e.valid_bytes = cluster_size_;
+  }
+  const uint64_t index = e.guest_offset >> cluster_bits_;
+  if (prepared.action != Prepared::Action::kCompressed) {
+    lk.unlock();
+    Status s = prepared.action == Prepared::Action::kZero
+                   ? sink_.ZeroCluster(e.guest_offset)
+                   : sink_.WriteUncompressedCluster(e.guest_offset, e.data);
+    lk.lock();
+    if (!s.ok()) {
+      Requeue(e);
+      return s;
+    }
+    Erase(index);
+    return Status();
+  }
+  const uint64_t n = prepared.compressed.size();
+  uint64_t at;
+  while (!TryPack(n, &at)) {
+    Status s;
+    if (sealing_) {
+      changed_.wait(lk);
+      continue;
+    }
+    if (!segment_.placed.empty() || segment_.clusters != 0) {
+      s = SealSegment(lk);  // full: write it out (or drop an empty one)
+    } else {
+      auto host = sink_.AllocateSegment(segment_clusters_);
+      if (host.ok()) {
+        segment_.host_offset = *host;
+        segment_.clusters = segment_clusters_;
+        segment_.data.assign(segment_clusters_ << cluster_bits_, std::byte{0});
+        segment_.users.assign(segment_clusters_, 0);
+        segment_.used = 0;
+      } else {
+        s = host.status();
+      }
+    }
+    if (!s.ok()) {
+      Requeue(e);
+      return s;
+    }
+  }
+  std::memcpy(segment_.data.data() + at, prepared.compressed.data(), n);
+  segment_.placed.push_back({e.guest_offset, segment_.host_offset + at, n});
+  e.state = State::kPacked;
+  changed_.notify_all();
+  // A full segment goes out now: one large aligned write.
+  if (segment_.data.size() - segment_.used < kSectorSize) return SealSegment(lk);
+  return Status();
+}
+
+bool CompressedWriteCache::TryPack(uint64_t n, uint64_t* at) {
+  if (sealing_ || segment_.clusters == 0) return false;
+  uint64_t start = segment_.used;
+  // Each compressed cluster adds one to the refcount of every host cluster
+  // it touches; a host cluster at the refcount width's limit is skipped.
+  while (start + n <= segment_.data.size()) {
+    const uint64_t first = start >> cluster_bits_, last = (start + n - 1) >> cluster_bits_;
+    bool room = true;
+    for (uint64_t c = first; c <= last; c++) room = room && segment_.users[c] < max_users_;
+    if (room) {
+      for (uint64_t c = first; c <= last; c++) segment_.users[c]++;
+      *at = start;
+      segment_.used = start + n;
+      return true;
+    }
+    start = (first + 1) << cluster_bits_;
+  }
+  return false;
+}
+
+Status CompressedWriteCache::SealSegment(std::unique_lock<std::mutex>& lk) {
+  sealing_ = true;
+  Segment s = std::move(segment_);
+  segment_ = Segment{};
+  lk.unlock();
+  // Write the used part, rounded to whole sectors; unused clusters of the
+  // segment are released by the commit.
+  const uint64_t bytes = std::min<uint64_t>(s.data.size(), AlignUp(s.used, kSectorSize));
+  Status st = s.placed.empty() ? Status()
+                               : sink_.WriteSegment(s.host_offset, {s.data.data(), bytes});
+  if (st.ok()) {
+    st = sink_.CommitSegment(s.placed, s.host_offset, s.clusters);
+  } else {
+    (void)sink_.CommitSegment({}, s.host_offset, s.clusters);  // release the hold
+  }
+  lk.lock();
+  for (const auto& p : s.placed) {
+    const uint64_t index = p.guest_offset >> cluster_bits_;
+    auto it = entries_.find(index);
+    if (it == entries_.end()) continue;
+    if (st.ok()) {
+      Erase(index);
+    } else {
+      Requeue(*it->second);  // keep the data staged; a later flush retries
+    }
+  }
+  sealing_ = false;
+  changed_.notify_all();
+  return st;
+}
+
+Status CompressedWriteCache::MakeRoom(std::unique_lock<std::mutex>& lk) {
+  if (!lru_.empty()) {
+    Entry& e = *entries_.at(lru_.front());
+    return Finish(lk, e);
+  }
+  if (!sealing_ && !segment_.placed.empty()) return SealSegment(lk);
+  changed_.wait(lk);
+  return Status();
+}
+
+CompressedWriteCache::Snapshot CompressedWriteCache::Capture(uint64_t offset,
+                                                             uint64_t length) const {
+  Snapshot snap;
+  const uint64_t end = offset + length;
+  std::lock_guard lk(mu_);
+  if (entries_.empty()) return snap;
+  for (uint64_t pos = offset; pos < end;) {
+    const uint64_t index = pos >> cluster_bits_;
+    const uint64_t cluster_start = index << cluster_bits_;
+    const uint64_t piece_end = std::min(end, cluster_start + cluster_size_);
+    auto it = entries_.find(index);
+    if (it != entries_.end()) {
+      const Entry& e = *it->second;
+      // Runs of valid bytes become pieces.
+      for (uint64_t i = pos - cluster_start; i < piece_end - cluster_start;) {
+        if (!IsValid(e, i)) {
+          i++;
+          continue;
+        }
+        uint64_t j = i;
+        while (j < piece_end - cluster_start && IsValid(e, j)) j++;
+        snap.pieces.push_back({cluster_start + i, std::vector<std::byte>(
+                                                      e.data.begin() + static_cast<ptrdiff_t>(i),
+                                                      e.data.begin() + static_cast<ptrdiff_t>(j))});
+        i = j;
+      }
+    }
+    pos = piece_end;
+  }
+  return snap;
+}
+
+void CompressedWriteCache::Apply(const Snapshot& snapshot, uint64_t offset,
+                                 std::span<std::byte> buf) {
+  for (const auto& p : snapshot.pieces) {
+    std::memcpy(buf.data() + (p.offset - offset), p.bytes.data(), p.bytes.size());
+  }
+}
+
+std::optional<uint64_t> CompressedWriteCache::FirstStaged(uint64_t offset, uint64_t end) const {
+  std::lock_guard lk(mu_);
+  std::optional<uint64_t> first;
+  for (const auto& [index, e] : entries_) {
+    const uint64_t start = index << cluster_bits_;
+    if (start < end && start + cluster_size_ > offset && (!first || start < *first)) {
+      first = std::max(start, offset);
+    }
+  }
+  return first;
+}
+
+Status CompressedWriteCache::Drop(uint64_t offset, uint64_t length) {
+  const uint64_t end = offset + length;
+  std::unique_lock lk(mu_);
+  for (uint64_t pos = offset; pos < end;) {
+    const uint64_t index = pos >> cluster_bits_;
+    const uint64_t cluster_start = index << cluster_bits_;
+    const uint64_t piece_end = std::min(end, cluster_start + cluster_size_);
+    auto it = entries_.find(index);
+    if (it != entries_.end() && it->second->state != State::kFilling) {
+      // Let it reach the image; the caller's discard then applies to it.
+      if (it->second->state == State::kPacked && !sealing_ && !segment_.placed.empty()) {
+        QCOW2FS_RETURN_IF_ERROR(SealSegment(lk));
+      } else {
+        changed_.wait(lk);
+      }
+      continue;
+    }
+    if (it != entries_.end()) {
+      if (pos == cluster_start && piece_end == cluster_start + cluster_size_) {
+        Erase(index);
+      } else {
+        ClearValid(*it->second, pos - cluster_start, piece_end - cluster_start);
+      }
+    }
+    pos = piece_end;
+  }
+  return Status();
+}
+
+Status CompressedWriteCache::Flush() {
+  std::unique_lock lk(mu_);
+  std::vector<uint64_t> pending;
+  std::vector<Job> jobs;
+  for (const auto& [index, e] : entries_) {
+    pending.push_back(index);
+    if (e->state == State::kFilling) jobs.push_back(Start(*e));
+  }
+  // Compress in parallel on the TBB pool, then place in order.
+  lk.unlock();
+  std::vector<Result<Prepared>> prepared(jobs.size(), Status(ErrorCode::kIoError, "not run"));
+  tbb::parallel_for(size_t{0}, jobs.size(), [&](size_t i) { prepared[i] = Prepare(jobs[i]); });
+  lk.lock();
+  Status first_error;
+  for (size_t i = 0; i < jobs.size(); i++) {
+    Status s;
+    if (prepared[i].ok()) {
+      s = Place(lk, jobs[i], std::move(prepared[i]).value());
+    } else {
+      s = prepared[i].status();
+      Requeue(*jobs[i].entry);
+    }
+    if (!s.ok() && first_error.ok()) first_error = s;
+  }
+  QCOW2FS_RETURN_IF_ERROR(first_error);
+  // Everything staged when we started must reach the image: entries other
+  // threads are compressing, entries written to again since (their earlier
+  // bytes are ours to flush), and the segment.
+  while (true) {
+    Entry* filling = nullptr;
+    bool busy = false;
+    for (uint64_t index : pending) {
+      auto it = entries_.find(index);
+      if (it == entries_.end()) continue;
+      if (it->second->state == State::kFilling) {
+        filling = it->second.get();
+        break;
+      }
+      busy = true;
+    }
+    if (filling) {
+      QCOW2FS_RETURN_IF_ERROR(Finish(lk, *filling));
+      continue;
+    }
+    if (!busy) break;
+    if (!sealing_ && !segment_.placed.empty()) {
+      QCOW2FS_RETURN_IF_ERROR(SealSegment(lk));
+    } else {
+      changed_.wait(lk);
+    }
+  }
+  if (!sealing_ && !segment_.placed.empty()) QCOW2FS_RETURN_IF_ERROR(SealSegment(lk));
+  return Status();
+}
+
+}  // namespace qcow2fs

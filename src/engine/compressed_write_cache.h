@@ -1,0 +1,183 @@
+// CompressedWriteCache: the staging cache that turns small, unaligned,
+// out-of-order guest writes into compressed clusters, packed densely into
+// host clusters that are written once each.
+//
+// Life of a guest cluster:
+//   filling     writes land in its staging buffer (one cluster of memory and
+//               a map of which bytes are valid);
+//   compressing once every byte is known (or Flush()/memory pressure forces
+//               it, filling the unknown bytes from the image's current
+//               content) it is compressed on the calling thread; FUSE
+//               requests run on the TBB pool, so compression is parallel,
+//               and Flush() compresses what is left with tbb::parallel_for;
+//   packed      its compressed bytes sit in the current *segment*: a run of
+//               contiguous host clusters filled byte by byte, as QEMU packs
+//               them, a compressed cluster may straddle two host clusters;
+//   committed   when the segment is full (or at Flush()) it is written with
+//               one host write, and only then do the L2 entries point into
+//               it. The staging entry goes away at that moment.
+// A cluster that does not compress is written as a normal cluster, an
+// all-zero one becomes a zero cluster.
+//
+// Threading: every method may be called from any thread. One mutex guards
+// the staging map and the segment; compression and host I/O run outside it.
+// A writer that finds a cluster past "filling" waits for it to be committed
+// (forcing the segment out if needed); a writer that finds the cache full
+// first commits the oldest incomplete clusters itself, then waits for
+// memory, so it always makes progress.
+//
+// Ownership: Write() copies the caller's bytes; Overlay() copies staged
+// bytes into the caller's buffer; no buffer is retained past a call.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <unordered_map>
+#include <vector>
+
+#include "qcow2fs/image.h"
+#include "qcow2fs/status.h"
+
+namespace qcow2fs {
+
+// What the cache needs from the image; implemented by Qcow2Image.
+class CompressedClusterSink {
+ public:
+  virtual ~CompressedClusterSink() = default;
+  // The image's current content of one guest cluster, without staging.
+  virtual Status ReadClusterForFill(uint64_t guest_offset, std::span<std::byte> out) = 0;
+  // Allocates `count` contiguous host clusters (refcount 1 each: the
+  // segment's own hold, released by CommitSegment).
+  virtual Result<uint64_t> AllocateSegment(uint64_t count) = 0;
+  virtual Status WriteSegment(uint64_t host_offset, std::span<const std::byte> data) = 0;
+  struct Placed {
+    uint64_t guest_offset;
+    uint64_t host_offset;  // first byte of compressed data
+    uint64_t bytes;
+  };
+  // Points the L2 entries at the placed compressed clusters (counting a
+  // reference on every host cluster each one touches), then drops the
+  // segment's hold on its `count` clusters.
+  virtual Status CommitSegment(const std::vector<Placed>& placed, uint64_t segment_offset,
+                               uint64_t count) = 0;
+  // Stores a cluster that did not compress, or is all zeros.
+  virtual Status WriteUncompressedCluster(uint64_t guest_offset,
+                                          std::span<const std::byte> data) = 0;
+  virtual Status ZeroCluster(uint64_t guest_offset) = 0;
+  // How many compressed clusters one host cluster may hold (the refcount
+  // width's limit, less the segment's hold).
+  virtual uint64_t MaxCompressedPerHostCluster() const = 0;
+};
+
+class CompressedWriteCache {
+ public:
+  CompressedWriteCache(CompressedClusterSink& sink, CompressionType type,
+                       uint64_t cluster_size, uint64_t disk_size, size_t max_bytes);
+  ~CompressedWriteCache();
+
+  // Stages `data` at guest `offset` (any size and alignment).
+  Status Write(uint64_t offset, std::span<const std::byte> data);
+  // Readers take a snapshot of the staged bytes overlapping their range
+  // *before* reading the image, and apply it over what they read: a cluster
+  // committed in between is then right either way (the image has it, and the
+  // snapshot has the same bytes).
+  struct Snapshot {
+    struct Piece {
+      uint64_t offset;
+      std::vector<std::byte> bytes;
+    };
+    std::vector<Piece> pieces;
+  };
+  Snapshot Capture(uint64_t offset, uint64_t length) const;
+  static void Apply(const Snapshot& snapshot, uint64_t offset, std::span<std::byte> buf);
+  // Guest offset of the first staged cluster overlapping [offset, end).
+  std::optional<uint64_t> FirstStaged(uint64_t offset, uint64_t end) const;
+  // Forgets staged bytes in the range (discard and zero-writes).
+  Status Drop(uint64_t offset, uint64_t length);
+  // Commits everything staged. On return all data written before the call
+  // is in the image (not yet synced).
+  Status Flush();
+  // The disk grew or shrank.
+  void set_disk_size(uint64_t size);
+  size_t staged_bytes() const;
+
+ private:
+  enum class State { kFilling, kCompressing, kPacked };
+  struct Entry {
+    uint64_t guest_offset;
+    State state = State::kFilling;
+    std::vector<std::byte> data;   // one cluster
+    std::vector<uint64_t> valid;   // one bit per byte of data
+    uint64_t valid_bytes = 0;
+    std::list<uint64_t>::iterator lru;
+  };
+  struct Segment {
+    uint64_t host_offset = 0;
+    uint64_t clusters = 0;
+    std::vector<std::byte> data;
+    uint64_t used = 0;
+    std::vector<uint64_t> users;  // compressed clusters touching each host cluster
+    std::vector<CompressedClusterSink::Placed> placed;
+  };
+
+  // What compression decided for one cluster.
+  struct Prepared {
+    enum class Action { kCompressed, kUncompressed, kZero } action;
+    std::vector<std::byte> compressed;
+  };
+
+  bool IsComplete(const Entry& e) const { return e.valid_bytes == cluster_size_; }
+  void MarkValid(Entry& e, uint64_t from, uint64_t to);
+  void ClearValid(Entry& e, uint64_t from, uint64_t to);
+  bool IsValid(const Entry& e, uint64_t at) const {
+    return (e.valid[at / 64] >> (at % 64)) & 1;
+  }
+  // A cluster on its way from filling to the image. `filled` is a private
+  // copy when bytes must be filled in from the image (readers may be
+  // copying the entry's data meanwhile); empty when the entry is complete.
+  struct Job {
+    Entry* entry;
+    std::vector<std::byte> filled;
+  };
+  // With the lock: moves a filling entry to kCompressing.
+  Job Start(Entry& e);
+  // Puts an entry whose commit failed back to filling, for a later retry.
+  void Requeue(Entry& e);
+  // Without the lock: fills unknown bytes from the image, then compresses.
+  // Entries in kCompressing are not modified by anyone else.
+  Result<Prepared> Prepare(Job& job);
+  // With the lock: stores the prepared cluster (packs it into the segment,
+  // or writes it uncompressed/zero with the lock dropped).
+  Status Place(std::unique_lock<std::mutex>& lk, Job& job, Prepared prepared);
+  // Takes a filling entry through Prepare and Place.
+  Status Finish(std::unique_lock<std::mutex>& lk, Entry& e);
+  // Reserves n bytes in the current segment; false if there is no room.
+  bool TryPack(uint64_t n, uint64_t* at);
+  // Writes the current segment and commits its clusters.
+  Status SealSegment(std::unique_lock<std::mutex>& lk);
+  Status MakeRoom(std::unique_lock<std::mutex>& lk);
+  void Erase(uint64_t cluster_index);
+
+  CompressedClusterSink& sink_;
+  const CompressionType type_;
+  const uint64_t cluster_size_;
+  const uint32_t cluster_bits_;
+  const size_t max_entries_;
+  const uint64_t max_users_;
+  const uint64_t segment_clusters_;
+  uint64_t disk_size_;
+
+  mutable std::mutex mu_;
+  std::condition_variable changed_;  // an entry was committed or erased
+  std::unordered_map<uint64_t, std::unique_ptr<Entry>> entries_;  // by cluster index
+  std::list<uint64_t> lru_;  // filling entries, oldest first
+  Segment segment_;
+  bool sealing_ = false;  // a thread is writing out a segment
+};
+
+}  // namespace qcow2fs

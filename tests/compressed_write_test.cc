@@ -1,0 +1,189 @@
+// Compressed writes through the staging cache: small, unaligned writes in
+// random order from several threads must come out as a valid image of
+// compressed clusters with exactly the data written.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <thread>
+
+#include "qcow2fs/image.h"
+#include "test_support.h"
+
+namespace qcow2fs::test {
+namespace {
+
+struct CompressCase {
+  std::string name;
+  std::string create_options;
+  CompressionType type;
+};
+
+class CompressedWriteTest : public ::testing::TestWithParam<CompressCase> {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(RequireProgram("qemu-img"));
+    path_ = dir_.Join("c.qcow2");
+    ASSERT_TRUE(QemuImg("create -q -f qcow2 -o " + GetParam().create_options + " " +
+                        ShellQuote(path_) + " 16M"));
+  }
+  std::unique_ptr<Image> OpenCompressed(size_t cache_bytes = 0) {
+    OpenOptions o;
+    o.read_only = false;
+    o.compress = GetParam().type;
+    o.compress_cache_bytes = cache_bytes;
+    auto image = Image::Open(path_, o);
+    EXPECT_TRUE(image.ok()) << Describe(image.status());
+    return image.ok() ? std::move(image).value() : nullptr;
+  }
+  // qemu-img check must be clean and report compressed clusters.
+  void ExpectValidCompressed(const std::string& expected) {
+    std::string out;
+    ASSERT_TRUE(QemuImg("check " + ShellQuote(path_), &out)) << out;
+    EXPECT_NE(out.find("compressed clusters"), std::string::npos) << out;
+    EXPECT_EQ(out.find(" 0.00% compressed clusters"), std::string::npos) << out;
+    ASSERT_TRUE(WriteWholeFile(dir_.Join("expected.raw"), expected));
+    EXPECT_TRUE(QemuImg("compare -q -f qcow2 -F raw " + ShellQuote(path_) + " " +
+                        ShellQuote(dir_.Join("expected.raw"))));
+  }
+  TempDir dir_;
+  std::string path_;
+};
+
+TEST_P(CompressedWriteTest, UnalignedWritesFromThreadsInRandomOrder) {
+  const uint64_t size = 16 << 20;
+  const std::string source = SemiCompressible(size, 11);
+  // Cut the disk into unaligned pieces of 1 B to 200 KiB and shuffle them.
+  std::vector<std::pair<uint64_t, uint64_t>> pieces;
+  Rng rng(5);
+  for (uint64_t pos = 0; pos < size;) {
+    const uint64_t len = std::min(size - pos, rng.Uniform(1, 200 << 10));
+    pieces.emplace_back(pos, len);
+    pos += len;
+  }
+  for (size_t i = pieces.size() - 1; i > 0; i--) std::swap(pieces[i], pieces[rng.Uniform(0, i)]);
+  {
+    auto image = OpenCompressed(2 << 20);  // small: writers must wait and evict
+    ASSERT_TRUE(image);
+    std::atomic<size_t> next{0};
+    std::atomic<int> failures{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; t++) {
+      threads.emplace_back([&] {
+        for (size_t i; (i = next.fetch_add(1)) < pieces.size();) {
+          const auto [off, len] = pieces[i];
+          if (!image->Write(off, AsBytes(std::string_view(source).substr(off, len))).ok()) {
+            failures++;
+          }
+          // Reads during staging return what this thread just wrote.
+          std::string back(len, '\0');
+          if (!image->Read(off, AsWritableBytes(back)).ok() ||
+              back != std::string_view(source).substr(off, len)) {
+            failures++;
+          }
+        }
+      });
+    }
+    for (auto& th : threads) th.join();
+    ASSERT_EQ(failures.load(), 0);
+    ASSERT_TRUE(image->Flush().ok());
+  }
+  ExpectValidCompressed(source);
+}
+
+// The way cp reaches the image: 128 KiB writes, in order, two at a time.
+// The result must be no bigger on disk than `qemu-img convert -c` makes it.
+TEST_P(CompressedWriteTest, SequentialCopyIsAsSmallAsQemuImgConvert) {
+  const uint64_t size = 16 << 20, chunk = 128 << 10;
+  const std::string source = SemiCompressible(size, 31);
+  {
+    auto image = OpenCompressed();
+    ASSERT_TRUE(image);
+    std::atomic<uint64_t> next{0};
+    std::vector<std::thread> threads;
+    std::atomic<int> failures{0};
+    for (int t = 0; t < 2; t++) {
+      threads.emplace_back([&] {
+        for (uint64_t off; (off = next.fetch_add(chunk)) < size;) {
+          if (!image->Write(off, AsBytes(std::string_view(source).substr(off, chunk))).ok()) {
+            failures++;
+          }
+        }
+      });
+    }
+    for (auto& th : threads) th.join();
+    ASSERT_EQ(failures.load(), 0);
+    ASSERT_TRUE(image->Flush().ok());
+  }
+  ExpectValidCompressed(source);
+  const std::string reference = dir_.Join("reference.qcow2");
+  const std::string type = GetParam().type == CompressionType::kZstd ? "zstd" : "zlib";
+  ASSERT_TRUE(QemuImg("convert -q -c -O qcow2 -o " + GetParam().create_options + " " +
+                      ShellQuote(dir_.Join("expected.raw")) + " " + ShellQuote(reference)));
+  CommandResult ours = RunCommand("du -B1 " + ShellQuote(path_) + " | cut -f1");
+  CommandResult theirs = RunCommand("du -B1 " + ShellQuote(reference) + " | cut -f1");
+  ASSERT_EQ(ours.exit_code, 0);
+  ASSERT_EQ(theirs.exit_code, 0);
+  const uint64_t ours_bytes = std::stoull(ours.output), theirs_bytes = std::stoull(theirs.output);
+  EXPECT_LE(ours_bytes, theirs_bytes + theirs_bytes / 50)
+      << "qcow2fs " << ours_bytes << " bytes vs qemu-img convert -c " << theirs_bytes;
+  EXPECT_LT(ours_bytes, size * 3 / 4);
+}
+
+TEST_P(CompressedWriteTest, DiscardOfStagedDataAndRewriteOfCompressedData) {
+  const uint64_t size = 16 << 20;
+  std::string model = SemiCompressible(size, 21);
+  {
+    auto image = OpenCompressed();
+    ASSERT_TRUE(image);
+    ASSERT_TRUE(image->Write(0, AsBytes(model)).ok());
+    ASSERT_TRUE(image->Flush().ok());
+    // Rewrite parts of compressed clusters (read-modify-write) ...
+    Rng rng(9);
+    for (int i = 0; i < 50; i++) {
+      const uint64_t off = rng.Uniform(0, size - 1);
+      const uint64_t len = std::min<uint64_t>(size - off, rng.Uniform(1, 100000));
+      std::string data = SemiCompressible(len, 100 + static_cast<uint64_t>(i));
+      ASSERT_TRUE(image->Write(off, AsBytes(data)).ok());
+      model.replace(off, len, data);
+    }
+    // ... stage a partial cluster and discard part of it before it is written.
+    std::string part = RandomBytes(3000, 1);
+    ASSERT_TRUE(image->Write(5 << 20, AsBytes(part)).ok());
+    model.replace(5 << 20, part.size(), part);
+    ASSERT_TRUE(image->Discard((5 << 20) + 1000, 1000).ok());
+    model.replace((5 << 20) + 1000, 1000, std::string(1000, '\0'));
+    std::string back(3000, '\0');
+    ASSERT_TRUE(image->Read(5 << 20, AsWritableBytes(back)).ok());
+    EXPECT_TRUE(BuffersEqual(model.substr(5 << 20, 3000), back, 5 << 20, "staged+discarded"));
+    ASSERT_TRUE(image->Flush().ok());
+  }
+  ExpectValidCompressed(model);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Types, CompressedWriteTest,
+    ::testing::Values(CompressCase{"zlib_64k", "cluster_size=64k", CompressionType::kZlib},
+                      CompressCase{"zstd_64k", "cluster_size=64k,compression_type=zstd",
+                                   CompressionType::kZstd},
+                      CompressCase{"zlib_4k", "cluster_size=4k", CompressionType::kZlib},
+                      CompressCase{"zstd_ext_l2", "cluster_size=64k,extended_l2=on,compression_type=zstd",
+                                   CompressionType::kZstd}),
+    [](const auto& param_info) { return param_info.param.name; });
+
+TEST(CompressedWriteOptionsTest, MismatchedCompressionTypeIsRefused) {
+  ASSERT_TRUE(RequireProgram("qemu-img"));
+  TempDir dir;
+  const std::string path = dir.Join("z.qcow2");
+  ASSERT_TRUE(QemuImg("create -q -f qcow2 " + ShellQuote(path) + " 1M"));
+  OpenOptions o;
+  o.read_only = false;
+  o.compress = CompressionType::kZstd;
+  auto image = Image::Open(path, o);
+  ASSERT_FALSE(image.ok());
+  EXPECT_TRUE(ContainsNoCase(image.status().message(), "compression_type=zstd"))
+      << image.status().message();
+}
+
+}  // namespace
+}  // namespace qcow2fs::test
