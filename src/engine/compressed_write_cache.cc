@@ -1,8 +1,6 @@
 // CompressedWriteCache implementation.
 #include "engine/compressed_write_cache.h"
 
-#include <tbb/parallel_for.h>
-
 #include <algorithm>
 #include <bit>
 #include <cstring>
@@ -393,19 +391,21 @@ Status CompressedWriteCache::Flush() {
     pending.push_back(index);
     if (e->state == State::kFilling) jobs.push_back(Start(*e));
   }
-  // Compress in parallel on the TBB pool, then place in order.
-  lk.unlock();
-  std::vector<Result<Prepared>> prepared(jobs.size(), Status(ErrorCode::kIoError, "not run"));
-  tbb::parallel_for(size_t{0}, jobs.size(), [&](size_t i) { prepared[i] = Prepare(jobs[i]); });
-  lk.lock();
+  // Compression happens here, on the flushing thread. In the daemon the
+  // bulk of it has already run in parallel: each FUSE worker on the TBB
+  // pool compresses the clusters its writes complete, so a flush only finds
+  // the few clusters that were still incomplete.
   Status first_error;
-  for (size_t i = 0; i < jobs.size(); i++) {
+  for (Job& job : jobs) {
+    lk.unlock();
+    auto prepared = Prepare(job);
+    lk.lock();
     Status s;
-    if (prepared[i].ok()) {
-      s = Place(lk, jobs[i], std::move(prepared[i]).value());
+    if (prepared.ok()) {
+      s = Place(lk, job, std::move(prepared).value());
     } else {
-      s = prepared[i].status();
-      Requeue(*jobs[i].entry);
+      s = prepared.status();
+      Requeue(*job.entry);
     }
     if (!s.ok() && first_error.ok()) first_error = s;
   }

@@ -8,8 +8,8 @@
 //   compressing once every byte is known (or Flush()/memory pressure forces
 //               it, filling the unknown bytes from the image's current
 //               content) it is compressed on the calling thread; FUSE
-//               requests run on the TBB pool, so compression is parallel,
-//               and Flush() compresses what is left with tbb::parallel_for;
+//               requests run on the daemon's TBB pool, so compression is
+//               parallel across requests;
 //   packed      its compressed bytes sit in the current *segment*: a run of
 //               contiguous host clusters filled byte by byte, as QEMU packs
 //               them, a compressed cluster may straddle two host clusters;
