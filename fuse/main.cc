@@ -1,0 +1,364 @@
+// mount.qcow2fs: mounts a qcow2 image as a FUSE file system holding one file,
+// the image's guest disk.
+//
+// This file is the lifecycle: parse the command line, fork (unless -f), open
+// the image, mount, serve until unmounted or signalled, then flush and close
+// the image so that its lock is released only when it is consistent.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <filesystem>
+#include <memory>
+#include <new>
+#include <optional>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "daemon.h"
+#include "log.h"
+#include "lowlevel_ops.h"
+#include "options.h"
+#include "qcow2fs/image.h"
+#include "raw_file_fs.h"
+#include "request_pool.h"
+#include "session.h"
+
+#ifndef PR_SET_IO_FLUSHER
+#define PR_SET_IO_FLUSHER 57
+#endif
+
+namespace qcow2fs::fusefs {
+namespace {
+
+// Exit statuses as mount(8) expects of helpers.
+constexpr int kUsageError = 1;
+constexpr int kMountFailure = 32;
+
+constexpr const char kUsage[] =
+    "usage: mount.qcow2fs [-f] [-d] [-o OPTION[,OPTION...]] IMAGE MOUNTDIR\n"
+    "\n"
+    "Mounts the qcow2 image IMAGE on MOUNTDIR as a file system holding one\n"
+    "file, the image's guest disk (IMAGE's name with the extension .raw).\n"
+    "\n"
+    "  -f            stay in the foreground, log to stderr\n"
+    "  -d            log every request\n"
+    "  -o OPTIONS    comma-separated options:\n"
+    "     ro, rw                read-only or read-write (default rw)\n"
+    "     cache-size=SIZE       L2 table cache (K, M, G suffixes)\n"
+    "     threads=N             worker threads\n"
+    "     discard=on|off        let hole punching free image space\n"
+    "     compress=zlib|zstd    store newly written clusters compressed\n"
+    "     lock=on|off           lock the image (off needs ro)\n"
+    "     snapshot=ID|NAME      mount an internal snapshot (read-only)\n"
+    "     filename=NAME         name of the file in the mount\n"
+    "     allow_other           let other users in (file mode still applies)\n"
+    "     create,size=SIZE[,cluster_size=SIZE][,compression_type=zlib|zstd]\n"
+    "       [,backing=FILE][,backing_fmt=qcow2|raw]\n"
+    "                           create IMAGE first if it does not exist\n"
+    "     and the usual mount options (nosuid, nodev, noexec, noatime, ...)\n"
+    "\n"
+    "See mount.qcow2fs(8).\n";
+
+// A file descriptor closed on scope exit.
+class UniqueFd {
+ public:
+  explicit UniqueFd(int fd = -1) : fd_(fd) {}
+  UniqueFd(const UniqueFd&) = delete;
+  UniqueFd& operator=(const UniqueFd&) = delete;
+  ~UniqueFd() {
+    if (fd_ >= 0) close(fd_);
+  }
+  int get() const { return fd_; }
+
+ private:
+  int fd_;
+};
+
+// Termination requests arrive through a signalfd that the receive loop
+// polls, rather than through handlers: blocked before any thread exists,
+// the signals stay blocked in all of them and nothing runs asynchronously.
+Result<int> BlockStopSignals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGHUP);
+  if (int err = pthread_sigmask(SIG_BLOCK, &set, nullptr)) {
+    return Status::FromErrno(err, "blocking signals");
+  }
+  // A closed syslog socket must not kill the daemon.
+  signal(SIGPIPE, SIG_IGN);
+  int fd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+  if (fd < 0) return Status::FromErrno(errno, "signalfd");
+  return fd;
+}
+
+// When a loop device or a file system sits on the mounted file, the kernel
+// may need this daemon to finish writes in order to free memory. Marking it
+// an I/O flusher keeps its own allocations from waiting on that writeback,
+// which would deadlock. Needs CAP_SYS_RESOURCE; threads created afterwards
+// inherit it, so it is set before any exist.
+void BecomeIoFlusher(bool debug) {
+  if (prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0 && debug) {
+    Log(LOG_DEBUG, "PR_SET_IO_FLUSHER not set: %s", std::strerror(errno));
+  }
+}
+
+Status CheckFuseDevice() {
+  int fd = open("/dev/fuse", O_RDWR | O_CLOEXEC);
+  if (fd >= 0) {
+    close(fd);
+    return Status::Ok();
+  }
+  int err = errno;
+  if (err == ENOENT || err == ENODEV || err == ENXIO) {
+    return Status(ErrorCode::kNotFound,
+                  "/dev/fuse is missing; is the fuse module loaded "
+                  "(modprobe fuse)?");
+  }
+  // Unprivileged users mount through fusermount3, which opens it itself.
+  return Status::Ok();
+}
+
+bool IsPassedFuseFd(const std::string& mountpoint) {
+  // mount.fuse3 -o drop_privileges mounts itself and hands over /dev/fd/N.
+  return mountpoint.starts_with("/dev/fd/");
+}
+
+Status CheckMountpoint(const std::string& mountpoint) {
+  if (IsPassedFuseFd(mountpoint)) return Status::Ok();
+  struct stat st;
+  if (stat(mountpoint.c_str(), &st) != 0) {
+    return Status::FromErrno(errno, "mount point " + mountpoint);
+  }
+  if (!S_ISDIR(st.st_mode)) {
+    return Status(ErrorCode::kInvalidArgument,
+                  "mount point " + mountpoint + " is not a directory");
+  }
+  return Status::Ok();
+}
+
+// After Daemon::Ready() the working directory is /, and libfuse keeps the
+// mount point for unmounting: both paths must be absolute.
+std::string Absolute(const std::string& path) {
+  std::error_code error;
+  std::filesystem::path absolute = std::filesystem::absolute(path, error);
+  return error ? path : absolute.lexically_normal().string();
+}
+
+Status CreateImageIfMissing(const std::string& path,
+                            const MountOptions& options) {
+  if (!options.create) return Status::Ok();
+  struct stat st;
+  if (stat(path.c_str(), &st) == 0) return Status::Ok();
+  if (errno != ENOENT) return Status::FromErrno(errno, path);
+  Status status = Image::Create(path, options.create_options);
+  if (!status.ok()) return status.Annotate("cannot create " + path);
+  Log(LOG_INFO, "created %s", path.c_str());
+  return Status::Ok();
+}
+
+std::vector<std::string> KernelMountOptions(const std::string& image_path,
+                                            const MountOptions& options,
+                                            bool read_only) {
+  std::vector<std::string> kernel = {
+      "fsname=" + image_path,  // the source column of /proc/mounts
+      "subtype=qcow2fs",       // the type reads fuse.qcow2fs
+      // The kernel checks the file's mode and owner, which mirror the image
+      // file's: with allow_other, users get the access the image gives them.
+      "default_permissions",
+  };
+  if (options.allow_other) kernel.emplace_back("allow_other");
+  if (read_only) kernel.emplace_back("ro");
+  kernel.insert(kernel.end(), options.kernel_flags.begin(),
+                options.kernel_flags.end());
+  return kernel;
+}
+
+// Reports why the loop stopped, if a signal was the reason.
+void LogStopSignal(int signal_fd) {
+  signalfd_siginfo info;
+  if (read(signal_fd, &info, sizeof(info)) == sizeof(info)) {
+    const char* name = sigabbrev_np(static_cast<int>(info.ssi_signo));
+    Log(LOG_INFO, "received SIG%s, unmounting", name != nullptr ? name : "?");
+  }
+}
+
+// Creates the image if asked to, then opens it as the mount will use it.
+Result<std::unique_ptr<Image>> OpenImage(const std::string& image_path,
+                                         const MountOptions& options) {
+  QCOW2FS_RETURN_IF_ERROR(CreateImageIfMissing(image_path, options));
+  OpenOptions open_options;
+  open_options.read_only = options.read_only;
+  open_options.l2_cache_bytes = options.cache_bytes;
+  open_options.lock = options.lock;
+  open_options.snapshot = options.snapshot;
+  open_options.compress = options.compress;
+  open_options.format = "qcow2";
+  Result<std::unique_ptr<Image>> opened = Image::Open(image_path, open_options);
+  if (!opened.ok()) {
+    // The core's messages name the file and what is wrong with it.
+    return Status(opened.status().code(), opened.status().ToString());
+  }
+  for (const std::string& warning : opened.value()->info().warnings) {
+    Log(LOG_WARNING, "%s: %s", image_path.c_str(), warning.c_str());
+  }
+  if (opened.value()->read_only() && !options.read_only) {
+    Log(LOG_WARNING, "%s: opened read-only, mounting read-only",
+        image_path.c_str());
+  }
+  return opened;
+}
+
+// Closes the image the way that keeps it consistent: after the mount is
+// gone (nothing can write behind the flush), flush, then close, which
+// releases the lock. Returns whether the final flush worked.
+bool CloseImage(std::unique_ptr<Image> image, const std::string& image_path) {
+  bool flushed = true;
+  if (!image->read_only()) {
+    Status status = image->Flush();
+    if (!status.ok()) {
+      Log(LOG_ERR, "final flush of %s failed: %s", image_path.c_str(),
+          status.ToString().c_str());
+      flushed = false;
+    }
+  }
+  // From here on `flock IMAGE true` returns and other programs may open it.
+  image.reset();
+  return flushed;
+}
+
+// Everything after the command line: returns the exit status.
+int Run(const CommandLine& line) {
+  const MountOptions& options = line.options;
+  const std::string image_path = Absolute(line.image);
+  const std::string mountpoint = IsPassedFuseFd(line.mountpoint)
+                                     ? line.mountpoint
+                                     : Absolute(line.mountpoint);
+
+  std::optional<Daemon> daemon;
+  if (!line.foreground) {
+    Result<Daemon> started = Daemon::Start();
+    if (!started.ok()) {
+      Log(LOG_ERR, "%s", started.status().message().c_str());
+      return kMountFailure;
+    }
+    daemon.emplace(std::move(started).value());
+  }
+
+  // From here on this process is the file system. Until Ready(), a failure
+  // is one line on the terminal and the waiting parent exits with it.
+  auto fail = [](const Status& status) {
+    Log(LOG_ERR, "%s", status.message().c_str());
+    return kMountFailure;
+  };
+  Result<int> signal_fd_or = BlockStopSignals();
+  if (!signal_fd_or.ok()) return fail(signal_fd_or.status());
+  UniqueFd signal_fd(*signal_fd_or);
+  BecomeIoFlusher(line.debug);
+
+  if (Status s = CheckFuseDevice(); !s.ok()) return fail(s);
+  if (Status s = CheckMountpoint(mountpoint); !s.ok()) return fail(s);
+  Result<std::unique_ptr<Image>> opened = OpenImage(image_path, options);
+  if (!opened.ok()) return fail(opened.status());
+  std::unique_ptr<Image> image = std::move(opened).value();
+  const bool read_only = image->read_only();
+
+  // O_PATH: see RawFileFs. The core has the image open; this only stats it.
+  UniqueFd image_path_fd(open(image_path.c_str(), O_PATH | O_CLOEXEC));
+  if (image_path_fd.get() < 0) {
+    return fail(Status::FromErrno(errno, image_path));
+  }
+
+  const unsigned threads =
+      options.threads != 0 ? options.threads
+                           : std::max(4u, std::thread::hardware_concurrency());
+  // Twice the workers: while some requests run, the next ones are already
+  // read and waiting. Memory stays bounded: a 1 MiB request buffer per slot,
+  // and a reply buffer of up to 1 MiB per read being served.
+  const unsigned max_in_flight = 2 * threads;
+
+  FsConfig config;
+  config.file_name = options.filename;
+  config.read_only = read_only;
+  config.discard = options.discard;
+  config.debug = line.debug;
+  config.max_background = max_in_flight;
+  RawFileFs fs(*image, image_path_fd.get(), config);
+
+  Result<std::unique_ptr<FuseSession>> created = FuseSession::Create(
+      KernelMountOptions(image_path, options, read_only), LowLevelOps(), &fs);
+  if (!created.ok()) return fail(created.status());
+  std::unique_ptr<FuseSession> session = std::move(created).value();
+  if (Status s = session->Mount(mountpoint); !s.ok()) return fail(s);
+
+  RequestPool pool(threads, max_in_flight);
+  if (daemon) daemon->Ready();
+  Log(LOG_INFO, "mounted %s on %s (%s, %u threads)", image_path.c_str(),
+      mountpoint.c_str(), read_only ? "read-only" : "read-write", threads);
+
+  int exit_code = 0;
+  Status served = pool.Serve(session->get(), signal_fd.get());
+  if (!served.ok()) {
+    Log(LOG_ERR, "%s", served.message().c_str());
+    exit_code = 1;
+  }
+  LogStopSignal(signal_fd.get());
+
+  // Unmounts (if a signal ended the loop) and destroys the session, which
+  // runs RawFileFs::Shutdown: a first flush. Nothing calls into `fs` after
+  // this, so the image can go before it.
+  session.reset();
+  if (!CloseImage(std::move(image), image_path)) exit_code = 1;
+  Log(LOG_INFO, "unmounted %s", mountpoint.c_str());
+  return exit_code;
+}
+
+int Main(int argc, char** argv) {
+  InitLog("mount.qcow2fs");
+  std::vector<const char*> args(argv + 1, argv + argc);
+  Result<CommandLine> parsed = ParseCommandLine(args);
+  if (!parsed.ok()) {
+    Log(LOG_ERR, "%s (see --help)", parsed.status().message().c_str());
+    return kUsageError;
+  }
+  if (parsed->help) {
+    std::fputs(kUsage, stdout);
+    return 0;
+  }
+  if (parsed->version) {
+    std::printf("mount.qcow2fs %s (libfuse %d)\n", QCOW2FS_VERSION,
+                fuse_version());
+    return 0;
+  }
+  return Run(*parsed);
+}
+
+}  // namespace
+}  // namespace qcow2fs::fusefs
+
+int main(int argc, char** argv) {
+  // The catch-all for the whole program: nothing thrown may end it through
+  // std::terminate, and running out of memory is a plain error.
+  try {
+    return qcow2fs::fusefs::Main(argc, argv);
+  } catch (const std::bad_alloc&) {
+    qcow2fs::fusefs::Log(LOG_ERR, "out of memory");
+  } catch (const std::exception& e) {
+    qcow2fs::fusefs::Log(LOG_ERR, "internal error: %s", e.what());
+  } catch (...) {
+    qcow2fs::fusefs::Log(LOG_ERR, "internal error: unknown exception");
+  }
+  return qcow2fs::fusefs::kMountFailure;
+}

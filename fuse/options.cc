@@ -1,0 +1,439 @@
+// Parsing of mount.qcow2fs's arguments and -o option lists.
+#include "options.h"
+
+#include <cerrno>
+#include <charconv>
+#include <functional>
+#include <limits>
+#include <string_view>
+#include <system_error>
+#include <utility>
+
+namespace qcow2fs::fusefs {
+namespace {
+
+Status Invalid(std::string message) {
+  return Status(ErrorCode::kInvalidArgument, std::move(message));
+}
+
+// clang-format off
+// Mount flags libfuse understands and forwards to mount(2) as they are.
+constexpr std::string_view kKernelFlags[] = {
+    "suid", "nosuid", "dev", "nodev", "exec", "noexec",
+    "sync", "async", "dirsync",
+};
+
+// Options that mount(8), mount.fuse3 and fstab conventions hand to every
+// helper but that mean nothing to the daemon. The atime family is here too:
+// the daemon never updates the file's atime, so they cannot change anything.
+constexpr std::string_view kIgnoredOptions[] = {
+    "defaults", "auto", "noauto", "user", "users", "nouser", "owner",
+    "group", "_netdev", "nofail", "default_permissions",
+    "atime", "noatime", "relatime", "norelatime", "strictatime",
+    "nostrictatime", "diratime", "nodiratime", "lazytime", "nolazytime",
+};
+
+// Prefixes of options that are for other programs: x-* and comment= are
+// read by mount(8) and systemd, user= is added by mount(8) for user mounts.
+constexpr std::string_view kIgnoredPrefixes[] = {"x-", "comment=", "user="};
+// clang-format on
+
+template <size_t N>
+bool Contains(const std::string_view (&list)[N], std::string_view word) {
+  for (std::string_view entry : list) {
+    if (entry == word) return true;
+  }
+  return false;
+}
+
+Result<bool> ParseOnOff(std::string_view name, std::string_view value) {
+  if (value == "on") return true;
+  if (value == "off") return false;
+  return Invalid(std::string(name) + "= must be on or off, not '" +
+                 std::string(value) + "'");
+}
+
+Result<CompressionType> ParseCompression(std::string_view name,
+                                         std::string_view value) {
+  if (value == "zlib") return CompressionType::kZlib;
+  if (value == "zstd") return CompressionType::kZstd;
+  return Invalid(std::string(name) + "= must be zlib or zstd, not '" +
+                 std::string(value) + "'");
+}
+
+// Remembers which creation-only options were given, to reject them without
+// `create`.
+struct ParseState {
+  bool sloppy = false;
+  std::string create_only_option;  // first one seen, for the message
+  bool has_size = false;
+  bool has_compression_type = false;
+};
+
+using Handler = std::function<Status(std::string_view value,
+                                     MountOptions& options, ParseState& state)>;
+
+struct OptionSpec {
+  std::string_view name;
+  bool takes_value;
+  Handler handle;
+};
+
+Status SetSize(std::string_view name, std::string_view value, uint64_t& out) {
+  Result<uint64_t> size = ParseSize(std::string(value));
+  if (!size.ok()) {
+    return Invalid(std::string(name) + "=: " + size.status().message());
+  }
+  out = *size;
+  return Status::Ok();
+}
+
+const std::vector<OptionSpec>& OptionTable() {
+  static const std::vector<OptionSpec> table = {
+      {"ro", false,
+       [](std::string_view, MountOptions& o, ParseState&) {
+         o.read_only = true;
+         return Status::Ok();
+       }},
+      {"rw", false,
+       [](std::string_view, MountOptions& o, ParseState&) {
+         o.read_only = false;
+         return Status::Ok();
+       }},
+      {"allow_other", false,
+       [](std::string_view, MountOptions& o, ParseState&) {
+         o.allow_other = true;
+         return Status::Ok();
+       }},
+      {"cache-size", true,
+       [](std::string_view v, MountOptions& o, ParseState&) {
+         uint64_t bytes = 0;
+         QCOW2FS_RETURN_IF_ERROR(SetSize("cache-size", v, bytes));
+         if (bytes > std::numeric_limits<size_t>::max()) {
+           return Invalid("cache-size= is too large");
+         }
+         o.cache_bytes = static_cast<size_t>(bytes);
+         return Status::Ok();
+       }},
+      {"threads", true,
+       [](std::string_view v, MountOptions& o, ParseState&) {
+         unsigned threads = 0;
+         auto [end, error] =
+             std::from_chars(v.data(), v.data() + v.size(), threads);
+         if (error != std::errc() || end != v.data() + v.size() ||
+             threads < 1 || threads > 256) {
+           return Invalid("threads= must be a number from 1 to 256, not '" +
+                          std::string(v) + "'");
+         }
+         o.threads = threads;
+         return Status::Ok();
+       }},
+      {"discard", true,
+       [](std::string_view v, MountOptions& o, ParseState&) {
+         QCOW2FS_ASSIGN_OR_RETURN(o.discard, ParseOnOff("discard", v));
+         return Status::Ok();
+       }},
+      {"lock", true,
+       [](std::string_view v, MountOptions& o, ParseState&) {
+         QCOW2FS_ASSIGN_OR_RETURN(o.lock, ParseOnOff("lock", v));
+         return Status::Ok();
+       }},
+      {"compress", true,
+       [](std::string_view v, MountOptions& o, ParseState&) {
+         QCOW2FS_ASSIGN_OR_RETURN(o.compress, ParseCompression("compress", v));
+         return Status::Ok();
+       }},
+      {"snapshot", true,
+       [](std::string_view v, MountOptions& o, ParseState&) {
+         if (v.empty()) return Invalid("snapshot= needs a snapshot ID or name");
+         o.snapshot = std::string(v);
+         return Status::Ok();
+       }},
+      {"filename", true,
+       [](std::string_view v, MountOptions& o, ParseState&) {
+         if (!IsValidFileName(std::string(v))) {
+           return Invalid("filename= must be a plain file name, not '" +
+                          std::string(v) + "'");
+         }
+         o.filename = std::string(v);
+         return Status::Ok();
+       }},
+      {"create", false,
+       [](std::string_view, MountOptions& o, ParseState&) {
+         o.create = true;
+         return Status::Ok();
+       }},
+      // The rest only describe the image that `create` makes.
+      {"size", true,
+       [](std::string_view v, MountOptions& o, ParseState& s) {
+         s.has_size = true;
+         return SetSize("size", v, o.create_options.size);
+       }},
+      {"cluster_size", true,
+       [](std::string_view v, MountOptions& o, ParseState&) {
+         uint64_t bytes = 0;
+         QCOW2FS_RETURN_IF_ERROR(SetSize("cluster_size", v, bytes));
+         if (bytes < 512 || bytes > (2u << 20) || (bytes & (bytes - 1)) != 0) {
+           return Invalid(
+               "cluster_size= must be a power of two from 512 to 2M");
+         }
+         o.create_options.cluster_size = static_cast<uint32_t>(bytes);
+         return Status::Ok();
+       }},
+      {"compression_type", true,
+       [](std::string_view v, MountOptions& o, ParseState& s) {
+         s.has_compression_type = true;
+         QCOW2FS_ASSIGN_OR_RETURN(o.create_options.compression,
+                                  ParseCompression("compression_type", v));
+         return Status::Ok();
+       }},
+      {"backing", true,
+       [](std::string_view v, MountOptions& o, ParseState&) {
+         if (v.empty()) return Invalid("backing= needs a file name");
+         o.create_options.backing_file = std::string(v);
+         return Status::Ok();
+       }},
+      {"backing_fmt", true,
+       [](std::string_view v, MountOptions& o, ParseState&) {
+         if (v != "qcow2" && v != "raw") {
+           return Invalid("backing_fmt= must be qcow2 or raw");
+         }
+         o.create_options.backing_format = std::string(v);
+         return Status::Ok();
+       }},
+  };
+  return table;
+}
+
+bool IsCreateOnly(std::string_view name) {
+  return name == "size" || name == "cluster_size" ||
+         name == "compression_type" || name == "backing" ||
+         name == "backing_fmt";
+}
+
+Status ParseOne(std::string_view option, MountOptions& options,
+                ParseState& state) {
+  if (option.empty() || Contains(kIgnoredOptions, option)) return Status::Ok();
+  for (std::string_view prefix : kIgnoredPrefixes) {
+    if (option.starts_with(prefix)) return Status::Ok();
+  }
+  if (Contains(kKernelFlags, option)) {
+    options.kernel_flags.emplace_back(option);
+    return Status::Ok();
+  }
+
+  size_t equals = option.find('=');
+  std::string_view name = option.substr(0, equals);
+  bool has_value = equals != std::string_view::npos;
+  std::string_view value = has_value ? option.substr(equals + 1) : "";
+  for (const OptionSpec& spec : OptionTable()) {
+    if (spec.name != name) continue;
+    if (spec.takes_value != has_value) {
+      return Invalid(spec.takes_value
+                         ? "option " + std::string(name) + " needs a value (" +
+                               std::string(name) + "=...)"
+                         : "option " + std::string(name) + " takes no value");
+    }
+    if (IsCreateOnly(name) && state.create_only_option.empty()) {
+      state.create_only_option = std::string(name);
+    }
+    return spec.handle(value, options, state);
+  }
+  if (state.sloppy) return Status::Ok();
+  return Invalid("unknown option '" + std::string(option) + "'");
+}
+
+Status ParseList(const std::string& list, MountOptions& options,
+                 ParseState& state) {
+  size_t start = 0;
+  while (start <= list.size()) {
+    size_t comma = list.find(',', start);
+    if (comma == std::string::npos) comma = list.size();
+    QCOW2FS_RETURN_IF_ERROR(ParseOne(
+        std::string_view(list).substr(start, comma - start), options, state));
+    start = comma + 1;
+  }
+  return Status::Ok();
+}
+
+// Rules that involve more than one option; checked once all lists are in.
+Status CheckCombinations(MountOptions& options, const ParseState& state) {
+  if (!state.create_only_option.empty() && !options.create) {
+    return Invalid(state.create_only_option +
+                   "= only applies together with the create option");
+  }
+  if (options.snapshot) {
+    if (options.create)
+      return Invalid("create and snapshot= exclude each other");
+    options.read_only = true;  // a snapshot is never written
+  }
+  if (options.create) {
+    if (options.read_only)
+      return Invalid("create needs a writable mount, not ro");
+    if (!state.has_size && options.create_options.backing_file.empty()) {
+      return Invalid("create needs size= (or backing= to take its size)");
+    }
+  }
+  if (options.compress) {
+    if (options.read_only) {
+      return Invalid("compress= only applies to writable mounts, not ro");
+    }
+    // A new image compresses the way it is asked to write.
+    if (options.create) {
+      if (!state.has_compression_type) {
+        options.create_options.compression = *options.compress;
+      } else if (options.create_options.compression != *options.compress) {
+        return Invalid("compress= and compression_type= name different types");
+      }
+    }
+  }
+  if (!options.lock && !options.read_only) {
+    return Invalid("lock=off is only allowed together with ro");
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Result<uint64_t> ParseSize(const std::string& text) {
+  uint64_t value = 0;
+  const char* begin = text.data();
+  const char* end = begin + text.size();
+  auto [rest, error] = std::from_chars(begin, end, value);
+  if (error != std::errc() || rest == begin) {
+    return Invalid("'" + text + "' is not a size (examples: 512, 64K, 20G)");
+  }
+  int shift = 0;
+  if (rest != end) {
+    switch (*rest) {
+      case 'k':
+      case 'K':
+        shift = 10;
+        break;
+      case 'm':
+      case 'M':
+        shift = 20;
+        break;
+      case 'g':
+      case 'G':
+        shift = 30;
+        break;
+      case 't':
+      case 'T':
+        shift = 40;
+        break;
+      default:
+        return Invalid("'" + text +
+                       "' has an unknown size suffix (K, M, G, T)");
+    }
+    if (rest + 1 != end) {
+      return Invalid("'" + text + "' is not a size (examples: 512, 64K, 20G)");
+    }
+  }
+  if (shift > 0 && value > (std::numeric_limits<uint64_t>::max() >> shift)) {
+    return Invalid("'" + text + "' is too large");
+  }
+  return value << shift;
+}
+
+std::string DefaultFileName(const std::string& image_path) {
+  std::string base = image_path;
+  while (base.size() > 1 && base.back() == '/') base.pop_back();
+  size_t slash = base.rfind('/');
+  if (slash != std::string::npos) base = base.substr(slash + 1);
+  // A leading dot marks a hidden file, not an extension.
+  size_t dot = base.rfind('.');
+  if (dot != std::string::npos && dot > 0) base.resize(dot);
+  return base + ".raw";
+}
+
+bool IsValidFileName(const std::string& name) {
+  return !name.empty() && name.size() <= 255 && name != "." && name != ".." &&
+         name.find('/') == std::string::npos &&
+         name.find('\0') == std::string::npos;
+}
+
+Status ParseMountOptions(const std::string& list, bool sloppy,
+                         MountOptions& options) {
+  ParseState state;
+  state.sloppy = sloppy;
+  QCOW2FS_RETURN_IF_ERROR(ParseList(list, options, state));
+  return CheckCombinations(options, state);
+}
+
+Result<CommandLine> ParseCommandLine(std::span<const char* const> args) {
+  CommandLine line;
+  std::vector<std::string> option_lists;
+  std::vector<std::string> positional;
+  bool sloppy = false;
+
+  for (size_t i = 0; i < args.size(); ++i) {
+    std::string_view arg = args[i];
+    auto next_value = [&](std::string_view flag) -> Result<std::string> {
+      if (i + 1 >= args.size()) {
+        return Invalid("option " + std::string(flag) + " needs an argument");
+      }
+      return std::string(args[++i]);
+    };
+
+    if (arg == "--") {
+      for (++i; i < args.size(); ++i) positional.emplace_back(args[i]);
+      break;
+    }
+    if (arg.size() < 2 || arg[0] != '-') {
+      positional.emplace_back(arg);
+    } else if (arg == "-f") {
+      line.foreground = true;
+    } else if (arg == "-d") {
+      line.debug = true;
+    } else if (arg == "-h" || arg == "--help") {
+      line.help = true;
+    } else if (arg == "-V" || arg == "--version") {
+      line.version = true;
+    } else if (arg == "-o") {
+      QCOW2FS_ASSIGN_OR_RETURN(std::string list, next_value(arg));
+      option_lists.push_back(std::move(list));
+    } else if (arg.starts_with("-o")) {
+      option_lists.emplace_back(arg.substr(2));
+    } else if (arg == "-s") {
+      sloppy = true;  // mount -s: ignore options we do not know
+    } else if (arg == "-n" || arg == "-v") {
+      // mount(8)'s "no mtab" and "verbose": nothing to do for us.
+    } else if (arg == "-t") {
+      // mount(8) and mount.fuse3 name the type they were asked for.
+      QCOW2FS_ASSIGN_OR_RETURN(std::string type, next_value(arg));
+      if (type != "fuse.qcow2fs" && type != "qcow2fs") {
+        return Invalid("file system type '" + type +
+                       "' is not qcow2fs (expected fuse.qcow2fs)");
+      }
+    } else {
+      return Invalid("unknown option '" + std::string(arg) + "'");
+    }
+  }
+  if (line.help || line.version) return line;
+
+  ParseState state;
+  state.sloppy = sloppy;
+  for (const std::string& list : option_lists) {
+    QCOW2FS_RETURN_IF_ERROR(ParseList(list, line.options, state));
+  }
+  QCOW2FS_RETURN_IF_ERROR(CheckCombinations(line.options, state));
+
+  if (positional.size() != 2) {
+    return Invalid(positional.size() < 2
+                       ? "expected an image and a mount point"
+                       : "too many arguments: '" + positional[2] + "'");
+  }
+  line.image = positional[0];
+  line.mountpoint = positional[1];
+  if (line.options.filename.empty()) {
+    line.options.filename = DefaultFileName(line.image);
+    if (!IsValidFileName(line.options.filename)) {
+      return Invalid("cannot name the file after '" + line.image +
+                     "'; give filename=");
+    }
+  }
+  return line;
+}
+
+}  // namespace qcow2fs::fusefs

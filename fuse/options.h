@@ -1,0 +1,74 @@
+// The command line of mount.qcow2fs, parsed into plain values.
+//
+// Kept free of libfuse and of I/O so it can be unit-tested: parsing only
+// checks syntax and combinations; whether the image or the mount point exist
+// is for main() to find out.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "qcow2fs/image.h"
+#include "qcow2fs/status.h"
+
+namespace qcow2fs::fusefs {
+
+struct MountOptions {
+  bool read_only = false;
+  // OpenOptions::l2_cache_bytes; 0 lets the core choose.
+  size_t cache_bytes = 0;
+  // Worker threads serving requests; 0 picks a default from the CPU count.
+  unsigned threads = 0;
+  // Whether punching holes may free space in the image.
+  bool discard = true;
+  // Store newly written clusters compressed (OpenOptions::compress). Must
+  // match the image's compression type; `create` makes it so by default.
+  std::optional<CompressionType> compress;
+  bool allow_other = false;
+  bool lock = true;
+  std::optional<std::string> snapshot;
+  // Name of the file inside the mount; empty means derive it from the image.
+  std::string filename;
+  // Create the image first if it does not exist, from create_options.
+  bool create = false;
+  CreateOptions create_options;
+  // Mount flags handed to libfuse unchanged (nosuid, nodev, noexec, sync...).
+  std::vector<std::string> kernel_flags;
+};
+
+struct CommandLine {
+  std::string image;
+  std::string mountpoint;
+  bool foreground = false;
+  bool debug = false;
+  bool help = false;
+  bool version = false;
+  MountOptions options;
+};
+
+// Parses the arguments after argv[0]. Accepts the forms used by people
+// (mount.qcow2fs [-f] [-d] [-o OPTS] IMAGE DIR) and by mount(8) and
+// mount.fuse3, which append -n, -s, -v and -t TYPE. Errors are
+// kInvalidArgument with a message fit for one line on stderr.
+Result<CommandLine> ParseCommandLine(std::span<const char* const> args);
+
+// Parses one -o list ("ro,cache-size=64M,...") into `options`, on top of what
+// it already holds. With `sloppy` (mount -s) unknown options are ignored.
+Status ParseMountOptions(const std::string& list, bool sloppy,
+                         MountOptions& options);
+
+// "512", "64K", "20G", "1t": a byte count with an optional binary suffix.
+Result<uint64_t> ParseSize(const std::string& text);
+
+// The file name shown in the mount: the image's base name with its last
+// extension replaced by ".raw" ("vm.qcow2" -> "vm.raw").
+std::string DefaultFileName(const std::string& image_path);
+
+// Whether `name` can be the one entry of the mount's root directory.
+bool IsValidFileName(const std::string& name);
+
+}  // namespace qcow2fs::fusefs

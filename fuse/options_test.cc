@@ -1,0 +1,239 @@
+// Unit tests for mount.qcow2fs's command-line and -o parsing.
+#include "options.h"
+
+#include <gtest/gtest.h>
+
+#include <initializer_list>
+#include <vector>
+
+namespace qcow2fs::fusefs {
+namespace {
+
+Result<CommandLine> Parse(std::initializer_list<const char*> args) {
+  std::vector<const char*> argv(args);
+  return ParseCommandLine(argv);
+}
+
+// The error message of a parse that must fail.
+std::string ErrorOf(std::initializer_list<const char*> args) {
+  Result<CommandLine> line = Parse(args);
+  EXPECT_FALSE(line.ok());
+  EXPECT_EQ(line.status().code(), ErrorCode::kInvalidArgument);
+  return line.status().message();
+}
+
+TEST(ParseSize, PlainAndSuffixed) {
+  EXPECT_EQ(*ParseSize("0"), 0u);
+  EXPECT_EQ(*ParseSize("512"), 512u);
+  EXPECT_EQ(*ParseSize("64K"), 64u << 10);
+  EXPECT_EQ(*ParseSize("64k"), 64u << 10);
+  EXPECT_EQ(*ParseSize("2M"), 2u << 20);
+  EXPECT_EQ(*ParseSize("20G"), 20ull << 30);
+  EXPECT_EQ(*ParseSize("1t"), 1ull << 40);
+}
+
+TEST(ParseSize, Rejects) {
+  for (const char* text : {"", "K", "-1", "1.5G", "12X", "1KB", "10 M",
+                           "99999999999999999999", "17179869184T"}) {
+    EXPECT_FALSE(ParseSize(text).ok()) << text;
+  }
+}
+
+TEST(DefaultFileName, ReplacesLastExtension) {
+  EXPECT_EQ(DefaultFileName("vm.qcow2"), "vm.raw");
+  EXPECT_EQ(DefaultFileName("/srv/images/vm.qcow2"), "vm.raw");
+  EXPECT_EQ(DefaultFileName("a.b.qcow2"), "a.b.raw");
+  EXPECT_EQ(DefaultFileName("disk"), "disk.raw");
+  EXPECT_EQ(DefaultFileName("./dir.d/disk"), "disk.raw");
+  EXPECT_EQ(DefaultFileName(".hidden"), ".hidden.raw");
+  EXPECT_EQ(DefaultFileName("disk.raw"), "disk.raw");
+}
+
+TEST(IsValidFileName, Rules) {
+  EXPECT_TRUE(IsValidFileName("disk.img"));
+  EXPECT_FALSE(IsValidFileName(""));
+  EXPECT_FALSE(IsValidFileName("."));
+  EXPECT_FALSE(IsValidFileName(".."));
+  EXPECT_FALSE(IsValidFileName("a/b"));
+  EXPECT_FALSE(IsValidFileName(std::string(256, 'x')));
+}
+
+TEST(ParseCommandLine, Defaults) {
+  Result<CommandLine> line = Parse({"vm.qcow2", "/mnt"});
+  ASSERT_TRUE(line.ok()) << line.status().ToString();
+  EXPECT_EQ(line->image, "vm.qcow2");
+  EXPECT_EQ(line->mountpoint, "/mnt");
+  EXPECT_FALSE(line->foreground);
+  EXPECT_FALSE(line->debug);
+  const MountOptions& o = line->options;
+  EXPECT_FALSE(o.read_only);
+  EXPECT_EQ(o.cache_bytes, 0u);
+  EXPECT_EQ(o.threads, 0u);
+  EXPECT_TRUE(o.discard);
+  EXPECT_TRUE(o.lock);
+  EXPECT_FALSE(o.allow_other);
+  EXPECT_FALSE(o.create);
+  EXPECT_FALSE(o.compress.has_value());
+  EXPECT_FALSE(o.snapshot.has_value());
+  EXPECT_EQ(o.filename, "vm.raw");
+  EXPECT_TRUE(o.kernel_flags.empty());
+}
+
+TEST(ParseCommandLine, FlagsAnywhere) {
+  Result<CommandLine> line =
+      Parse({"-f", "vm.qcow2", "-d", "-o", "ro", "/mnt", "-oallow_other"});
+  ASSERT_TRUE(line.ok()) << line.status().ToString();
+  EXPECT_TRUE(line->foreground);
+  EXPECT_TRUE(line->debug);
+  EXPECT_TRUE(line->options.read_only);
+  EXPECT_TRUE(line->options.allow_other);
+}
+
+TEST(ParseCommandLine, QcowOptions) {
+  Result<CommandLine> line = Parse(
+      {"-o",
+       "ro,cache-size=64M,threads=8,discard=off,lock=off,filename=disk.img,"
+       "snapshot=before-upgrade",
+       "vm.qcow2", "/mnt"});
+  ASSERT_TRUE(line.ok()) << line.status().ToString();
+  const MountOptions& o = line->options;
+  EXPECT_TRUE(o.read_only);
+  EXPECT_EQ(o.cache_bytes, 64u << 20);
+  EXPECT_EQ(o.threads, 8u);
+  EXPECT_FALSE(o.discard);
+  EXPECT_FALSE(o.lock);
+  EXPECT_EQ(o.filename, "disk.img");
+  ASSERT_TRUE(o.snapshot.has_value());
+  EXPECT_EQ(*o.snapshot, "before-upgrade");
+}
+
+TEST(ParseCommandLine, LastOfRoAndRwWins) {
+  EXPECT_FALSE(Parse({"-o", "ro,rw", "i", "m"})->options.read_only);
+  EXPECT_TRUE(Parse({"-o", "rw", "-o", "ro", "i", "m"})->options.read_only);
+}
+
+TEST(ParseCommandLine, KernelFlagsPassThrough) {
+  Result<CommandLine> line =
+      Parse({"-o", "nosuid,nodev,noexec,sync,dev,suid", "i", "m"});
+  ASSERT_TRUE(line.ok()) << line.status().ToString();
+  EXPECT_EQ(line->options.kernel_flags,
+            (std::vector<std::string>{"nosuid", "nodev", "noexec", "sync",
+                                      "dev", "suid"}));
+}
+
+TEST(ParseCommandLine, MountHelperNoiseIsAccepted) {
+  // What mount(8), mount.fuse3 and fstab lines add.
+  Result<CommandLine> line = Parse(
+      {"/srv/vm.qcow2", "/mnt", "-n", "-v", "-o",
+       "defaults,auto,noauto,user,users,nouser,owner,group,_netdev,nofail,"
+       "noatime,relatime,default_permissions,x-systemd.automount,"
+       "comment=x,user=alice,,",
+       "-t", "fuse.qcow2fs"});
+  ASSERT_TRUE(line.ok()) << line.status().ToString();
+  EXPECT_TRUE(line->options.kernel_flags.empty());
+  EXPECT_EQ(line->options.filename, "vm.raw");
+}
+
+TEST(ParseCommandLine, Create) {
+  Result<CommandLine> line =
+      Parse({"-o",
+             "create,size=20G,cluster_size=1M,compression_type=zstd,"
+             "backing=base.qcow2,backing_fmt=qcow2",
+             "new.qcow2", "/mnt"});
+  ASSERT_TRUE(line.ok()) << line.status().ToString();
+  const MountOptions& o = line->options;
+  EXPECT_TRUE(o.create);
+  EXPECT_EQ(o.create_options.size, 20ull << 30);
+  EXPECT_EQ(o.create_options.cluster_size, 1u << 20);
+  EXPECT_EQ(o.create_options.compression, CompressionType::kZstd);
+  EXPECT_EQ(o.create_options.backing_file, "base.qcow2");
+  EXPECT_EQ(o.create_options.backing_format, "qcow2");
+}
+
+TEST(ParseCommandLine, Compress) {
+  Result<CommandLine> line = Parse({"-o", "compress=zstd", "i", "m"});
+  ASSERT_TRUE(line.ok()) << line.status().ToString();
+  ASSERT_TRUE(line->options.compress.has_value());
+  EXPECT_EQ(*line->options.compress, CompressionType::kZstd);
+  ErrorOf({"-o", "compress=zstd,ro", "i", "m"});
+}
+
+TEST(ParseCommandLine, CreateTakesTheCompressionOfCompress) {
+  Result<CommandLine> line =
+      Parse({"-o", "create,size=1G,compress=zstd", "i", "m"});
+  ASSERT_TRUE(line.ok()) << line.status().ToString();
+  EXPECT_EQ(line->options.create_options.compression, CompressionType::kZstd);
+  EXPECT_TRUE(Parse({"-o", "create,size=1G,compress=zlib,compression_type=zlib",
+                     "i", "m"})
+                  .ok());
+  ErrorOf(
+      {"-o", "create,size=1G,compress=zlib,compression_type=zstd", "i", "m"});
+}
+
+TEST(ParseCommandLine, CreateWithBackingNeedsNoSize) {
+  EXPECT_TRUE(Parse({"-o", "create,backing=base.qcow2", "n", "m"}).ok());
+}
+
+TEST(ParseCommandLine, SnapshotImpliesReadOnly) {
+  Result<CommandLine> line = Parse({"-o", "snapshot=1", "i", "m"});
+  ASSERT_TRUE(line.ok());
+  EXPECT_TRUE(line->options.read_only);
+}
+
+TEST(ParseCommandLine, HelpAndVersionNeedNoArguments) {
+  EXPECT_TRUE(Parse({"--help"})->help);
+  EXPECT_TRUE(Parse({"-h"})->help);
+  EXPECT_TRUE(Parse({"-V"})->version);
+}
+
+TEST(ParseCommandLine, SloppyIgnoresUnknownOptions) {
+  EXPECT_TRUE(Parse({"-s", "-o", "frobnicate,ro", "i", "m"}).ok());
+}
+
+TEST(ParseCommandLine, Errors) {
+  EXPECT_NE(ErrorOf({"-o", "frobnicate", "i", "m"}).find("frobnicate"),
+            std::string::npos);
+  EXPECT_NE(ErrorOf({"-x", "i", "m"}).find("-x"), std::string::npos);
+  ErrorOf({"i"});
+  ErrorOf({"i", "m", "extra"});
+  ErrorOf({"-o"});
+  ErrorOf({"-o", "threads=0", "i", "m"});
+  ErrorOf({"-o", "threads=257", "i", "m"});
+  ErrorOf({"-o", "threads=4x", "i", "m"});
+  ErrorOf({"-o", "cache-size=lots", "i", "m"});
+  ErrorOf({"-o", "discard=maybe", "i", "m"});
+  ErrorOf({"-o", "compress=lz4", "i", "m"});
+  ErrorOf({"-o", "filename=a/b", "i", "m"});
+  ErrorOf({"-o", "filename=..", "i", "m"});
+  ErrorOf({"-o", "ro=1", "i", "m"});
+  ErrorOf({"-o", "threads", "i", "m"});
+  ErrorOf({"-o", "snapshot=", "i", "m"});
+  ErrorOf({"-t", "ext4", "i", "m"});
+}
+
+TEST(ParseCommandLine, RejectedCombinations) {
+  EXPECT_NE(ErrorOf({"-o", "lock=off", "i", "m"}).find("lock=off"),
+            std::string::npos);
+  EXPECT_TRUE(Parse({"-o", "lock=off,ro", "i", "m"}).ok());
+  EXPECT_NE(ErrorOf({"-o", "size=1G", "i", "m"}).find("create"),
+            std::string::npos);
+  ErrorOf({"-o", "cluster_size=64K", "i", "m"});
+  ErrorOf({"-o", "create", "i", "m"});  // no size
+  ErrorOf({"-o", "create,size=1G,ro", "i", "m"});
+  ErrorOf({"-o", "create,size=1G,snapshot=s", "i", "m"});
+  ErrorOf({"-o", "create,size=1G,cluster_size=3K", "i", "m"});
+  ErrorOf({"-o", "create,size=1G,cluster_size=4M", "i", "m"});
+  ErrorOf({"-o", "create,size=1G,backing_fmt=vmdk", "i", "m"});
+}
+
+TEST(ParseMountOptions, AddsToExistingOptions) {
+  MountOptions options;
+  ASSERT_TRUE(ParseMountOptions("ro,threads=2", false, options).ok());
+  EXPECT_TRUE(options.read_only);
+  EXPECT_EQ(options.threads, 2u);
+  EXPECT_FALSE(ParseMountOptions("bogus", false, options).ok());
+  EXPECT_TRUE(ParseMountOptions("bogus", true, options).ok());
+}
+
+}  // namespace
+}  // namespace qcow2fs::fusefs

@@ -1,0 +1,310 @@
+// The semantics of the one-file file system: sizes, permissions, holes and
+// what each write-like operation means for the image. See raw_file_fs.h.
+#include "raw_file_fs.h"
+
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cinttypes>
+#include <utility>
+
+#include "log.h"
+
+namespace qcow2fs::fusefs {
+namespace {
+
+// Turns a core error into the errno for the caller, logging the ones that
+// point at the image or the host rather than at the request.
+int ErrnoFrom(const Status& status, const char* what, uint64_t offset) {
+  switch (status.code()) {
+    case ErrorCode::kOk:
+      return 0;
+    case ErrorCode::kIoError:
+    case ErrorCode::kCorrupt:
+    case ErrorCode::kUnsupported:
+      Log(LOG_ERR, "%s at guest offset %" PRIu64 " failed: %s", what, offset,
+          status.ToString().c_str());
+      break;
+    default:
+      break;
+  }
+  return status.ToErrno();
+}
+
+}  // namespace
+
+RawFileFs::RawFileFs(Image& image, int image_path_fd, FsConfig config)
+    : image_(image),
+      image_path_fd_(image_path_fd),
+      config_(std::move(config)),
+      has_backing_(!image.info().backing_file.empty()),
+      block_size_(
+          std::clamp<uint32_t>(image.info().cluster_size, 4096, 2u << 20)) {}
+
+void RawFileFs::ConfigureConnection(fuse_conn_info& conn) const noexcept {
+  // libfuse 3.14 caps this at its request buffer (1 MiB) and derives the
+  // kernel's max_pages from it, so large writes arrive in one request.
+  conn.max_write = kMaxWrite;
+  // The request pool gives every request a buffer of its own. Spliced
+  // requests would instead sit in a pipe owned by the receiving thread.
+  conn.want &=
+      ~(FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_MOVE | FUSE_CAP_SPLICE_WRITE);
+  // With it, open(O_TRUNC) would come as a flag on OPEN; without it the
+  // kernel sends SETATTR(size), so every size change takes one path.
+  conn.want &= ~FUSE_CAP_ATOMIC_O_TRUNC;
+  // This daemon is the image's only writer (it holds the lock), so cached
+  // pages never go stale behind the kernel's back. The reported mtime is
+  // the host file's and changes with every write; auto invalidation would
+  // throw the page cache away each time the attributes are refreshed.
+  conn.want &= ~FUSE_CAP_AUTO_INVAL_DATA;
+  conn.max_background = config_.max_background;
+  conn.congestion_threshold = std::max(1u, config_.max_background * 3 / 4);
+}
+
+void RawFileFs::Shutdown() {
+  if (config_.read_only) return;
+  Status status = image_.Flush();
+  if (!status.ok()) {
+    Log(LOG_ERR, "flushing the image at unmount failed: %s",
+        status.ToString().c_str());
+  }
+}
+
+int RawFileFs::Lookup(fuse_ino_t parent, std::string_view name,
+                      struct stat& attr, fuse_ino_t& ino) const {
+  if (parent != kRootIno) return parent == kFileIno ? ENOTDIR : ENOENT;
+  if (name != config_.file_name) return ENOENT;
+  ino = kFileIno;
+  return FileAttr(attr);
+}
+
+int RawFileFs::GetAttr(fuse_ino_t ino, struct stat& attr) const {
+  if (ino == kRootIno) return RootAttr(attr);
+  if (ino == kFileIno) return FileAttr(attr);
+  return ENOENT;
+}
+
+int RawFileFs::FileAttr(struct stat& attr) const {
+  struct stat host;
+  if (fstat(image_path_fd_, &host) != 0) return errno;
+  attr = {};
+  attr.st_ino = kFileIno;
+  // The guest disk is as accessible as the image file it lives in. Execute
+  // bits make no sense on a disk, write bits none on a read-only mount.
+  mode_t permissions = host.st_mode & 0666;
+  if (config_.read_only) permissions &= ~mode_t{0222};
+  attr.st_mode = S_IFREG | permissions;
+  attr.st_nlink = 1;
+  attr.st_uid = host.st_uid;
+  attr.st_gid = host.st_gid;
+  attr.st_size = static_cast<off_t>(image_.size());
+  attr.st_blksize = static_cast<blksize_t>(block_size_);
+  attr.st_blocks = static_cast<blkcnt_t>((image_.AllocatedBytes() + 511) / 512);
+  attr.st_atim = host.st_atim;
+  attr.st_mtim = host.st_mtim;
+  attr.st_ctim = host.st_ctim;
+  return 0;
+}
+
+int RawFileFs::RootAttr(struct stat& attr) const {
+  struct stat host;
+  if (fstat(image_path_fd_, &host) != 0) return errno;
+  attr = {};
+  attr.st_ino = kRootIno;
+  // Nobody can create entries here, so the directory is never writable.
+  attr.st_mode = S_IFDIR | 0555;
+  attr.st_nlink = 2;
+  attr.st_uid = host.st_uid;
+  attr.st_gid = host.st_gid;
+  attr.st_atim = host.st_atim;
+  attr.st_mtim = host.st_mtim;
+  attr.st_ctim = host.st_ctim;
+  return 0;
+}
+
+int RawFileFs::CheckWritable(fuse_ino_t ino) const {
+  if (ino == kRootIno) return EISDIR;
+  if (ino != kFileIno) return ENOENT;
+  return config_.read_only ? EROFS : 0;
+}
+
+int RawFileFs::SetAttr(fuse_ino_t ino, const struct stat& wanted, int to_set,
+                       struct stat& attr) {
+  if (ino != kFileIno) return ino == kRootIno ? EPERM : ENOENT;
+  // Owner and mode mirror the image file; change them there.
+  if (to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) {
+    return EPERM;
+  }
+  if (to_set & FUSE_SET_ATTR_SIZE) {
+    if (int err = CheckWritable(ino)) return err;
+    if (wanted.st_size < 0) return EINVAL;
+    if (int err = Resize(static_cast<uint64_t>(wanted.st_size))) return err;
+  }
+  // Time changes (touch, cp -p) are accepted and have no effect: the times
+  // shown are the image file's.
+  return FileAttr(attr);
+}
+
+int RawFileFs::Resize(uint64_t new_size) {
+  if (new_size == image_.size()) return 0;
+  return ErrnoFrom(image_.Resize(new_size), "resize", new_size);
+}
+
+int RawFileFs::Open(fuse_ino_t ino, int flags) const {
+  if (ino == kRootIno) return EISDIR;
+  if (ino != kFileIno) return ENOENT;
+  if ((flags & O_ACCMODE) != O_RDONLY && config_.read_only) return EROFS;
+  return 0;
+}
+
+int RawFileFs::OpenDir(fuse_ino_t ino) const {
+  if (ino == kFileIno) return ENOTDIR;
+  return ino == kRootIno ? 0 : ENOENT;
+}
+
+int RawFileFs::ReadDir(fuse_ino_t ino, std::vector<DirEntry>& entries) const {
+  if (int err = OpenDir(ino)) return err;
+  entries = {
+      {".", kRootIno, S_IFDIR},
+      {"..", kRootIno, S_IFDIR},
+      {config_.file_name.c_str(), kFileIno, S_IFREG},
+  };
+  return 0;
+}
+
+int RawFileFs::Read(fuse_ino_t ino, uint64_t offset, size_t size,
+                    ReadBuffer& out) {
+  if (ino != kFileIno) return ino == kRootIno ? EISDIR : ENOENT;
+  out.size = 0;
+  uint64_t disk_size = image_.size();
+  if (offset >= disk_size || size == 0) return 0;  // EOF
+  // The kernel never asks for more than max_write (it is also the read
+  // limit); the clamp keeps a bogus request from sizing our allocation.
+  size_t length = static_cast<size_t>(
+      std::min<uint64_t>({size, disk_size - offset, kMaxWrite}));
+  out.data = std::make_unique_for_overwrite<std::byte[]>(length);
+  Status status = image_.Read(offset, std::span(out.data.get(), length));
+  if (!status.ok()) return ErrnoFrom(status, "read", offset);
+  out.size = length;
+  return 0;
+}
+
+int RawFileFs::Write(fuse_ino_t ino, uint64_t offset,
+                     std::span<const std::byte> data, size_t& written) {
+  written = 0;
+  if (int err = CheckWritable(ino)) return err;
+  if (data.empty()) return 0;
+  // Like a block device: the disk has a size, writes stop at it. A write
+  // straddling the end is cut short; one entirely past it finds no space.
+  uint64_t disk_size = image_.size();
+  if (offset >= disk_size) return ENOSPC;
+  size_t length =
+      static_cast<size_t>(std::min<uint64_t>(data.size(), disk_size - offset));
+  Status status = image_.Write(offset, data.first(length));
+  if (!status.ok()) return ErrnoFrom(status, "write", offset);
+  written = length;
+  return 0;
+}
+
+int RawFileFs::Fsync(fuse_ino_t ino) {
+  if (ino != kFileIno) return ino == kRootIno ? 0 : ENOENT;
+  if (config_.read_only) return 0;
+  return ErrnoFrom(image_.Flush(), "flush", 0);
+}
+
+int RawFileFs::Fallocate(fuse_ino_t ino, int mode, uint64_t offset,
+                         uint64_t length) {
+  if (int err = CheckWritable(ino)) return err;
+  constexpr int kSupported =
+      FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE;
+  if ((mode & ~kSupported) != 0) return EOPNOTSUPP;
+  if (length == 0 || offset + length < offset) return EINVAL;
+  uint64_t end = offset + length;
+  uint64_t disk_size = image_.size();
+
+  if (mode & FALLOC_FL_PUNCH_HOLE) {  // the kernel insists on KEEP_SIZE here
+    if (offset >= disk_size) return 0;
+    uint64_t span = std::min(end, disk_size) - offset;
+    // Afterwards the range must read as zeros. Discard promises that only
+    // when no backing file can show through the freed clusters; otherwise
+    // zeroes are written, unmapping what the format allows.
+    if (config_.discard && !has_backing_) {
+      return ErrnoFrom(image_.Discard(offset, span), "discard", offset);
+    }
+    return ErrnoFrom(image_.WriteZeroes(offset, span, config_.discard),
+                     "write zeroes", offset);
+  }
+
+  // Without KEEP_SIZE, allocating past the end grows the file, and so the
+  // disk, as for any regular file.
+  if (!(mode & FALLOC_FL_KEEP_SIZE) && end > disk_size) {
+    if (int err = Resize(end)) return err;
+    disk_size = end;
+  }
+  if (mode & FALLOC_FL_ZERO_RANGE) {
+    if (offset >= disk_size) return 0;
+    uint64_t span = std::min(end, disk_size) - offset;
+    return ErrnoFrom(image_.WriteZeroes(offset, span, /*may_unmap=*/false),
+                     "write zeroes", offset);
+  }
+  // Plain allocation: qcow2 allocates clusters when they are written, and
+  // there is nothing to reserve ahead of that.
+  return 0;
+}
+
+bool RawFileFs::IsHole(const BlockStatus& status) const {
+  switch (status.kind) {
+    case BlockKind::kData:
+      return false;
+    case BlockKind::kZero:
+      return true;
+    case BlockKind::kUnallocated:
+      // Reads go to the backing file, which may hold data there. Calling it
+      // data is always allowed; calling data a hole would lose it.
+      return !has_backing_;
+  }
+  return false;
+}
+
+int RawFileFs::Lseek(fuse_ino_t ino, uint64_t offset, int whence,
+                     uint64_t& result) {
+  if (ino != kFileIno) return ino == kRootIno ? EISDIR : ENOENT;
+  if (whence != SEEK_DATA && whence != SEEK_HOLE) return EINVAL;
+  uint64_t disk_size = image_.size();
+  if (offset >= disk_size) return ENXIO;
+  uint64_t position = offset;
+  while (position < disk_size) {
+    Result<BlockStatus> status =
+        image_.GetBlockStatus(position, disk_size - position);
+    if (!status.ok())
+      return ErrnoFrom(status.status(), "block status", position);
+    bool hole = IsHole(*status);
+    bool found = whence == SEEK_DATA ? !hole : hole;
+    if (found) {
+      result = position;
+      return 0;
+    }
+    if (status->length == 0) {
+      Log(LOG_ERR,
+          "block status at guest offset %" PRIu64 " returned an empty extent",
+          position);
+      return EIO;
+    }
+    position += std::min(status->length, disk_size - position);
+  }
+  // No data after offset; the end of the file counts as a hole.
+  if (whence == SEEK_DATA) return ENXIO;
+  result = disk_size;
+  return 0;
+}
+
+int RawFileFs::StatFs(struct statvfs& out) const {
+  // The space that matters is the host's, where the image grows.
+  if (fstatvfs(image_path_fd_, &out) != 0) return errno;
+  return 0;
+}
+
+}  // namespace qcow2fs::fusefs

@@ -1,0 +1,103 @@
+// The file system a mount shows: a root directory holding one regular file
+// whose bytes are the image's guest disk.
+//
+// This is the "what", free of the FUSE wire protocol: every operation is a
+// work function that returns 0 or an errno and fills plain outputs. The
+// callbacks in lowlevel_ops.cc decode requests, call these and send exactly
+// one reply. All methods may run on many threads at once; the Image is
+// thread-safe and everything else here is immutable after construction.
+#pragma once
+
+#include <fuse_lowlevel.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "qcow2fs/image.h"
+
+namespace qcow2fs::fusefs {
+
+struct FsConfig {
+  std::string file_name;  // the one entry of the root directory
+  bool read_only = true;
+  bool discard = true;  // punching holes may free clusters
+  bool debug = false;   // log every request
+  // Passed to the kernel at INIT: how many background requests (readahead,
+  // async direct I/O) it may have outstanding. Matches the request pool's
+  // capacity so the kernel queues what the pool could not take anyway.
+  unsigned max_background = 16;
+};
+
+struct DirEntry {
+  const char* name;
+  fuse_ino_t ino;
+  mode_t type;  // S_IFDIR or S_IFREG
+};
+
+// A read's result: the bytes to send, owned until the reply is sent.
+struct ReadBuffer {
+  std::unique_ptr<std::byte[]> data;
+  size_t size = 0;
+};
+
+class RawFileFs {
+ public:
+  static constexpr fuse_ino_t kRootIno = FUSE_ROOT_ID;
+  static constexpr fuse_ino_t kFileIno = FUSE_ROOT_ID + 1;
+  // Largest write the kernel may send (and the largest read it asks for).
+  static constexpr unsigned kMaxWrite = 1u << 20;
+
+  // `image_path_fd` is an O_PATH descriptor of the image file, used for its
+  // owner, mode, times and host file system. O_PATH matters: closing a
+  // normal descriptor of the image would drop the core's POSIX locks.
+  RawFileFs(Image& image, int image_path_fd, FsConfig config);
+  RawFileFs(const RawFileFs&) = delete;
+  RawFileFs& operator=(const RawFileFs&) = delete;
+
+  const FsConfig& config() const { return config_; }
+  // Tunes the connection at INIT (max_write, caching capabilities).
+  void ConfigureConnection(fuse_conn_info& conn) const noexcept;
+  // The kernel sent DESTROY, or the session is being torn down.
+  void Shutdown();
+
+  int Lookup(fuse_ino_t parent, std::string_view name, struct stat& attr,
+             fuse_ino_t& ino) const;
+  int GetAttr(fuse_ino_t ino, struct stat& attr) const;
+  // Applies the parts of a setattr named by `to_set` (FUSE_SET_ATTR_*).
+  int SetAttr(fuse_ino_t ino, const struct stat& wanted, int to_set,
+              struct stat& attr);
+  int Open(fuse_ino_t ino, int flags) const;
+  int OpenDir(fuse_ino_t ino) const;
+  int ReadDir(fuse_ino_t ino, std::vector<DirEntry>& entries) const;
+  int Read(fuse_ino_t ino, uint64_t offset, size_t size, ReadBuffer& out);
+  int Write(fuse_ino_t ino, uint64_t offset, std::span<const std::byte> data,
+            size_t& written);
+  int Fsync(fuse_ino_t ino);
+  int Fallocate(fuse_ino_t ino, int mode, uint64_t offset, uint64_t length);
+  int Lseek(fuse_ino_t ino, uint64_t offset, int whence, uint64_t& result);
+  int StatFs(struct statvfs& out) const;
+
+ private:
+  int FileAttr(struct stat& attr) const;
+  int RootAttr(struct stat& attr) const;
+  int CheckWritable(fuse_ino_t ino) const;
+  int Resize(uint64_t new_size);
+  // Whether bytes described by `status` read as zeros without data behind
+  // them (a hole, for SEEK_HOLE purposes).
+  bool IsHole(const BlockStatus& status) const;
+
+  Image& image_;
+  const int image_path_fd_;
+  const FsConfig config_;
+  const bool has_backing_;
+  const uint32_t block_size_;  // st_blksize: the cluster size, at least 4K
+};
+
+}  // namespace qcow2fs::fusefs
