@@ -52,9 +52,10 @@ void RawFileFs::ConfigureConnection(fuse_conn_info& conn) const noexcept {
   // requests would instead sit in a pipe owned by the receiving thread.
   conn.want &=
       ~(FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_MOVE | FUSE_CAP_SPLICE_WRITE);
-  // With it, open(O_TRUNC) would come as a flag on OPEN; without it the
-  // kernel sends SETATTR(size), so every size change takes one path.
-  conn.want &= ~FUSE_CAP_ATOMIC_O_TRUNC;
+  // open(O_TRUNC) then arrives as a flag on OPEN, which Open() ignores: the
+  // file is a disk, and `cp disk.raw /mnt/vm.raw` must fill it, not shrink
+  // it to nothing first. Explicit truncate(2) still resizes via SETATTR.
+  if (conn.capable & FUSE_CAP_ATOMIC_O_TRUNC) conn.want |= FUSE_CAP_ATOMIC_O_TRUNC;
   // This daemon is the image's only writer (it holds the lock), so cached
   // pages never go stale behind the kernel's back. The reported mtime is
   // the host file's and changes with every write; auto invalidation would
@@ -157,6 +158,8 @@ int RawFileFs::Open(fuse_ino_t ino, int flags) const {
   if (ino == kRootIno) return EISDIR;
   if (ino != kFileIno) return ENOENT;
   if ((flags & O_ACCMODE) != O_RDONLY && config_.read_only) return EROFS;
+  // O_TRUNC is deliberately ignored (see ConfigureConnection): like a block
+  // device, the disk keeps its size when opened for overwriting.
   return 0;
 }
 
