@@ -56,6 +56,7 @@ constexpr const char kUsage[] =
     "  -o OPTIONS    comma-separated options:\n"
     "     ro, rw                read-only or read-write (default rw)\n"
     "     cache-size=SIZE       L2 table cache (K, M, G suffixes)\n"
+    "     compress-cache-size=SIZE  memory for staging compressed writes\n"
     "     threads=N             worker threads\n"
     "     discard=on|off        let hole punching free image space\n"
     "     compress=zlib|zstd    store newly written clusters compressed\n"
@@ -205,6 +206,7 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& image_path,
   open_options.lock = options.lock;
   open_options.snapshot = options.snapshot;
   open_options.compress = options.compress;
+  open_options.compress_cache_bytes = options.compress_cache_bytes;
   open_options.format = "qcow2";
   Result<std::unique_ptr<Image>> opened = Image::Open(image_path, open_options);
   if (!opened.ok()) {

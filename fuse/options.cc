@@ -115,6 +115,16 @@ const std::vector<OptionSpec>& OptionTable() {
          o.cache_bytes = static_cast<size_t>(bytes);
          return Status::Ok();
        }},
+      {"compress-cache-size", true,
+       [](std::string_view v, MountOptions& o, ParseState&) {
+         uint64_t bytes = 0;
+         QCOW2FS_RETURN_IF_ERROR(SetSize("compress-cache-size", v, bytes));
+         if (bytes > std::numeric_limits<size_t>::max()) {
+           return Invalid("compress-cache-size= is too large");
+         }
+         o.compress_cache_bytes = static_cast<size_t>(bytes);
+         return Status::Ok();
+       }},
       {"threads", true,
        [](std::string_view v, MountOptions& o, ParseState&) {
          unsigned threads = 0;

@@ -21,6 +21,9 @@ struct MountOptions {
   bool read_only = false;
   // OpenOptions::l2_cache_bytes; 0 lets the core choose.
   size_t cache_bytes = 0;
+  // OpenOptions::compress_cache_bytes (memory for staging compressed
+  // writes); 0 lets the core choose.
+  size_t compress_cache_bytes = 0;
   // Worker threads serving requests; 0 picks a default from the CPU count.
   unsigned threads = 0;
   // Whether punching holes may free space in the image.

@@ -92,13 +92,15 @@ TEST(ParseCommandLine, FlagsAnywhere) {
 TEST(ParseCommandLine, QcowOptions) {
   Result<CommandLine> line = Parse(
       {"-o",
-       "ro,cache-size=64M,threads=8,discard=off,lock=off,filename=disk.img,"
+       "ro,cache-size=64M,compress-cache-size=128M,threads=8,discard=off,lock=off,"
+       "filename=disk.img,"
        "snapshot=before-upgrade",
        "vm.qcow2", "/mnt"});
   ASSERT_TRUE(line.ok()) << line.status().ToString();
   const MountOptions& o = line->options;
   EXPECT_TRUE(o.read_only);
   EXPECT_EQ(o.cache_bytes, 64u << 20);
+  EXPECT_EQ(o.compress_cache_bytes, 128u << 20);
   EXPECT_EQ(o.threads, 8u);
   EXPECT_FALSE(o.discard);
   EXPECT_FALSE(o.lock);

@@ -134,8 +134,10 @@ class Image {
   virtual Status WriteZeroes(uint64_t offset, uint64_t length,
                              bool may_unmap) = 0;
   // Tells the image the guest no longer needs the range. Whole clusters are
-  // freed (and the host file's blocks punched); the range reads as zeros
-  // afterwards, or as backing data where the format says so.
+  // freed (and the host file's blocks punched at the next flush); partial
+  // clusters at the edges are written with zeros. The range reads as zeros
+  // afterwards, except whole clusters of a version 2 image with a backing
+  // file, which show the backing data again (v2 has no zero flag).
   virtual Status Discard(uint64_t offset, uint64_t length) = 0;
   // Writes back all dirty metadata in crash-safe order, then syncs: every
   // write completed before the call survives a crash after it returns.
