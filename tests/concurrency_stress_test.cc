@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "engine/image_open.h"
+#include "forwarding_file.h"
 #include "qcow2fs/image.h"
 #include "test_support.h"
 
@@ -68,9 +69,9 @@ std::string CheckSectors(const std::string& buf, uint64_t offset) {
 // while: the window in which a wrongly freed cluster could be reused.
 // A read of the gated host range also stops at the gate until it opens
 // (or a timeout passes), so a test can act while a request is in flight.
-class SlowReadFile final : public File {
+class SlowReadFile final : public ForwardingFile {
  public:
-  explicit SlowReadFile(std::unique_ptr<File> f) : f_(std::move(f)) {}
+  explicit SlowReadFile(std::unique_ptr<File> f) : ForwardingFile(*f), f_(std::move(f)) {}
   Status ReadAt(uint64_t o, std::span<std::byte> b) override {
     if ((counter_.fetch_add(1) & 3) == 0) std::this_thread::sleep_for(std::chrono::microseconds(300));
     {
@@ -99,15 +100,6 @@ class SlowReadFile final : public File {
     gated_ = false;
     cv_.notify_all();
   }
-  Status WriteAt(uint64_t o, std::span<const std::byte> d) override { return f_->WriteAt(o, d); }
-  Status Sync() override { return f_->Sync(); }
-  Status PunchHole(uint64_t o, uint64_t l) override { return f_->PunchHole(o, l); }
-  Status Truncate(uint64_t l) override { return f_->Truncate(l); }
-  Status Allocate(uint64_t o, uint64_t l) override { return f_->Allocate(o, l); }
-  Result<uint64_t> Size() override { return f_->Size(); }
-  uint64_t AllocatedBytes() override { return f_->AllocatedBytes(); }
-  const std::string& name() const override { return f_->name(); }
-  int fd() const override { return f_->fd(); }
 
  private:
   std::unique_ptr<File> f_;

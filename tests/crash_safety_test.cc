@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "engine/image_open.h"
+#include "forwarding_file.h"
 #include "io/fault_injection_file.h"
 #include "qcow2fs/image.h"
 #include "test_support.h"
@@ -20,18 +21,9 @@ namespace {
 
 // Lets the test keep the FaultInjectionFile after the image that owns its
 // File is gone.
-class SharedFile final : public File {
+class SharedFile final : public ForwardingFile {
  public:
-  explicit SharedFile(std::shared_ptr<FaultInjectionFile> f) : f_(std::move(f)) {}
-  Status ReadAt(uint64_t o, std::span<std::byte> b) override { return f_->ReadAt(o, b); }
-  Status WriteAt(uint64_t o, std::span<const std::byte> d) override { return f_->WriteAt(o, d); }
-  Status Sync() override { return f_->Sync(); }
-  Status PunchHole(uint64_t o, uint64_t l) override { return f_->PunchHole(o, l); }
-  Status Truncate(uint64_t l) override { return f_->Truncate(l); }
-  Status Allocate(uint64_t o, uint64_t l) override { return f_->Allocate(o, l); }
-  Result<uint64_t> Size() override { return f_->Size(); }
-  uint64_t AllocatedBytes() override { return f_->AllocatedBytes(); }
-  const std::string& name() const override { return f_->name(); }
+  explicit SharedFile(std::shared_ptr<FaultInjectionFile> f) : ForwardingFile(*f), f_(std::move(f)) {}
 
  private:
   std::shared_ptr<FaultInjectionFile> f_;

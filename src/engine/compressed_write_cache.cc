@@ -83,6 +83,15 @@ void CompressedWriteCache::Erase(uint64_t index) {
   changed_.notify_all();
 }
 
+Status CompressedWriteCache::WaitForCommit(std::unique_lock<std::mutex>& lk, const Entry& e) {
+  // A packed entry would wait for the segment to fill up: write it out now.
+  if (e.state == State::kPacked && !sealing_ && !segment_.placed.empty()) {
+    return SealSegment(lk);
+  }
+  changed_.wait(lk);
+  return Status();
+}
+
 Status CompressedWriteCache::Write(uint64_t offset, std::span<const std::byte> data) {
   const uint64_t end = offset + data.size();
   std::unique_lock lk(mu_);
@@ -94,11 +103,7 @@ Status CompressedWriteCache::Write(uint64_t offset, std::span<const std::byte> d
     if (it != entries_.end() && it->second->state != State::kFilling) {
       // Being compressed or waiting in the segment: let it reach the image
       // first, then stage the new data on top.
-      if (it->second->state == State::kPacked && !sealing_ && !segment_.placed.empty()) {
-        QCOW2FS_RETURN_IF_ERROR(SealSegment(lk));
-      } else {
-        changed_.wait(lk);
-      }
+      QCOW2FS_RETURN_IF_ERROR(WaitForCommit(lk, *it->second));
       continue;
     }
     if (it == entries_.end()) {
@@ -364,11 +369,7 @@ Status CompressedWriteCache::Drop(uint64_t offset, uint64_t length) {
     auto it = entries_.find(index);
     if (it != entries_.end() && it->second->state != State::kFilling) {
       // Let it reach the image; the caller's discard then applies to it.
-      if (it->second->state == State::kPacked && !sealing_ && !segment_.placed.empty()) {
-        QCOW2FS_RETURN_IF_ERROR(SealSegment(lk));
-      } else {
-        changed_.wait(lk);
-      }
+      QCOW2FS_RETURN_IF_ERROR(WaitForCommit(lk, *it->second));
       continue;
     }
     if (it != entries_.end()) {

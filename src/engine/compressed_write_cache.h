@@ -161,6 +161,10 @@ class CompressedWriteCache {
   // Writes the current segment and commits its clusters.
   Status SealSegment(std::unique_lock<std::mutex>& lk);
   Status MakeRoom(std::unique_lock<std::mutex>& lk);
+  // Makes progress towards committing an entry past kFilling (sealing the
+  // segment it waits in, or waiting for the thread handling it); the caller
+  // looks the entry up again afterwards.
+  Status WaitForCommit(std::unique_lock<std::mutex>& lk, const Entry& e);
   void Erase(uint64_t cluster_index);
 
   CompressedClusterSink& sink_;

@@ -9,15 +9,10 @@
 #include "format/endian.h"
 #include "format/l2_entry.h"
 #include "format/limits.h"
+#include "format/hex.h"
 
 namespace qcow2fs {
 namespace {
-
-std::string Hex(uint64_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "0x%" PRIx64, v);
-  return buf;
-}
 
 std::string DirName(const std::string& path) {
   auto slash = path.rfind('/');

@@ -18,18 +18,9 @@
 #include "format/endian.h"
 #include "format/l2_entry.h"
 #include "format/limits.h"
+#include "format/hex.h"
 
 namespace qcow2fs {
-namespace {
-
-std::string Hex(uint64_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "0x%" PRIx64, v);
-  return buf;
-}
-
-}  // namespace
-
 Status Qcow2Image::PrepareForWriting() {
   if (header_.incompatible_features & kIncompatDirty) {
     return Status(ErrorCode::kUnsupported,

@@ -11,15 +11,10 @@
 #include "format/endian.h"
 #include "format/l2_entry.h"
 #include "format/limits.h"
+#include "format/hex.h"
 
 namespace qcow2fs {
 namespace {
-
-std::string Hex(uint64_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "0x%" PRIx64, v);
-  return buf;
-}
 
 // Extents mapped per metadata-lock acquisition. A request with more pieces
 // than this is mapped in rounds.

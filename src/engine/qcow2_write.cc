@@ -17,15 +17,10 @@
 #include "format/align.h"
 #include "format/l2_entry.h"
 #include "format/limits.h"
+#include "format/hex.h"
 
 namespace qcow2fs {
 namespace {
-
-std::string Hex(uint64_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "0x%" PRIx64, v);
-  return buf;
-}
 
 // Most guest bytes one allocating run covers: bounds the staging buffer of
 // an unaligned write and the clusters held in flight at once.

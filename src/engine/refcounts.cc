@@ -9,18 +9,9 @@
 #include "format/l2_entry.h"
 #include "format/limits.h"
 #include "format/refcount_block.h"
+#include "format/hex.h"
 
 namespace qcow2fs {
-namespace {
-
-std::string Hex(uint64_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "0x%" PRIx64, v);
-  return buf;
-}
-
-}  // namespace
-
 Refcounts::Refcounts(File& file, const Header& header)
     : file_(file),
       cluster_bits_(header.cluster_bits),

@@ -7,15 +7,10 @@
 
 #include "format/endian.h"
 #include "format/limits.h"
+#include "format/hex.h"
 
 namespace qcow2fs {
 namespace {
-
-std::string Hex(uint64_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "0x%" PRIx64, v);
-  return buf;
-}
 
 Status Corrupt(const std::string& what) {
   return Status(ErrorCode::kCorrupt, "qcow2 header: " + what);
