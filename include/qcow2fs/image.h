@@ -45,7 +45,7 @@ struct OpenOptions {
 };
 
 struct CreateOptions {
-  uint64_t size = 0;                 // virtual size in bytes
+  uint64_t size = 0;                 // virtual size, rounded up to 512 bytes
   uint32_t cluster_size = 65536;     // 512 .. 2 MiB, a power of two
   int version = 3;                   // 2 or 3
   int refcount_bits = 16;            // 1, 2, 4, ..., 64 (v2: only 16)
@@ -142,8 +142,9 @@ class Image {
   // Writes back all dirty metadata in crash-safe order, then syncs: every
   // write completed before the call survives a crash after it returns.
   virtual Status Flush() = 0;
-  // Changes the virtual size. Growing always works on a writable image;
-  // shrinking only when nothing is allocated past the new end.
+  // Changes the virtual size, rounded up to a multiple of 512 bytes (QEMU
+  // ignores a partial last sector). Growing always works on a writable
+  // image; shrinking only when nothing is allocated past the new end.
   virtual Status Resize(uint64_t new_size) = 0;
   // How the range starting at `offset` is stored: the kind of its first byte
   // and how many bytes from there share it (at most `length`).

@@ -174,6 +174,9 @@ Status Qcow2Image::Resize(uint64_t new_size) {
   if (new_size > limits::kMaxVirtualSize) {
     return Status(ErrorCode::kInvalidArgument, "size " + std::to_string(new_size) + " is too large");
   }
+  // QEMU sees disks in 512-byte sectors and ignores a partial last one, so
+  // sizes are rounded up to whole sectors, as qemu-img resize does.
+  new_size = AlignUp(new_size, kSectorSize);
   const uint64_t old_size = size();
   if (new_size == old_size) return Status();
   if (compressed_cache_) QCOW2FS_RETURN_IF_ERROR(compressed_cache_->Flush());
