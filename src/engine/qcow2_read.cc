@@ -63,7 +63,6 @@ Result<size_t> Qcow2Image::MapLocked(std::unique_lock<std::mutex>& lk,
   auto corrupt = [&](uint64_t guest, const std::string& what) {
     return Status(ErrorCode::kCorrupt, what + " (mapping " + Where(guest) + ")");
   };
-  const uint64_t file_size = file_size_.load(std::memory_order_acquire);
   const uint64_t l2_coverage = l2_entries_ << cluster_bits_;
   const bool has_data_file = header_.has_data_file();
   const L2Cache::Loader loader = [this](uint64_t off, std::span<uint64_t> w) {
@@ -76,6 +75,10 @@ Result<size_t> Qcow2Image::MapLocked(std::unique_lock<std::mutex>& lk,
     const uint64_t table_end = std::min(end, (l1_index + 1) * l2_coverage);
     const uint64_t l1_entry = l1_index < l1_.size() ? l1_[l1_index] : 0;
     const uint64_t l2_offset = L1EntryL2Offset(l1_entry);
+    // Read per table, under the lock: writers grow it (when they allocate)
+    // before any entry points past the old end, and Get() below may drop
+    // the lock while others allocate.
+    uint64_t file_size = file_size_.load(std::memory_order_acquire);
     if (l2_offset == 0) {
       if (!emit({Extent::Kind::kBacking, pos, table_end - pos})) return n;
       pos = table_end;
@@ -92,6 +95,7 @@ Result<size_t> Qcow2Image::MapLocked(std::unique_lock<std::mutex>& lk,
       return table_or.status().Annotate("reading L2 table at " + Hex(l2_offset));
     }
     const std::shared_ptr<L2Table> table = std::move(table_or).value();
+    file_size = file_size_.load(std::memory_order_acquire);
 
     uint64_t index = (pos >> cluster_bits_) & (l2_entries_ - 1);
     for (; pos < table_end; index++) {
