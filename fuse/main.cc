@@ -25,6 +25,8 @@
 #include <utility>
 #include <vector>
 
+#include <oneapi/tbb/task_arena.h>
+
 #include "daemon.h"
 #include "log.h"
 #include "lowlevel_ops.h"
@@ -198,7 +200,8 @@ void LogStopSignal(int signal_fd) {
 
 // Creates the image if asked to, then opens it as the mount will use it.
 Result<std::unique_ptr<Image>> OpenImage(const std::string& image_path,
-                                         const MountOptions& options) {
+                                         const MountOptions& options,
+                                         oneapi::tbb::task_arena& compress_arena) {
   QCOW2FS_RETURN_IF_ERROR(CreateImageIfMissing(image_path, options));
   OpenOptions open_options;
   open_options.read_only = options.read_only;
@@ -207,6 +210,12 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& image_path,
   open_options.snapshot = options.snapshot;
   open_options.compress = options.compress;
   open_options.compress_cache_bytes = options.compress_cache_bytes;
+  // Compression of completed clusters runs on its own oneTBB arena, one
+  // slot per CPU: a single writer (cp) keeps every CPU compressing, and the
+  // request workers are never all tied up in compression.
+  open_options.compress_executor = [&compress_arena](std::function<void()> job) {
+    compress_arena.enqueue(std::move(job));
+  };
   open_options.format = "qcow2";
   Result<std::unique_ptr<Image>> opened = Image::Open(image_path, open_options);
   if (!opened.ok()) {
@@ -272,7 +281,10 @@ int Run(const CommandLine& line) {
 
   if (Status s = CheckFuseDevice(); !s.ok()) return fail(s);
   if (Status s = CheckMountpoint(mountpoint); !s.ok()) return fail(s);
-  Result<std::unique_ptr<Image>> opened = OpenImage(image_path, options);
+  // Declared before the image, which may still hand it work while closing.
+  const unsigned compress_workers = std::max(1u, std::thread::hardware_concurrency());
+  oneapi::tbb::task_arena compress_arena(static_cast<int>(compress_workers), 0);
+  Result<std::unique_ptr<Image>> opened = OpenImage(image_path, options, compress_arena);
   if (!opened.ok()) return fail(opened.status());
   std::unique_ptr<Image> image = std::move(opened).value();
   const bool read_only = image->read_only();
@@ -306,7 +318,7 @@ int Run(const CommandLine& line) {
   std::unique_ptr<FuseSession> session = std::move(created).value();
   if (Status s = session->Mount(mountpoint); !s.ok()) return fail(s);
 
-  RequestPool pool(threads);
+  RequestPool pool(threads, compress_workers);
   if (daemon) daemon->Ready();
   Log(LOG_INFO, "mounted %s on %s (%s, %u threads)", image_path.c_str(),
       mountpoint.c_str(), read_only ? "read-only" : "read-write", threads);

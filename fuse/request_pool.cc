@@ -13,13 +13,14 @@
 
 namespace qcow2fs::fusefs {
 
-RequestPool::RequestPool(unsigned threads)
+RequestPool::RequestPool(unsigned threads, unsigned other_workers)
     : threads_(threads),
       // oneTBB caps its workers at the CPU count by default. Requests spend
       // most of their time waiting for the host disk, and each worker keeps
-      // one request in flight, so allow as many as were asked for. The
-      // limit counts the calling thread, hence the +1.
-      parallelism_(oneapi::tbb::global_control::max_allowed_parallelism, threads + 1),
+      // one request in flight, so allow as many as were asked for, plus
+      // those other arenas need. The limit counts the calling thread: +1.
+      parallelism_(oneapi::tbb::global_control::max_allowed_parallelism,
+                   threads + other_workers + 1),
       // No slot is reserved for the calling thread: it only waits.
       arena_(static_cast<int>(threads), 0) {}
 

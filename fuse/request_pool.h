@@ -22,7 +22,10 @@ namespace qcow2fs::fusefs {
 
 class RequestPool {
  public:
-  explicit RequestPool(unsigned threads);
+  // `threads` request workers; `other_workers` more TBB workers are left
+  // for other arenas (compression), which would otherwise find every TBB
+  // thread parked in a request worker's blocking read.
+  RequestPool(unsigned threads, unsigned other_workers);
   RequestPool(const RequestPool&) = delete;
   RequestPool& operator=(const RequestPool&) = delete;
 

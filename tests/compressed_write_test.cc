@@ -27,11 +27,15 @@ class CompressedWriteTest : public ::testing::TestWithParam<CompressCase> {
     ASSERT_TRUE(QemuImg("create -q -f qcow2 -o " + GetParam().create_options + " " +
                         ShellQuote(path_) + " 16M"));
   }
-  std::unique_ptr<Image> OpenCompressed(size_t cache_bytes = 0) {
+  // With `background`, compression runs on other threads, as in the daemon.
+  std::unique_ptr<Image> OpenCompressed(size_t cache_bytes = 0, bool background = false) {
     OpenOptions o;
     o.read_only = false;
     o.compress = GetParam().type;
     o.compress_cache_bytes = cache_bytes;
+    if (background) {
+      o.compress_executor = [](std::function<void()> job) { std::thread(std::move(job)).detach(); };
+    }
     auto image = Image::Open(path_, o);
     EXPECT_TRUE(image.ok()) << Describe(image.status());
     return image.ok() ? std::move(image).value() : nullptr;
@@ -63,7 +67,8 @@ TEST_P(CompressedWriteTest, UnalignedWritesFromThreadsInRandomOrder) {
   }
   for (size_t i = pieces.size() - 1; i > 0; i--) std::swap(pieces[i], pieces[rng.Uniform(0, i)]);
   {
-    auto image = OpenCompressed(2 << 20);  // small: writers must wait and evict
+    // Small: writers must wait and evict while background jobs run.
+    auto image = OpenCompressed(2 << 20, /*background=*/true);
     ASSERT_TRUE(image);
     std::atomic<size_t> next{0};
     std::atomic<int> failures{0};
@@ -97,7 +102,7 @@ TEST_P(CompressedWriteTest, SequentialCopyIsAsSmallAsQemuImgConvert) {
   const uint64_t size = 16 << 20, chunk = 128 << 10;
   const std::string source = SemiCompressible(size, 31);
   {
-    auto image = OpenCompressed();
+    auto image = OpenCompressed(0, /*background=*/true);
     ASSERT_TRUE(image);
     std::atomic<uint64_t> next{0};
     std::vector<std::thread> threads;

@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -42,6 +43,11 @@ struct OpenOptions {
   // Memory bound of that staging, in bytes. 0 picks 64 MiB (at least 16
   // clusters). Writers wait when it is full.
   size_t compress_cache_bytes = 0;
+  // Where compression of completed clusters runs. The daemon passes its
+  // oneTBB arena, so a single writer (cp) still keeps every CPU busy and is
+  // not held up by compression. Empty: compress on the writing thread.
+  // The executor must outlive the image.
+  std::function<void(std::function<void()>)> compress_executor;
 };
 
 struct CreateOptions {

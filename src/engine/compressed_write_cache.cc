@@ -30,7 +30,7 @@ bool AllZeroBytes(std::span<const std::byte> data) {
 
 CompressedWriteCache::CompressedWriteCache(CompressedClusterSink& sink, CompressionType type,
                                            uint64_t cluster_size, uint64_t disk_size,
-                                           size_t max_bytes)
+                                           size_t max_bytes, Executor executor)
     : sink_(sink),
       type_(type),
       cluster_size_(cluster_size),
@@ -39,9 +39,43 @@ CompressedWriteCache::CompressedWriteCache(CompressedClusterSink& sink, Compress
       max_users_(sink.MaxCompressedPerHostCluster()),
       // Segments of 1 MiB (at least two clusters) keep host writes large.
       segment_clusters_(std::max<uint64_t>(2, (1u << 20) / cluster_size)),
-      disk_size_(disk_size) {}
+      disk_size_(disk_size),
+      executor_(std::move(executor)) {}
 
-CompressedWriteCache::~CompressedWriteCache() = default;
+CompressedWriteCache::~CompressedWriteCache() {
+  // Background jobs reference this object: let them finish.
+  std::unique_lock lk(mu_);
+  changed_.wait(lk, [this] { return background_jobs_ == 0; });
+}
+
+Status CompressedWriteCache::Complete(std::unique_lock<std::mutex>& lk, Entry& e) {
+  if (!executor_) return Finish(lk, e);
+  Job job = Start(e);
+  background_jobs_++;
+  try {
+    executor_([this, job = std::move(job)]() mutable { RunJob(std::move(job)); });
+  } catch (...) {
+    // No room for a task: do the work here instead.
+    background_jobs_--;
+    Requeue(e);
+    return Finish(lk, e);
+  }
+  return Status();
+}
+
+void CompressedWriteCache::RunJob(Job job) {
+  // A failure leaves the cluster staged (Requeue); the next Flush() retries
+  // it on its own thread and reports the error to its caller.
+  auto prepared = Prepare(job);
+  std::unique_lock lk(mu_);
+  if (prepared.ok()) {
+    (void)Place(lk, job, std::move(prepared).value());
+  } else {
+    Requeue(*job.entry);
+  }
+  background_jobs_--;
+  changed_.notify_all();
+}
 
 void CompressedWriteCache::set_disk_size(uint64_t size) {
   std::lock_guard lk(mu_);
@@ -129,7 +163,7 @@ Status CompressedWriteCache::Write(uint64_t offset, std::span<const std::byte> d
                 piece_end - pos);
     MarkValid(e, pos - cluster_start, piece_end - cluster_start);
     pos = piece_end;
-    if (IsComplete(e)) QCOW2FS_RETURN_IF_ERROR(Finish(lk, e));
+    if (IsComplete(e)) QCOW2FS_RETURN_IF_ERROR(Complete(lk, e));
   }
   return Status();
 }
@@ -299,6 +333,13 @@ Status CompressedWriteCache::SealSegment(std::unique_lock<std::mutex>& lk) {
 }
 
 Status CompressedWriteCache::MakeRoom(std::unique_lock<std::mutex>& lk) {
+  // Complete clusters being compressed in the background will free room:
+  // wait for them rather than force out a cluster that is still filling
+  // (which would be compressed twice and fragment the image).
+  if (background_jobs_ > 0) {
+    changed_.wait(lk);
+    return Status();
+  }
   if (!lru_.empty()) {
     Entry& e = *entries_.at(lru_.front());
     return Finish(lk, e);
@@ -386,6 +427,7 @@ Status CompressedWriteCache::Drop(uint64_t offset, uint64_t length) {
 
 Status CompressedWriteCache::Flush() {
   std::unique_lock lk(mu_);
+
   std::vector<uint64_t> pending;
   std::vector<Job> jobs;
   for (const auto& [index, e] : entries_) {

@@ -32,6 +32,7 @@
 
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <list>
 #include <memory>
 #include <mutex>
@@ -76,8 +77,12 @@ class CompressedClusterSink {
 
 class CompressedWriteCache {
  public:
+  using Executor = std::function<void(std::function<void()>)>;
+  // With an executor, completed clusters are compressed and stored there and
+  // Write() returns as soon as the data is staged; without, on the writer.
   CompressedWriteCache(CompressedClusterSink& sink, CompressionType type,
-                       uint64_t cluster_size, uint64_t disk_size, size_t max_bytes);
+                       uint64_t cluster_size, uint64_t disk_size, size_t max_bytes,
+                       Executor executor = {});
   ~CompressedWriteCache();
 
   // Stages `data` at guest `offset` (any size and alignment).
@@ -156,6 +161,10 @@ class CompressedWriteCache {
   Status Place(std::unique_lock<std::mutex>& lk, Job& job, Prepared prepared);
   // Takes a filling entry through Prepare and Place.
   Status Finish(std::unique_lock<std::mutex>& lk, Entry& e);
+  // Hands a complete entry to the executor (or finishes it inline).
+  Status Complete(std::unique_lock<std::mutex>& lk, Entry& e);
+  // Runs on the executor: Prepare and Place one job.
+  void RunJob(Job job);
   // Reserves n bytes in the current segment; false if there is no room.
   bool TryPack(uint64_t n, uint64_t* at);
   // Writes the current segment and commits its clusters.
@@ -182,6 +191,8 @@ class CompressedWriteCache {
   std::list<uint64_t> lru_;  // filling entries, oldest first
   Segment segment_;
   bool sealing_ = false;  // a thread is writing out a segment
+  const Executor executor_;
+  size_t background_jobs_ = 0;  // handed to the executor, not yet placed
 };
 
 }  // namespace qcow2fs

@@ -34,7 +34,7 @@ Status Qcow2Image::SetUpCompressedWrites(const OpenOptions& options) {
   }
   compressed_cache_ = std::make_unique<CompressedWriteCache>(
       static_cast<CompressedClusterSink&>(*this), compression_, cluster_size_, size(),
-      options.compress_cache_bytes);
+      options.compress_cache_bytes, options.compress_executor);
   return Status();
 }
 
