@@ -41,19 +41,21 @@ fsck.ext4 -fn "$loop" >/dev/null && echo "fsck.ext4: clean"
 losetup -d "$loop"
 loop=
 
-step "umount mnt; qemu-img check vm.qcow2"
+step "umount mnt; flock vm.qcow2 true (wait until the daemon has closed it); qemu-img check"
 timeout 60 umount "$work/mnt"
+flock "$work/vm.qcow2" true
 qemu-img check "$work/vm.qcow2"
 step "QEMU reads the same file system back (qemu-img convert + debugfs)"
 qemu-img convert -O raw "$work/vm.qcow2" "$work/vm.img"
 debugfs -R "ls -l /doc" "$work/vm.img" 2>/dev/null | head -5
 rm -f "$work/vm.img"
 
-step "mount.qcow2fs -o create,size=2G,compress=zstd small.qcow2 cmnt; cp --sparse=always"
+step "mount.qcow2fs -o create,size=2G,compress=zstd small.qcow2 cmnt; cp --sparse=always disk.raw"
 qemu-img convert -O raw "$work/vm.qcow2" "$work/disk.raw"
 "$MOUNT" -o create,size=2G,compression_type=zstd,compress=zstd "$work/small.qcow2" "$work/cmnt"
 cp --sparse=always "$work/disk.raw" "$work/cmnt/small.raw"
 timeout 120 umount "$work/cmnt"
+flock "$work/small.qcow2" true
 qemu-img check "$work/small.qcow2" | tail -2
 qemu-img compare -q -f qcow2 -F raw "$work/small.qcow2" "$work/disk.raw" && echo "qemu-img compare: identical"
 ls -ls "$work/vm.qcow2" "$work/small.qcow2"
