@@ -93,7 +93,9 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   // Read/WriteZeroes/Discard without the compressed staging cache.
   Status ReadImage(uint64_t offset, std::span<std::byte> buf);
   Status ZeroRange(uint64_t offset, uint64_t length, bool may_unmap);
-  Status DiscardRange(uint64_t offset, uint64_t length);
+  // Zeroing and discard: partial clusters get zeros written, whole
+  // clusters lose their data (discard) or are marked zero.
+  Status ClearRange(uint64_t offset, uint64_t length, bool discard, bool may_unmap);
 
   // --- compressed writes (qcow2_compressed.cc) ---
   Status SetUpCompressedWrites(const OpenOptions& options);

@@ -127,21 +127,28 @@ Status Qcow2Image::WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap)
 }
 
 Status Qcow2Image::ZeroRange(uint64_t offset, uint64_t length, bool may_unmap) {
+  return ClearRange(offset, length, /*discard=*/false, may_unmap);
+}
+
+Status Qcow2Image::ClearRange(uint64_t offset, uint64_t length, bool discard,
+                              bool may_unmap) {
   if (length == 0) return Status();
   // A disk whose size is not cluster aligned still owns its whole last
   // cluster, so a range reaching the end counts that cluster as whole.
   const uint64_t span_end =
       offset + length == size() ? AlignUp(size(), cluster_size_) : offset + length;
-  const bool v2_with_backing = header_.version < 3 && backing_;
+  // Version 2 cannot mark a cluster zero over a backing file: zeroing
+  // writes zeros there (discard may let the backing data show).
+  const bool write_whole = !discard && header_.version < 3 && backing_;
   return ForClusterSpan(
       offset, span_end - offset, cluster_size_,
       [&](uint64_t off, uint64_t len) {
         return WriteZeroBytes(off, std::min(len, size() - std::min(size(), off)));
       },
       [&](uint64_t off, uint64_t len) {
-        if (v2_with_backing) return WriteZeroBytes(off, std::min(len, size() - off));
+        if (write_whole) return WriteZeroBytes(off, std::min(len, size() - off));
         std::unique_lock guard(discard_lock_);
-        return ZeroClustersExclusive(off >> cluster_bits_, len >> cluster_bits_, false,
+        return ZeroClustersExclusive(off >> cluster_bits_, len >> cluster_bits_, discard,
                                      may_unmap);
       });
 }
@@ -149,23 +156,7 @@ Status Qcow2Image::ZeroRange(uint64_t offset, uint64_t length, bool may_unmap) {
 Status Qcow2Image::Discard(uint64_t offset, uint64_t length) {
   QCOW2FS_RETURN_IF_ERROR(CheckWritable(offset, length));
   if (compressed_cache_) QCOW2FS_RETURN_IF_ERROR(compressed_cache_->Drop(offset, length));
-  return DiscardRange(offset, length);
-}
-
-Status Qcow2Image::DiscardRange(uint64_t offset, uint64_t length) {
-  if (length == 0) return Status();
-  const uint64_t span_end =
-      offset + length == size() ? AlignUp(size(), cluster_size_) : offset + length;
-  return ForClusterSpan(
-      offset, span_end - offset, cluster_size_,
-      [&](uint64_t off, uint64_t len) {
-        return WriteZeroBytes(off, std::min(len, size() - std::min(size(), off)));
-      },
-      [&](uint64_t off, uint64_t len) {
-        std::unique_lock guard(discard_lock_);
-        return ZeroClustersExclusive(off >> cluster_bits_, len >> cluster_bits_, true,
-                                     true);
-      });
+  return ClearRange(offset, length, /*discard=*/true, /*may_unmap=*/true);
 }
 
 }  // namespace qcow2fs
