@@ -152,8 +152,7 @@ void OnRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     fuse_reply_err(req, err);
     return;
   }
-  fuse_reply_buf(req, reinterpret_cast<const char*>(data.data.get()),
-                 data.size);
+  fuse_reply_buf(req, reinterpret_cast<const char*>(data.data), data.size);
 }
 
 void OnWrite(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size,

@@ -61,6 +61,8 @@ constexpr const char kUsage[] =
     "     compress-cache-size=SIZE  memory for staging compressed writes\n"
     "     threads=N             worker threads\n"
     "     discard=on|off        let hole punching free image space\n"
+    "     host-cache=on|off     large transfers through the host page cache\n"
+    "                           (default off: O_DIRECT where aligned)\n"
     "     compress=zlib|zstd    store newly written clusters compressed\n"
     "     lock=on|off           lock the image (off needs ro)\n"
     "     snapshot=ID|NAME      mount an internal snapshot (read-only)\n"
@@ -207,6 +209,7 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& image_path,
   open_options.read_only = options.read_only;
   open_options.l2_cache_bytes = options.cache_bytes;
   open_options.lock = options.lock;
+  open_options.direct_io = !options.host_cache;
   open_options.snapshot = options.snapshot;
   open_options.compress = options.compress;
   open_options.compress_cache_bytes = options.compress_cache_bytes;
@@ -318,7 +321,7 @@ int Run(const CommandLine& line) {
   std::unique_ptr<FuseSession> session = std::move(created).value();
   if (Status s = session->Mount(mountpoint); !s.ok()) return fail(s);
 
-  RequestPool pool(threads, compress_workers);
+  RequestPool pool(threads, compress_workers, RawFileFs::kMaxWrite);
   if (daemon) daemon->Ready();
   Log(LOG_INFO, "mounted %s on %s (%s, %u threads)", image_path.c_str(),
       mountpoint.c_str(), read_only ? "read-only" : "read-write", threads);

@@ -143,6 +143,11 @@ const std::vector<OptionSpec>& OptionTable() {
          QCOW2FS_ASSIGN_OR_RETURN(o.discard, ParseOnOff("discard", v));
          return Status::Ok();
        }},
+      {"host-cache", true,
+       [](std::string_view v, MountOptions& o, ParseState&) {
+         QCOW2FS_ASSIGN_OR_RETURN(o.host_cache, ParseOnOff("host-cache", v));
+         return Status::Ok();
+       }},
       {"lock", true,
        [](std::string_view v, MountOptions& o, ParseState&) {
          QCOW2FS_ASSIGN_OR_RETURN(o.lock, ParseOnOff("lock", v));

@@ -28,6 +28,9 @@ struct MountOptions {
   unsigned threads = 0;
   // Whether punching holes may free space in the image.
   bool discard = true;
+  // Whether large guest data transfers go through the host's page cache.
+  // Off (default): aligned transfers of 64 KiB or more use O_DIRECT.
+  bool host_cache = false;
   // Store newly written clusters compressed (OpenOptions::compress). Must
   // match the image's compression type; `create` makes it so by default.
   std::optional<CompressionType> compress;

@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <cinttypes>
+#include <cstdlib>
+#include <memory>
 #include <utility>
 
 #include "log.h"
@@ -32,6 +34,18 @@ int ErrnoFrom(const Status& status, const char* what, uint64_t offset) {
       break;
   }
   return status.ToErrno();
+}
+
+// This thread's read buffer: kMaxWrite bytes, page-aligned, made on the
+// thread's first read and kept for its life (the request workers live as
+// long as the mount), or null when memory is short.
+std::byte* ThreadReadBuffer() {
+  struct Free {
+    void operator()(std::byte* p) const { std::free(p); }
+  };
+  thread_local std::unique_ptr<std::byte, Free> buffer(
+      static_cast<std::byte*>(std::aligned_alloc(4096, RawFileFs::kMaxWrite)));
+  return buffer.get();
 }
 
 }  // namespace
@@ -188,9 +202,11 @@ int RawFileFs::Read(fuse_ino_t ino, uint64_t offset, size_t size,
   // limit); the clamp keeps a bogus request from sizing our allocation.
   size_t length = static_cast<size_t>(
       std::min<uint64_t>({size, disk_size - offset, kMaxWrite}));
-  out.data = std::make_unique_for_overwrite<std::byte[]>(length);
-  Status status = image_.Read(offset, std::span(out.data.get(), length));
+  std::byte* buffer = ThreadReadBuffer();
+  if (buffer == nullptr) return ENOMEM;
+  Status status = image_.Read(offset, std::span(buffer, length));
   if (!status.ok()) return ErrnoFrom(status, "read", offset);
+  out.data = buffer;
   out.size = length;
   return 0;
 }

@@ -41,9 +41,12 @@ struct DirEntry {
   mode_t type;  // S_IFDIR or S_IFREG
 };
 
-// A read's result: the bytes to send, owned until the reply is sent.
+// A read's result: the bytes to send. They live in a buffer of the calling
+// thread, reused by its next read: reply before serving another request.
+// The buffer is page-aligned, so the core can fill it with O_DIRECT, and is
+// allocated once per thread, not per request.
 struct ReadBuffer {
-  std::unique_ptr<std::byte[]> data;
+  const std::byte* data = nullptr;
   size_t size = 0;
 };
 

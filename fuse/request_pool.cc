@@ -1,20 +1,53 @@
 // Workers that receive and execute FUSE requests. See request_pool.h.
 #include "request_pool.h"
 
+#include <linux/fuse.h>
+#include <malloc.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdlib>
+#include <memory>
 
 #include "log.h"
 
 namespace qcow2fs::fusefs {
 
-RequestPool::RequestPool(unsigned threads, unsigned other_workers)
+namespace {
+
+constexpr size_t kPage = 4096;
+// Where a WRITE request's data begins in what read(/dev/fuse) returns.
+constexpr size_t kWriteDataOffset = sizeof(fuse_in_header) + sizeof(fuse_write_in);
+static_assert(kWriteDataOffset < kPage);
+
+// A worker's receive buffer, shifted so that WRITE data is page-aligned.
+class ReceiveBuffer {
+ public:
+  explicit ReceiveBuffer(size_t bytes)
+      : base_(static_cast<std::byte*>(std::aligned_alloc(
+            kPage, (kPage + bytes + kPage - 1) / kPage * kPage))) {
+    if (base_ != nullptr) buf_.mem = base_.get() + kPage - kWriteDataOffset;
+  }
+  bool ok() const { return base_ != nullptr; }
+  fuse_buf* get() { return &buf_; }
+
+ private:
+  struct Free {
+    void operator()(std::byte* p) const { std::free(p); }
+  };
+  std::unique_ptr<std::byte, Free> base_;
+  fuse_buf buf_{};
+};
+
+}  // namespace
+
+RequestPool::RequestPool(unsigned threads, unsigned other_workers, size_t max_write)
     : threads_(threads),
+      max_write_(max_write),
       // oneTBB caps its workers at the CPU count by default. Requests spend
       // most of their time waiting for the host disk, and each worker keeps
       // one request in flight, so allow as many as were asked for, plus
@@ -24,24 +57,30 @@ RequestPool::RequestPool(unsigned threads, unsigned other_workers)
       // No slot is reserved for the calling thread: it only waits.
       arena_(static_cast<int>(threads), 0) {}
 
-void RequestPool::Work(fuse_session* session) {
-  fuse_buf buf{};  // libfuse allocates buf.mem on the first receive
+void RequestPool::Work(fuse_session* session, size_t buffer_bytes) {
+  ReceiveBuffer buffer(buffer_bytes);
+  if (!buffer.ok()) {
+    Log(LOG_ERR, "no memory for a %zu-byte request buffer: one worker fewer", buffer_bytes);
+    return;
+  }
   while (!fuse_session_exited(session)) {
-    const int received = fuse_session_receive_buf(session, &buf);
+    const int received = fuse_session_receive_buf(session, buffer.get());
     if (received == -EINTR || received == -EAGAIN) continue;
     // 0: the session ended (unmounted); negative: the device is gone.
     if (received <= 0) break;
     // The callbacks catch everything; libfuse is C. Nothing throws here.
-    fuse_session_process_buf(session, &buf);
+    fuse_session_process_buf(session, buffer.get());
   }
-  std::free(buf.mem);
 }
 
 Status RequestPool::Serve(fuse_session* session, int stop_fd,
                           const std::function<void()>& unmount) {
   // The kernel sends INIT first and nothing else until it is answered.
-  // Serving it here keeps libfuse's set-up of the connection (which also
-  // sizes the receive buffers) ahead of the workers.
+  // Serving it here keeps libfuse's set-up of the connection ahead of the
+  // workers. libfuse allocates this first buffer itself, at the size it
+  // passes to read(); the workers' buffers are at least as large, and at
+  // least what the kernel's largest request (a max_write WRITE) needs.
+  size_t buffer_bytes = max_write_ + kPage;
   {
     fuse_buf buf{};
     int received;
@@ -49,6 +88,7 @@ Status RequestPool::Serve(fuse_session* session, int stop_fd,
       received = fuse_session_receive_buf(session, &buf);
     } while (received == -EINTR || received == -EAGAIN);
     if (received > 0) fuse_session_process_buf(session, &buf);
+    if (buf.mem != nullptr) buffer_bytes = std::max(buffer_bytes, malloc_usable_size(buf.mem));
     std::free(buf.mem);
     if (received < 0) return Status::FromErrno(-received, "reading /dev/fuse");
     if (received == 0) return Status();
@@ -60,8 +100,8 @@ Status RequestPool::Serve(fuse_session* session, int stop_fd,
   if (done_fd < 0) return Status::FromErrno(errno, "eventfd");
   std::atomic<unsigned> running{threads_};
   for (unsigned i = 0; i < threads_; i++) {
-    arena_.enqueue([this, session, &running, done_fd] {
-      Work(session);
+    arena_.enqueue([this, session, &running, done_fd, buffer_bytes] {
+      Work(session, buffer_bytes);
       // The last worker out wakes the waiting thread.
       if (running.fetch_sub(1) == 1) {
         const uint64_t one = 1;

@@ -8,12 +8,17 @@
 // Memory is bounded by the worker count (one buffer of the session's size,
 // about 1 MiB, per worker); when every worker is busy the kernel queues
 // further requests itself.
+//
+// The buffers are placed so that a WRITE request's data starts on a page
+// boundary: the core can then hand it to the host with O_DIRECT as it is,
+// without a bounce copy.
 #pragma once
 
 #include <fuse_lowlevel.h>
 #include <oneapi/tbb/global_control.h>
 #include <oneapi/tbb/task_arena.h>
 
+#include <cstddef>
 #include <functional>
 
 #include "qcow2fs/status.h"
@@ -25,7 +30,8 @@ class RequestPool {
   // `threads` request workers; `other_workers` more TBB workers are left
   // for other arenas (compression), which would otherwise find every TBB
   // thread parked in a request worker's blocking read.
-  RequestPool(unsigned threads, unsigned other_workers);
+  // `max_write` is the largest WRITE payload the session accepts.
+  RequestPool(unsigned threads, unsigned other_workers, size_t max_write);
   RequestPool(const RequestPool&) = delete;
   RequestPool& operator=(const RequestPool&) = delete;
 
@@ -37,9 +43,11 @@ class RequestPool {
 
  private:
   // One worker's life: receive, process, repeat until the session ends.
-  void Work(fuse_session* session);
+  // `buffer_bytes`: how much libfuse may read into a receive buffer.
+  void Work(fuse_session* session, size_t buffer_bytes);
 
   const unsigned threads_;
+  const size_t max_write_;
   oneapi::tbb::global_control parallelism_;
   oneapi::tbb::task_arena arena_;
 };

@@ -134,7 +134,7 @@ TEST_P(ConcurrencyStressTest, NoRequestSeesAFreedClusterReused) {
   auto file = OpenPosixFile(path, true);
   ASSERT_TRUE(file.ok()) << Describe(file.status());
   auto opened = OpenQcow2(std::make_unique<SlowReadFile>(std::move(file).value()), path, options,
-                          HostFileOpener());
+                          HostFileOpener(false));
   ASSERT_TRUE(opened.ok()) << Describe(opened.status());
   std::unique_ptr<Image> owner = std::move(opened).value();
   Image& image = *owner;
@@ -264,7 +264,7 @@ TEST(DiscardDuringReadTest, InFlightReadKeepsItsCluster) {
   auto file = OpenPosixFile(path, true);
   ASSERT_TRUE(file.ok());
   auto* gate = new SlowReadFile(std::move(file).value());
-  auto opened = OpenQcow2(std::unique_ptr<File>(gate), path, options, HostFileOpener());
+  auto opened = OpenQcow2(std::unique_ptr<File>(gate), path, options, HostFileOpener(false));
   ASSERT_TRUE(opened.ok()) << Describe(opened.status());
   std::unique_ptr<Image> image = std::move(opened).value();
 

@@ -10,9 +10,9 @@
 
 namespace qcow2fs {
 
-FileOpener HostFileOpener() {
-  return [](const std::string& path, bool writable) {
-    return OpenPosixFile(path, writable);
+FileOpener HostFileOpener(bool direct_io) {
+  return [direct_io](const std::string& path, bool writable) {
+    return OpenPosixFile(path, writable, direct_io);
   };
 }
 
@@ -53,9 +53,9 @@ Result<std::unique_ptr<Image>> OpenQcow2(std::unique_ptr<File> file,
 
 Result<std::unique_ptr<Image>> Image::Open(const std::string& path,
                                            const OpenOptions& options) {
-  QCOW2FS_ASSIGN_OR_RETURN(auto file, OpenPosixFile(path, !options.read_only &&
-                                                              !options.snapshot));
-  return OpenImageFile(std::move(file), path, options, HostFileOpener());
+  const bool writable = !options.read_only && !options.snapshot;
+  QCOW2FS_ASSIGN_OR_RETURN(auto file, OpenPosixFile(path, writable, options.direct_io));
+  return OpenImageFile(std::move(file), path, options, HostFileOpener(options.direct_io));
 }
 
 }  // namespace qcow2fs

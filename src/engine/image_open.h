@@ -40,7 +40,7 @@ Result<std::unique_ptr<Image>> OpenImageFile(std::unique_ptr<File> file,
 Result<std::unique_ptr<Image>> OpenRaw(std::unique_ptr<File> file,
                                        const OpenOptions& options);
 
-// The default opener: host files through OpenPosixFile.
-FileOpener HostFileOpener();
+// The default opener: host files through OpenPosixFile, direct or not.
+FileOpener HostFileOpener(bool direct_io);
 
 }  // namespace qcow2fs

@@ -45,9 +45,12 @@ class File {
   virtual int fd() const { return -1; }
 };
 
-// Opens a host file. `writable` selects O_RDWR; `direct` adds O_DIRECT.
-Result<std::unique_ptr<File>> OpenPosixFile(const std::string& path,
-                                            bool writable);
+// Opens a host file. `writable` selects O_RDWR. With `direct_io`, large
+// transfers (64 KiB or more) that meet the host's direct-I/O alignment
+// bypass the page cache (O_DIRECT); small or unaligned ones, and everything
+// where the file system refuses O_DIRECT, go through it.
+Result<std::unique_ptr<File>> OpenPosixFile(const std::string& path, bool writable,
+                                            bool direct_io = false);
 
 // A file held in memory, for tests and the fuzzer.
 std::unique_ptr<File> NewMemoryFile(std::string name, std::string contents);
