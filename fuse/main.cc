@@ -59,6 +59,7 @@ constexpr const char kUsage[] =
     "     ro, rw                read-only or read-write (default rw)\n"
     "     cache-size=SIZE       L2 table cache (K, M, G suffixes)\n"
     "     compress-cache-size=SIZE  memory for staging compressed writes\n"
+    "     write-behind=SIZE     large writes queued ahead of the image (0: off)\n"
     "     threads=N             worker threads\n"
     "     discard=on|off        let hole punching free image space\n"
     "     host-cache=on|off     large transfers through the host page cache\n"
@@ -313,6 +314,8 @@ int Run(const CommandLine& line) {
   config.discard = options.discard;
   config.debug = line.debug;
   config.max_background = max_in_flight;
+  // Compressed writes are staged by the core already.
+  config.write_behind_bytes = options.compress ? 0 : options.write_behind_bytes;
   RawFileFs fs(*image, image_path_fd.get(), config);
 
   Result<std::unique_ptr<FuseSession>> created = FuseSession::Create(

@@ -125,6 +125,14 @@ const std::vector<OptionSpec>& OptionTable() {
          o.compress_cache_bytes = static_cast<size_t>(bytes);
          return Status::Ok();
        }},
+      {"write-behind", true,
+       [](std::string_view v, MountOptions& o, ParseState&) {
+         uint64_t bytes = 0;
+         QCOW2FS_RETURN_IF_ERROR(SetSize("write-behind", v, bytes));
+         if (bytes > (1u << 30)) return Invalid("write-behind= is at most 1G");
+         o.write_behind_bytes = static_cast<size_t>(bytes);
+         return Status::Ok();
+       }},
       {"threads", true,
        [](std::string_view v, MountOptions& o, ParseState&) {
          unsigned threads = 0;

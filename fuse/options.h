@@ -24,6 +24,8 @@ struct MountOptions {
   // OpenOptions::compress_cache_bytes (memory for staging compressed
   // writes); 0 lets the core choose.
   size_t compress_cache_bytes = 0;
+  // Bytes of large writes queued ahead of the image (FsConfig); 0: none.
+  size_t write_behind_bytes = 8 << 20;
   // Worker threads serving requests; 0 picks a default from the CPU count.
   unsigned threads = 0;
   // Whether punching holes may free space in the image.

@@ -71,6 +71,7 @@ TEST(ParseCommandLine, Defaults) {
   EXPECT_EQ(o.threads, 0u);
   EXPECT_TRUE(o.discard);
   EXPECT_FALSE(o.host_cache);
+  EXPECT_EQ(o.write_behind_bytes, 8u << 20);
   EXPECT_TRUE(o.lock);
   EXPECT_FALSE(o.allow_other);
   EXPECT_FALSE(o.create);
@@ -94,7 +95,7 @@ TEST(ParseCommandLine, QcowOptions) {
   Result<CommandLine> line = Parse(
       {"-o",
        "ro,cache-size=64M,compress-cache-size=128M,threads=8,discard=off,lock=off,"
-       "host-cache=on,filename=disk.img,"
+       "host-cache=on,write-behind=0,filename=disk.img,"
        "snapshot=before-upgrade",
        "vm.qcow2", "/mnt"});
   ASSERT_TRUE(line.ok()) << line.status().ToString();
@@ -105,6 +106,7 @@ TEST(ParseCommandLine, QcowOptions) {
   EXPECT_EQ(o.threads, 8u);
   EXPECT_FALSE(o.discard);
   EXPECT_TRUE(o.host_cache);
+  EXPECT_EQ(o.write_behind_bytes, 0u);
   EXPECT_FALSE(o.lock);
   EXPECT_EQ(o.filename, "disk.img");
   ASSERT_TRUE(o.snapshot.has_value());
@@ -207,6 +209,7 @@ TEST(ParseCommandLine, Errors) {
   ErrorOf({"-o", "cache-size=lots", "i", "m"});
   ErrorOf({"-o", "discard=maybe", "i", "m"});
   ErrorOf({"-o", "host-cache=yes", "i", "m"});
+  ErrorOf({"-o", "write-behind=2G", "i", "m"});
   ErrorOf({"-o", "compress=lz4", "i", "m"});
   ErrorOf({"-o", "filename=a/b", "i", "m"});
   ErrorOf({"-o", "filename=..", "i", "m"});

@@ -56,7 +56,35 @@ RawFileFs::RawFileFs(Image& image, int image_path_fd, FsConfig config)
       config_(std::move(config)),
       has_backing_(!image.info().backing_file.empty()),
       block_size_(
-          std::clamp<uint32_t>(image.info().cluster_size, 4096, 2u << 20)) {}
+          std::clamp<uint32_t>(image.info().cluster_size, 4096, 2u << 20)),
+      // Streams of reads of 64 KiB or more; six pieces of 1 MiB follow two
+      // streams (each has the piece it reads and the next two).
+      read_ahead_([&image](uint64_t offset, std::span<std::byte> out) {
+                    return image.Read(offset, out);
+                  },
+                  64 << 10, kMaxWrite, 6),
+      // Two threads: one writes to the disk while the other maps its piece.
+      write_behind_(config_.read_only || config_.write_behind_bytes == 0
+                        ? nullptr
+                        : std::make_unique<WriteBehind>(
+                              [this](uint64_t offset, std::span<const std::byte> data) {
+                                return Changing(offset, data.size(), [&] {
+                                  return image_.Write(offset, data);
+                                });
+                              },
+                              config_.write_behind_bytes, kMaxWrite, 2)) {}
+
+Status RawFileFs::Changing(uint64_t offset, uint64_t length,
+                           const std::function<Status()>& change) {
+  read_ahead_.Invalidate(offset, length);
+  Status status = change();
+  read_ahead_.Invalidate(offset, length);
+  return status;
+}
+
+void RawFileFs::WaitForQueued(uint64_t offset, uint64_t length) const {
+  if (write_behind_) write_behind_->WaitFor(offset, length ? length : UINT64_MAX - offset);
+}
 
 void RawFileFs::ConfigureConnection(fuse_conn_info& conn) const noexcept {
   // libfuse 3.14 caps this at its request buffer (1 MiB) and derives the
@@ -81,7 +109,11 @@ void RawFileFs::ConfigureConnection(fuse_conn_info& conn) const noexcept {
 
 void RawFileFs::Shutdown() {
   if (config_.read_only) return;
-  Status status = image_.Flush();
+  Status status = write_behind_ ? write_behind_->Drain() : Status();
+  if (!status.ok()) {
+    Log(LOG_ERR, "writing queued data at unmount failed: %s", status.ToString().c_str());
+  }
+  status = image_.Flush();
   if (!status.ok()) {
     Log(LOG_ERR, "flushing the image at unmount failed: %s",
         status.ToString().c_str());
@@ -164,8 +196,12 @@ int RawFileFs::SetAttr(fuse_ino_t ino, const struct stat& wanted, int to_set,
 }
 
 int RawFileFs::Resize(uint64_t new_size) {
+  WaitForQueued(0, 0);
   if (new_size == image_.size()) return 0;
-  return ErrnoFrom(image_.Resize(new_size), "resize", new_size);
+  // Everything from the old or new end on changes (shrinking, then growing
+  // again, brings back zeros); simpler to say everything.
+  return ErrnoFrom(Changing(0, UINT64_MAX, [&] { return image_.Resize(new_size); }), "resize",
+                   new_size);
 }
 
 int RawFileFs::Open(fuse_ino_t ino, int flags) const {
@@ -204,9 +240,11 @@ int RawFileFs::Read(fuse_ino_t ino, uint64_t offset, size_t size,
       std::min<uint64_t>({size, disk_size - offset, kMaxWrite}));
   std::byte* buffer = ThreadReadBuffer();
   if (buffer == nullptr) return ENOMEM;
-  Status status = image_.Read(offset, std::span(buffer, length));
-  if (!status.ok()) return ErrnoFrom(status, "read", offset);
-  out.data = buffer;
+  WaitForQueued(offset, length);
+  Result<const std::byte*> bytes =
+      read_ahead_.Read(offset, std::span(buffer, length), disk_size, out.pin);
+  if (!bytes.ok()) return ErrnoFrom(bytes.status(), "read", offset);
+  out.data = *bytes;
   out.size = length;
   return 0;
 }
@@ -222,7 +260,13 @@ int RawFileFs::Write(fuse_ino_t ino, uint64_t offset,
   if (offset >= disk_size) return ENOSPC;
   size_t length =
       static_cast<size_t>(std::min<uint64_t>(data.size(), disk_size - offset));
-  Status status = image_.Write(offset, data.first(length));
+  if (write_behind_ && length >= kMinQueuedWrite) {
+    write_behind_->Submit(offset, data.first(length));
+    written = length;
+    return 0;
+  }
+  WaitForQueued(offset, length);
+  Status status = Changing(offset, length, [&] { return image_.Write(offset, data.first(length)); });
   if (!status.ok()) return ErrnoFrom(status, "write", offset);
   written = length;
   return 0;
@@ -231,7 +275,12 @@ int RawFileFs::Write(fuse_ino_t ino, uint64_t offset,
 int RawFileFs::Fsync(fuse_ino_t ino) {
   if (ino != kFileIno) return ino == kRootIno ? 0 : ENOENT;
   if (config_.read_only) return 0;
-  return ErrnoFrom(image_.Flush(), "flush", 0);
+  // A queued write that failed is reported here, as the page cache reports
+  // writeback errors at fsync; the image is flushed either way.
+  Status queued = write_behind_ ? write_behind_->Drain() : Status();
+  Status flushed = image_.Flush();
+  if (!queued.ok()) return ErrnoFrom(queued, "queued write", 0);
+  return ErrnoFrom(flushed, "flush", 0);
 }
 
 int RawFileFs::Fallocate(fuse_ino_t ino, int mode, uint64_t offset,
@@ -242,6 +291,7 @@ int RawFileFs::Fallocate(fuse_ino_t ino, int mode, uint64_t offset,
   if ((mode & ~kSupported) != 0) return EOPNOTSUPP;
   if (length == 0 || offset + length < offset) return EINVAL;
   uint64_t end = offset + length;
+  WaitForQueued(offset, length);
   uint64_t disk_size = image_.size();
 
   if (mode & FALLOC_FL_PUNCH_HOLE) {  // the kernel insists on KEEP_SIZE here
@@ -251,9 +301,11 @@ int RawFileFs::Fallocate(fuse_ino_t ino, int mode, uint64_t offset,
     // when no backing file can show through the freed clusters; otherwise
     // zeroes are written, unmapping what the format allows.
     if (config_.discard && !has_backing_) {
-      return ErrnoFrom(image_.Discard(offset, span), "discard", offset);
+      return ErrnoFrom(Changing(offset, span, [&] { return image_.Discard(offset, span); }),
+                       "discard", offset);
     }
-    return ErrnoFrom(image_.WriteZeroes(offset, span, config_.discard),
+    return ErrnoFrom(Changing(offset, span,
+                              [&] { return image_.WriteZeroes(offset, span, config_.discard); }),
                      "write zeroes", offset);
   }
 
@@ -266,7 +318,8 @@ int RawFileFs::Fallocate(fuse_ino_t ino, int mode, uint64_t offset,
   if (mode & FALLOC_FL_ZERO_RANGE) {
     if (offset >= disk_size) return 0;
     uint64_t span = std::min(end, disk_size) - offset;
-    return ErrnoFrom(image_.WriteZeroes(offset, span, /*may_unmap=*/false),
+    return ErrnoFrom(Changing(offset, span,
+                              [&] { return image_.WriteZeroes(offset, span, /*may_unmap=*/false); }),
                      "write zeroes", offset);
   }
   // Plain allocation: qcow2 allocates clusters when they are written, and
@@ -294,6 +347,7 @@ int RawFileFs::Lseek(fuse_ino_t ino, uint64_t offset, int whence,
   if (whence != SEEK_DATA && whence != SEEK_HOLE) return EINVAL;
   uint64_t disk_size = image_.size();
   if (offset >= disk_size) return ENXIO;
+  WaitForQueued(offset, disk_size - offset);
   uint64_t position = offset;
   while (position < disk_size) {
     Result<BlockStatus> status =

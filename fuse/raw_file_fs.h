@@ -14,6 +14,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -21,6 +22,8 @@
 #include <vector>
 
 #include "qcow2fs/image.h"
+#include "read_ahead.h"
+#include "write_behind.h"
 
 namespace qcow2fs::fusefs {
 
@@ -29,6 +32,9 @@ struct FsConfig {
   bool read_only = true;
   bool discard = true;  // punching holes may free clusters
   bool debug = false;   // log every request
+  // Bytes of large writes that may be queued ahead of the image (see
+  // write_behind.h); 0 applies every write before replying.
+  size_t write_behind_bytes = 0;
   // Passed to the kernel at INIT: how many background requests (readahead,
   // async direct I/O) it may have outstanding. Matches the request pool's
   // capacity so the kernel queues what the pool could not take anyway.
@@ -41,13 +47,14 @@ struct DirEntry {
   mode_t type;  // S_IFDIR or S_IFREG
 };
 
-// A read's result: the bytes to send. They live in a buffer of the calling
-// thread, reused by its next read: reply before serving another request.
-// The buffer is page-aligned, so the core can fill it with O_DIRECT, and is
-// allocated once per thread, not per request.
+// A read's result: the bytes to send, valid until the ReadBuffer dies and
+// the calling thread serves its next read; reply before either. They are
+// in a piece read ahead (held by `pin`), or in a page-aligned buffer of
+// the calling thread, allocated once per thread, not per request.
 struct ReadBuffer {
   const std::byte* data = nullptr;
   size_t size = 0;
+  ReadAhead::Pin pin;
 };
 
 class RawFileFs {
@@ -56,6 +63,9 @@ class RawFileFs {
   static constexpr fuse_ino_t kFileIno = FUSE_ROOT_ID + 1;
   // Largest write the kernel may send (and the largest read it asks for).
   static constexpr unsigned kMaxWrite = 1u << 20;
+  // Smallest write that is queued rather than applied before the reply:
+  // below it the FUSE copy is short, and there is little to overlap.
+  static constexpr size_t kMinQueuedWrite = 64 << 10;
 
   // `image_path_fd` is an O_PATH descriptor of the image file, used for its
   // owner, mode, times and host file system. O_PATH matters: closing a
@@ -67,7 +77,8 @@ class RawFileFs {
   const FsConfig& config() const { return config_; }
   // Tunes the connection at INIT (max_write, caching capabilities).
   void ConfigureConnection(fuse_conn_info& conn) const noexcept;
-  // The kernel sent DESTROY, or the session is being torn down.
+  // The kernel sent DESTROY, or the session is being torn down: applies
+  // queued writes and flushes the image.
   void Shutdown();
 
   int Lookup(fuse_ino_t parent, std::string_view name, struct stat& attr,
@@ -95,12 +106,21 @@ class RawFileFs {
   // Whether bytes described by `status` read as zeros without data behind
   // them (a hole, for SEEK_HOLE purposes).
   bool IsHole(const BlockStatus& status) const;
+  // Waits for queued writes overlapping the range (everything: length 0).
+  void WaitForQueued(uint64_t offset, uint64_t length) const;
+  // Runs `change`, which modifies the image in [offset, offset + length),
+  // with read-ahead told before and after (see read_ahead.h).
+  Status Changing(uint64_t offset, uint64_t length, const std::function<Status()>& change);
 
   Image& image_;
   const int image_path_fd_;
   const FsConfig config_;
   const bool has_backing_;
   const uint32_t block_size_;  // st_blksize: the cluster size, at least 4K
+  ReadAhead read_ahead_;
+  // Null when writes are applied before the reply (read-only mounts,
+  // compressed writes, write-behind=0).
+  const std::unique_ptr<WriteBehind> write_behind_;
 };
 
 }  // namespace qcow2fs::fusefs

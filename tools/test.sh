@@ -97,8 +97,8 @@ stage_tsan() {
     -Db_sanitize=thread -Db_lundef=false -Dwerror=true
   # The tests whose point is concurrency; the rest gain nothing from TSan.
   local tests=(concurrency_stress_test compressed_write_test image_lock_test)
-  ninja -C build-tsan -j "$JOBS" "${tests[@]/#/tests/}"
-  meson_test build-tsan --no-rebuild --timeout-multiplier 3 "${tests[@]}"
+  ninja -C build-tsan -j "$JOBS" "${tests[@]/#/tests/}" fuse/fuse_io_pipeline_test
+  meson_test build-tsan --no-rebuild --timeout-multiplier 3 "${tests[@]}" fuse_io_pipeline
 }
 
 stage_fuzz() {

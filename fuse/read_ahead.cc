@@ -1,0 +1,179 @@
+// ReadAhead implementation. See read_ahead.h.
+#include "read_ahead.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+
+namespace qcow2fs::fusefs {
+namespace {
+
+// How many recent read ends are remembered to recognise streams.
+constexpr size_t kRecentReads = 8;
+
+}  // namespace
+
+void ReadAhead::Free::operator()(std::byte* p) const { std::free(p); }
+
+ReadAhead::ReadAhead(Fetch fetch, size_t min_read, size_t max_read, unsigned slots)
+    : fetch_(std::move(fetch)), min_read_(min_read), max_read_(max_read), slots_(slots) {
+  // Two threads: two streams (or one stream and a reader's own fetch) keep
+  // the disk busy.
+  for (int i = 0; i < 2; i++) threads_.emplace_back([this] { Run(); });
+}
+
+ReadAhead::~ReadAhead() {
+  {
+    std::lock_guard lk(mu_);
+    for (Slot* s : queue_) s->state = State::kFree;
+    queue_.clear();
+    stopping_ = true;
+  }
+  work_.notify_all();
+  for (std::thread& t : threads_) t.join();
+}
+
+ReadAhead::Slot* ReadAhead::FindLocked(uint64_t offset, size_t length) {
+  for (Slot& s : slots_) {
+    if (s.state != State::kFree && !s.stale && s.offset <= offset &&
+        offset + length <= s.offset + s.length) {
+      return &s;
+    }
+  }
+  return nullptr;
+}
+
+bool ReadAhead::ContinuesStreamLocked(uint64_t offset, uint64_t end) {
+  auto it = std::find(recent_ends_.begin(), recent_ends_.end(), offset);
+  if (it != recent_ends_.end()) {
+    *it = end;
+    return true;
+  }
+  if (recent_ends_.size() == kRecentReads) recent_ends_.erase(recent_ends_.begin());
+  recent_ends_.push_back(end);
+  return false;
+}
+
+void ReadAhead::StartLocked(uint64_t offset, uint64_t disk_size) {
+  if (offset >= disk_size) return;
+  const size_t length = static_cast<size_t>(std::min<uint64_t>(max_read_, disk_size - offset));
+  if (FindLocked(offset, 1) != nullptr) return;  // already fetched or on its way
+  // A free slot, or else the least recently used one nobody holds; a stale
+  // one counts as free.
+  Slot* victim = nullptr;
+  for (Slot& s : slots_) {
+    if (s.state == State::kFetching || s.users > 0) continue;
+    if (s.state == State::kFree || s.stale) {
+      victim = &s;
+      break;
+    }
+    if (victim == nullptr || s.last_used < victim->last_used) victim = &s;
+  }
+  if (victim == nullptr) return;
+  if (!victim->buffer) {
+    // Page-aligned, so the image can read into it with O_DIRECT.
+    victim->buffer.reset(static_cast<std::byte*>(
+        std::aligned_alloc(4096, (max_read_ + 4095) & ~size_t{4095})));
+    if (!victim->buffer) return;  // no memory: read without fetching ahead
+  }
+  victim->state = State::kFetching;
+  victim->offset = offset;
+  victim->length = length;
+  victim->stale = false;
+  victim->status = Status();
+  victim->last_used = ++clock_;
+  queue_.push_back(victim);
+  work_.notify_one();
+}
+
+ReadAhead::Pin::Pin(Pin&& other) noexcept
+    : owner_(std::exchange(other.owner_, nullptr)), slot_(std::exchange(other.slot_, nullptr)) {}
+
+ReadAhead::Pin& ReadAhead::Pin::operator=(Pin&& other) noexcept {
+  if (this != &other) {
+    Release();
+    owner_ = std::exchange(other.owner_, nullptr);
+    slot_ = std::exchange(other.slot_, nullptr);
+  }
+  return *this;
+}
+
+ReadAhead::Pin::~Pin() { Release(); }
+
+void ReadAhead::Pin::Release() {
+  if (owner_ == nullptr) return;
+  std::lock_guard lk(owner_->mu_);
+  slot_->users--;
+  owner_ = nullptr;
+  slot_ = nullptr;
+}
+
+Result<const std::byte*> ReadAhead::Read(uint64_t offset, std::span<std::byte> scratch,
+                                         uint64_t disk_size, Pin& pin) {
+  const size_t length = scratch.size();
+  if (length < min_read_) {
+    QCOW2FS_RETURN_IF_ERROR(fetch_(offset, scratch));
+    return scratch.data();
+  }
+  std::unique_lock lk(mu_);
+  const std::byte* served = nullptr;
+  uint64_t next = offset + length;
+  if (Slot* slot = FindLocked(offset, length)) {
+    slot->users++;
+    fetched_.wait(lk, [&] { return slot->state == State::kReady; });
+    slot->last_used = ++clock_;
+    if (!slot->stale && slot->status.ok()) {
+      served = slot->buffer.get() + (offset - slot->offset);
+      next = slot->offset + slot->length;  // the piece after this one
+      pin.Release();
+      pin.owner_ = this;
+      pin.slot_ = slot;  // the reader's hold passes to the pin
+    } else {
+      slot->users--;
+    }
+  }
+  const bool stream = ContinuesStreamLocked(offset, offset + length) || served != nullptr;
+  if (stream) {
+    // Two pieces ahead: the disk always has the next one queued while the
+    // current one is copied out.
+    StartLocked(next, disk_size);
+    StartLocked(next + max_read_, disk_size);
+  }
+  lk.unlock();
+  if (served != nullptr) return served;
+  QCOW2FS_RETURN_IF_ERROR(fetch_(offset, scratch));
+  return scratch.data();
+}
+
+void ReadAhead::Invalidate(uint64_t offset, uint64_t length) {
+  std::lock_guard lk(mu_);
+  for (Slot& s : slots_) {
+    if (s.state == State::kFree || s.offset >= offset + length || offset >= s.offset + s.length) {
+      continue;
+    }
+    if (s.state == State::kReady && s.users == 0) {
+      s.state = State::kFree;
+    } else {
+      s.stale = true;
+    }
+  }
+}
+
+void ReadAhead::Run() {
+  std::unique_lock lk(mu_);
+  while (true) {
+    work_.wait(lk, [this] { return stopping_ || !queue_.empty(); });
+    if (queue_.empty()) return;  // stopping
+    Slot* slot = queue_.front();
+    queue_.erase(queue_.begin());
+    lk.unlock();
+    Status status = fetch_(slot->offset, {slot->buffer.get(), slot->length});
+    lk.lock();
+    slot->status = std::move(status);
+    slot->state = State::kReady;
+    fetched_.notify_all();
+  }
+}
+
+}  // namespace qcow2fs::fusefs
