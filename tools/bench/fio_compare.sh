@@ -9,9 +9,10 @@
 # Targets, each given the same image and a fresh daemon for every workload:
 #   raw          the raw file itself (qemu-img convert -O raw of the image)
 #   qemu         qemu-storage-daemon, file cache.direct=on (O_DIRECT host I/O)
-#   qemu-cached  the same with cache.direct=off: host page cache, as qcow2fs
-#                (the core reads and writes its host file with buffered I/O,
-#                so this is the like-for-like QEMU column)
+#   qemu-cached  the same with cache.direct=off: everything through the host
+#                page cache (qcow2fs, with its default host-cache=off, sends
+#                transfers of 64 KiB or more with O_DIRECT and smaller ones
+#                through the page cache: between the two QEMU columns)
 #   qcow2fs      build/fuse/mount.qcow2fs IMAGE DIR, file DIR/IMAGE.raw
 #
 # Workloads (fio, O_DIRECT on the guest file where the target accepts it,

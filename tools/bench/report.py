@@ -101,8 +101,10 @@ def main():
     out.append(
         "Sequential rows in MiB/s, random rows in IOPS (higher is better). "
         "\"QEMU export\" is qemu-storage-daemon with `cache.direct=on` (host O_DIRECT); "
-        "\"host cache\" is the same with `cache.direct=off`, like qcow2fs, whose core uses "
-        "buffered host I/O: compare qcow2fs with that column first. fio uses O_DIRECT on "
+        "\"host cache\" is the same with `cache.direct=off`. qcow2fs (default options) sends "
+        "host transfers of 64 KiB or more through O_DIRECT and smaller ones through the page "
+        "cache, queues large writes (write-behind) and reads sequential streams ahead. "
+        "fio uses O_DIRECT on "
         "every target unless a note says otherwise; page cache dropped before every run, "
         "fresh daemon for every run. RSS = peak (VmHWM) of the daemon after the run, MiB.\n")
     out.append("| workload | unit | raw | QEMU export | QEMU export (host cache) | qcow2fs "
