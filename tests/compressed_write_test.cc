@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <sys/stat.h>
 #include <thread>
 
 #include "qcow2fs/image.h"
@@ -27,14 +29,22 @@ class CompressedWriteTest : public ::testing::TestWithParam<CompressCase> {
     ASSERT_TRUE(QemuImg("create -q -f qcow2 -o " + GetParam().create_options + " " +
                         ShellQuote(path_) + " 16M"));
   }
-  // With `background`, compression runs on other threads, as in the daemon.
-  std::unique_ptr<Image> OpenCompressed(size_t cache_bytes = 0, bool background = false) {
+  // With `background`, compression runs on other threads, as in the daemon;
+  // with `lagging`, those threads start late, so a flush finds clusters still
+  // waiting to be compressed (as at unmount after a fast cp).
+  std::unique_ptr<Image> OpenCompressed(size_t cache_bytes = 0, bool background = false,
+                                        bool lagging = false) {
     OpenOptions o;
     o.read_only = false;
     o.compress = GetParam().type;
     o.compress_cache_bytes = cache_bytes;
     if (background) {
-      o.compress_executor = [](std::function<void()> job) { std::thread(std::move(job)).detach(); };
+      o.compress_executor = [lagging](std::function<void()> job) {
+        std::thread([lagging, job = std::move(job)] {
+          if (lagging) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+          job();
+        }).detach();
+      };
     }
     auto image = Image::Open(path_, o);
     EXPECT_TRUE(image.ok()) << Describe(image.status());
@@ -49,6 +59,41 @@ class CompressedWriteTest : public ::testing::TestWithParam<CompressCase> {
     ASSERT_TRUE(WriteWholeFile(dir_.Join("expected.raw"), expected));
     EXPECT_TRUE(QemuImg("compare -q -f qcow2 -F raw " + ShellQuote(path_) + " " +
                         ShellQuote(dir_.Join("expected.raw"))));
+  }
+  // Our image must take about the space `qemu-img convert -c` makes from
+  // expected.raw, both allocated (du) and apparent (ls -l). On these small
+  // disks the tail of each 1 MiB segment's last host cluster shows (QEMU
+  // packs across the whole image): a little slack, far less than sealing a
+  // segment per cluster costs.
+  // `apparent` = false skips ls -l: the last segment's unused clusters are
+  // freed at close, and when they end the file they still count there (a
+  // known gap: trailing free clusters are not truncated yet).
+  void ExpectAboutAsSmallAsQemuImg(bool apparent = true) {
+    const std::string reference = dir_.Join("reference.qcow2");
+    ASSERT_TRUE(QemuImg("convert -q -c -O qcow2 -o " + GetParam().create_options + " " +
+                        ShellQuote(dir_.Join("expected.raw")) + " " + ShellQuote(reference)));
+    struct stat ours {}, theirs {};
+    ASSERT_EQ(stat(path_.c_str(), &ours), 0);
+    ASSERT_EQ(stat(reference.c_str(), &theirs), 0);
+    const int64_t ours_du = ours.st_blocks * 512, theirs_du = theirs.st_blocks * 512;
+    EXPECT_LE(ours_du, theirs_du + theirs_du / 100)
+        << "allocated: qcow2fs " << ours_du << " bytes vs qemu-img convert -c " << theirs_du;
+    if (apparent) {
+      EXPECT_LE(ours.st_size, theirs.st_size + theirs.st_size / 40)
+          << "apparent: qcow2fs " << ours.st_size << " bytes vs qemu-img convert -c "
+          << theirs.st_size;
+    }
+    // No more clusters stored uncompressed than QEMU stores.
+    EXPECT_LE(UncompressedClusters(path_), UncompressedClusters(reference));
+  }
+  int64_t UncompressedClusters(const std::string& path) {
+    std::string out;
+    EXPECT_TRUE(QemuImg("check --output=json " + ShellQuote(path), &out)) << out;
+    auto number = [&](const std::string& key) -> int64_t {
+      const auto at = out.find("\"" + key + "\": ");
+      return at == std::string::npos ? 0 : std::stoll(out.substr(at + key.size() + 4));
+    };
+    return number("allocated-clusters") - number("compressed-clusters");
   }
   TempDir dir_;
   std::string path_;
@@ -97,12 +142,15 @@ TEST_P(CompressedWriteTest, UnalignedWritesFromThreadsInRandomOrder) {
 }
 
 // The way cp reaches the image: 128 KiB writes, in order, two at a time.
-// The result must be no bigger on disk than `qemu-img convert -c` makes it.
+// The result must be about as small as `qemu-img convert -c` makes it.
 TEST_P(CompressedWriteTest, SequentialCopyIsAsSmallAsQemuImgConvert) {
   const uint64_t size = 16 << 20, chunk = 128 << 10;
   const std::string source = SemiCompressible(size, 31);
   {
-    auto image = OpenCompressed(0, /*background=*/true);
+    // Compression lags behind the writers: the flush finds most clusters
+    // still queued, and must pack them densely, not seal a segment per
+    // cluster as they trickle in.
+    auto image = OpenCompressed(0, /*background=*/true, /*lagging=*/true);
     ASSERT_TRUE(image);
     std::atomic<uint64_t> next{0};
     std::vector<std::thread> threads;
@@ -121,18 +169,44 @@ TEST_P(CompressedWriteTest, SequentialCopyIsAsSmallAsQemuImgConvert) {
     ASSERT_TRUE(image->Flush().ok());
   }
   ExpectValidCompressed(source);
-  const std::string reference = dir_.Join("reference.qcow2");
-  const std::string type = GetParam().type == CompressionType::kZstd ? "zstd" : "zlib";
-  ASSERT_TRUE(QemuImg("convert -q -c -O qcow2 -o " + GetParam().create_options + " " +
-                      ShellQuote(dir_.Join("expected.raw")) + " " + ShellQuote(reference)));
-  CommandResult ours = RunCommand("du -B1 " + ShellQuote(path_) + " | cut -f1");
-  CommandResult theirs = RunCommand("du -B1 " + ShellQuote(reference) + " | cut -f1");
-  ASSERT_EQ(ours.exit_code, 0);
-  ASSERT_EQ(theirs.exit_code, 0);
-  const uint64_t ours_bytes = std::stoull(ours.output), theirs_bytes = std::stoull(theirs.output);
-  EXPECT_LE(ours_bytes, theirs_bytes + theirs_bytes / 50)
-      << "qcow2fs " << ours_bytes << " bytes vs qemu-img convert -c " << theirs_bytes;
-  EXPECT_LT(ours_bytes, size * 3 / 4);
+  ExpectAboutAsSmallAsQemuImg();
+}
+
+// cp --sparse=always punches every hole it skips, and holes start and end
+// inside clusters: the zeroed pieces must be staged like written data, so
+// the clusters around holes are compressed too, not stored as normal ones.
+TEST_P(CompressedWriteTest, SparseCopyPunchingHolesInsideClustersStaysCompressed) {
+  const uint64_t size = 16 << 20, chunk = 128 << 10;
+  std::string model = SemiCompressible(size, 41);
+  // Holes of 8 KiB to 1 MiB at 4 KiB granularity, as ext4 leaves them.
+  std::vector<std::pair<uint64_t, uint64_t>> holes;
+  Rng rng(3);
+  for (uint64_t pos = rng.Uniform(1, 64) << 12; pos < size;) {
+    const uint64_t len = std::min(size - pos, rng.Uniform(2, 256) << 12);
+    holes.emplace_back(pos, len);
+    model.replace(pos, len, std::string(len, '\0'));
+    pos += len + (rng.Uniform(1, 256) << 12);
+  }
+  {
+    auto image = OpenCompressed(0, /*background=*/true);
+    ASSERT_TRUE(image);
+    size_t next_hole = 0;
+    for (uint64_t pos = 0; pos < size;) {
+      if (next_hole < holes.size() && holes[next_hole].first == pos) {
+        const auto [off, len] = holes[next_hole++];
+        ASSERT_TRUE(image->Discard(off, len).ok());
+        pos += len;
+        continue;
+      }
+      uint64_t end = std::min(size, pos + chunk);
+      if (next_hole < holes.size()) end = std::min(end, holes[next_hole].first);
+      ASSERT_TRUE(image->Write(pos, AsBytes(std::string_view(model).substr(pos, end - pos))).ok());
+      pos = end;
+    }
+    ASSERT_TRUE(image->Flush().ok());
+  }
+  ExpectValidCompressed(model);
+  ExpectAboutAsSmallAsQemuImg(/*apparent=*/false);
 }
 
 TEST_P(CompressedWriteTest, DiscardOfStagedDataAndRewriteOfCompressedData) {

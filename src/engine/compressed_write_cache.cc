@@ -458,7 +458,7 @@ Status CompressedWriteCache::Flush() {
   // bytes are ours to flush), and the segment.
   while (true) {
     Entry* filling = nullptr;
-    bool busy = false;
+    bool busy = false, compressing = false;
     for (uint64_t index : pending) {
       auto it = entries_.find(index);
       if (it == entries_.end()) continue;
@@ -467,13 +467,18 @@ Status CompressedWriteCache::Flush() {
         break;
       }
       busy = true;
+      if (it->second->state == State::kCompressing) compressing = true;
     }
     if (filling) {
       QCOW2FS_RETURN_IF_ERROR(Finish(lk, *filling));
       continue;
     }
     if (!busy) break;
-    if (!sealing_ && !segment_.placed.empty()) {
+    // Clusters still being compressed (at unmount after a fast cp, hundreds
+    // queued on the executor) will be packed into the segment: wait for
+    // them rather than seal it around each one as it arrives, which wasted
+    // the rest of a host cluster (and released clusters) per cluster.
+    if (!compressing && !sealing_ && !segment_.placed.empty()) {
       QCOW2FS_RETURN_IF_ERROR(SealSegment(lk));
     } else {
       changed_.wait(lk);
