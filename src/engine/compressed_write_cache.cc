@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <bit>
 #include <cstring>
+#include <new>
 
 #include "codec/compression.h"
 #include "format/align.h"
@@ -37,8 +38,10 @@ CompressedWriteCache::CompressedWriteCache(CompressedClusterSink& sink, Compress
       cluster_bits_(static_cast<uint32_t>(std::countr_zero(cluster_size))),
       max_entries_(std::max<size_t>(16, (max_bytes ? max_bytes : (64u << 20)) / cluster_size)),
       max_users_(sink.MaxCompressedPerHostCluster()),
-      // Segments of 1 MiB (at least two clusters) keep host writes large.
-      segment_clusters_(std::max<uint64_t>(2, (1u << 20) / cluster_size)),
+      // Segments of 8 MiB (at least two clusters) keep host writes large,
+      // and the space lost at the end of each (the rest of its last host
+      // cluster) one in a thousand.
+      segment_clusters_(std::max<uint64_t>(2, (8u << 20) / cluster_size)),
       disk_size_(disk_size),
       executor_(std::move(executor)) {}
 
@@ -253,19 +256,21 @@ Status CompressedWriteCache::Place(std::unique_lock<std::mutex>& lk, Job& job,
       changed_.wait(lk);
       continue;
     }
-    if (!segment_.placed.empty() || segment_.clusters != 0) {
-      s = SealSegment(lk);  // full: write it out (or drop an empty one)
+    if (!segment_.placed.empty()) {
+      s = SealSegment(lk);  // full: write it out
     } else {
-      auto host = sink_.AllocateSegment(segment_clusters_);
-      if (host.ok()) {
-        segment_.host_offset = *host;
-        segment_.clusters = segment_clusters_;
-        segment_.data.assign(segment_clusters_ << cluster_bits_, std::byte{0});
-        segment_.users.assign(segment_clusters_, 0);
-        segment_.used = 0;
-      } else {
-        s = host.status();
+      // Host clusters are allocated when the segment is sealed, exactly as
+      // many as it fills: no cluster is allocated and then left free.
+      try {
+        segment_.data = spare_segment_.empty()
+                            ? AlignedBuffer(segment_clusters_ << cluster_bits_)
+                            : std::move(spare_segment_);
+        std::memset(segment_.data.data(), 0, segment_.data.size());
+      } catch (const std::bad_alloc&) {
+        s = Status(ErrorCode::kIoError, "no memory for a compressed segment", ENOMEM);
       }
+      segment_.users.assign(segment_clusters_, 0);
+      segment_.used = 0;
     }
     if (!s.ok()) {
       Requeue(e);
@@ -273,7 +278,8 @@ Status CompressedWriteCache::Place(std::unique_lock<std::mutex>& lk, Job& job,
     }
   }
   std::memcpy(segment_.data.data() + at, prepared.compressed.data(), n);
-  segment_.placed.push_back({e.guest_offset, segment_.host_offset + at, n});
+  // Relative to the segment until SealSegment knows where it goes.
+  segment_.placed.push_back({e.guest_offset, at, n});
   e.state = State::kPacked;
   changed_.notify_all();
   // A full segment goes out now: one large aligned write.
@@ -282,7 +288,7 @@ Status CompressedWriteCache::Place(std::unique_lock<std::mutex>& lk, Job& job,
 }
 
 bool CompressedWriteCache::TryPack(uint64_t n, uint64_t* at) {
-  if (sealing_ || segment_.clusters == 0) return false;
+  if (sealing_ || segment_.data.empty()) return false;
   uint64_t start = segment_.used;
   // Each compressed cluster adds one to the refcount of every host cluster
   // it touches; a host cluster at the refcount width's limit is skipped.
@@ -306,17 +312,30 @@ Status CompressedWriteCache::SealSegment(std::unique_lock<std::mutex>& lk) {
   Segment s = std::move(segment_);
   segment_ = Segment{};
   lk.unlock();
-  // Write the used part, rounded to whole sectors; unused clusters of the
-  // segment are released by the commit.
-  const uint64_t bytes = std::min<uint64_t>(s.data.size(), AlignUp(s.used, kSectorSize));
-  Status st = s.placed.empty() ? Status()
-                               : sink_.WriteSegment(s.host_offset, {s.data.data(), bytes});
-  if (st.ok()) {
-    st = sink_.CommitSegment(s.placed, s.host_offset, s.clusters);
-  } else {
-    (void)sink_.CommitSegment({}, s.host_offset, s.clusters);  // release the hold
+  // Allocate the clusters the packed data fills (every one of them holds
+  // compressed data: packing only skips the rest of a cluster that is at
+  // its refcount limit), place the clusters there, write the used part
+  // once, padded to 4 KiB where the clusters allow so it can go O_DIRECT,
+  // and only then let L2 entries point into it.
+  Status st;
+  if (!s.placed.empty()) {
+    const uint64_t clusters = AlignUp(s.used, cluster_size_) >> cluster_bits_;
+    auto base = sink_.AllocateSegment(clusters);
+    st = base.status();
+    if (st.ok()) {
+      for (auto& p : s.placed) p.host_offset += *base;
+      const uint64_t bytes = std::min(clusters << cluster_bits_,
+                                      AlignUp(s.used, AlignedBuffer::kAlignment));
+      st = sink_.WriteSegment(*base, {s.data.data(), bytes});
+      if (st.ok()) {
+        st = sink_.CommitSegment(s.placed, *base, clusters);
+      } else {
+        (void)sink_.CommitSegment({}, *base, clusters);  // release the hold
+      }
+    }
   }
   lk.lock();
+  if (spare_segment_.empty()) spare_segment_ = std::move(s.data);
   for (const auto& p : s.placed) {
     const uint64_t index = p.guest_offset >> cluster_bits_;
     auto it = entries_.find(index);

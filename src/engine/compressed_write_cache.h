@@ -10,12 +10,14 @@
 //               content) it is compressed on the calling thread; FUSE
 //               requests run on the daemon's TBB pool, so compression is
 //               parallel across requests;
-//   packed      its compressed bytes sit in the current *segment*: a run of
-//               contiguous host clusters filled byte by byte, as QEMU packs
-//               them, a compressed cluster may straddle two host clusters;
-//   committed   when the segment is full (or at Flush()) it is written with
-//               one host write, and only then do the L2 entries point into
-//               it. The staging entry goes away at that moment.
+//   packed      its compressed bytes sit in the current *segment*: up to
+//               8 MiB of memory standing for contiguous host clusters,
+//               filled byte by byte as QEMU packs them (a compressed cluster
+//               may straddle two host clusters);
+//   committed   when the segment is full (or at Flush()) exactly the host
+//               clusters it fills are allocated, it is written with one host
+//               write, and only then do the L2 entries point into it. The
+//               staging entry goes away at that moment.
 // A cluster that does not compress is written as a normal cluster, an
 // all-zero one becomes a zero cluster.
 //
@@ -41,6 +43,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "io/aligned_buffer.h"
 #include "qcow2fs/image.h"
 #include "qcow2fs/status.h"
 
@@ -52,8 +55,8 @@ class CompressedClusterSink {
   virtual ~CompressedClusterSink() = default;
   // The image's current content of one guest cluster, without staging.
   virtual Status ReadClusterForFill(uint64_t guest_offset, std::span<std::byte> out) = 0;
-  // Allocates `count` contiguous host clusters (refcount 1 each: the
-  // segment's own hold, released by CommitSegment).
+  // Allocates `count` contiguous host clusters for a sealed segment
+  // (refcount 1 each: the segment's own hold, released by CommitSegment).
   virtual Result<uint64_t> AllocateSegment(uint64_t count) = 0;
   virtual Status WriteSegment(uint64_t host_offset, std::span<const std::byte> data) = 0;
   struct Placed {
@@ -121,10 +124,11 @@ class CompressedWriteCache {
     uint64_t valid_bytes = 0;
     std::list<uint64_t>::iterator lru;
   };
+  // Compressed clusters packed back to back, in memory until sealed; its
+  // host clusters are allocated then (placed[].host_offset is relative to
+  // the segment until that moment).
   struct Segment {
-    uint64_t host_offset = 0;
-    uint64_t clusters = 0;
-    std::vector<std::byte> data;
+    AlignedBuffer data;  // empty: no segment open
     uint64_t used = 0;
     std::vector<uint64_t> users;  // compressed clusters touching each host cluster
     std::vector<CompressedClusterSink::Placed> placed;
@@ -190,6 +194,7 @@ class CompressedWriteCache {
   std::unordered_map<uint64_t, std::unique_ptr<Entry>> entries_;  // by cluster index
   std::list<uint64_t> lru_;  // filling entries, oldest first
   Segment segment_;
+  AlignedBuffer spare_segment_;  // a sealed segment's buffer, for the next one
   bool sealing_ = false;  // a thread is writing out a segment
   const Executor executor_;
   size_t background_jobs_ = 0;  // handed to the executor, not yet placed

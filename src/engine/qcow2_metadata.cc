@@ -205,7 +205,10 @@ Status Qcow2Image::Resize(uint64_t new_size) {
       const uint64_t clusters = (needed * 8 + cluster_size_ - 1) >> cluster_bits_;
       QCOW2FS_ASSIGN_OR_RETURN(uint64_t offset, AllocateClustersLocked(clusters));
       QCOW2FS_RETURN_IF_ERROR(WriteBackLocked());  // its refcounts
-      std::vector<std::byte> raw(clusters << cluster_bits_);
+      // Only the table's own sectors: the rest of its last cluster is never
+      // read, and left unwritten it costs no disk space (a new image's
+      // 8-byte L1 table would otherwise take a whole cluster).
+      std::vector<std::byte> raw(AlignUp(needed * 8, kSectorSize));
       for (size_t i = 0; i < l1_.size(); i++) StoreBe64(raw.data() + 8 * i, l1_[i]);
       QCOW2FS_RETURN_IF_ERROR(file_->WriteAt(offset, raw));
       QCOW2FS_RETURN_IF_ERROR(file_->Sync());

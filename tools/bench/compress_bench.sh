@@ -50,7 +50,7 @@ measure() {  # label image command...
   qemu-img check -q "$image" || { echo "$label: qemu-img check failed" >&2; exit 1; }
   qemu-img compare -q -f qcow2 -F raw "$image" "$work/disk.raw" ||
     { echo "$label: image differs from the disk" >&2; exit 1; }
-  rows+=("| $label | $(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }') | $(size_mib "$image") |")
+  rows+=("| $label | $(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }') | $(size_mib "$image") | $(du -B1 "$image" | cut -f1) | $(stat -c %s "$image") |")
   rm -f "$image"
 }
 qcow2fs_cp() {  # type image
@@ -72,9 +72,9 @@ mkdir -p "$ROOT/tools/bench/results"
 {
   echo "## Compressed images: qemu-img convert -c vs cp into a compress mount ($(date +%F))"
   echo
-  echo "$(nproc) CPUs, $(uname -r); $(qemu-img --version | head -1); disk: ${SIZE_MIB} MiB ext4 holding ${used} MiB of /usr files. Time until the image is closed, page cache dropped before each run; size is the image's allocated bytes. Every image passed qemu-img check and compare."
+  echo "$(nproc) CPUs, $(uname -r); $(qemu-img --version | head -1); disk: ${SIZE_MIB} MiB ext4 holding ${used} MiB of /usr files. Time until the image is closed, page cache dropped before each run; size is the image's allocated bytes (du), also given exactly, with the file's length (ls -l). Every image passed qemu-img check and compare."
   echo
-  echo "| method | time (s) | image (MiB) |"
-  echo "|---|---:|---:|"
+  echo "| method | time (s) | image (MiB) | allocated (bytes) | length (bytes) |"
+  echo "|---|---:|---:|---:|---:|"
   printf '%s\n' "${rows[@]}"
 } | tee "$ROOT/tools/bench/results/compress.md"
