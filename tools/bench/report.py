@@ -32,9 +32,21 @@ def unit_of(workload):
 
 def main():
     runs_csv, desc_path, results, work = sys.argv[1:5]
-    runs = {}
+    # Several runs of one workload on one target (the sequential workloads
+    # run twice, targets in forward then reverse order) become their mean;
+    # the peak RSS is the largest.
+    grouped = {}
     for r in csv.DictReader(open(runs_csv)):
-        runs[(r["workload"], r["target"])] = r
+        grouped.setdefault((r["workload"], r["target"]), []).append(r)
+    runs = {}
+    for key, rs in grouped.items():
+        merged = dict(rs[-1])
+        for field in ("mibps", "iops"):
+            merged[field] = str(sum(float(r[field]) for r in rs) / len(rs))
+        merged["vmhwm_kib"] = str(max(int(r["vmhwm_kib"]) for r in rs))
+        merged["note"] = "; ".join(sorted({r["note"] for r in rs if r["note"]}))
+        merged["runs"] = " / ".join(f'{float(r["mibps"]):.0f}' for r in rs)
+        runs[key] = merged
     order, desc = [], {}
     for line in open(desc_path):
         w, _, d = line.rstrip("\n").partition("=")
@@ -119,6 +131,16 @@ def main():
             f"{cell(v['qemu-cached'], u)} | {cell(v['qcow2fs'], u)} | "
             f"{r['qcow2fs_vs_qemu']} | {r['qcow2fs_vs_qemu_cached']} | {r['qcow2fs_vs_raw']} | "
             f"{mib(r['qcow2fs_vmhwm_kib'])} | {mib(r['qemu_vmhwm_kib'])} |")
+    repeated = []
+    for w in order:
+        parts = [f"{HEADINGS[t]} {runs[(w, t)]['runs']}" for t in TARGETS
+                 if (w, t) in runs and " / " in runs[(w, t)]["runs"]]
+        if parts:
+            repeated.append(f"- {desc[w]} (MiB/s): " + "; ".join(parts))
+    if repeated:
+        out.append("\nRows measured more than once show the mean; the runs, in order (targets "
+                   "ran forward, then in reverse, so no target always comes first after the "
+                   "images are made):\n" + "\n".join(repeated))
     notes = [f"- {r['workload']}: {r['notes']}" for r in rows if r["notes"]]
     if notes:
         out.append("\nNotes:\n" + "\n".join(notes))
