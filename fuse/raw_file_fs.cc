@@ -57,12 +57,12 @@ RawFileFs::RawFileFs(Image& image, int image_path_fd, FsConfig config)
       has_backing_(!image.info().backing_file.empty()),
       block_size_(
           std::clamp<uint32_t>(image.info().cluster_size, 4096, 2u << 20)),
-      // Streams of reads of 64 KiB or more; six pieces of 1 MiB follow two
-      // streams (each has the piece it reads and the next two).
+      // Streams of reads of 64 KiB or more; ten pieces of 1 MiB follow two
+      // streams (each has the piece it reads and the next four).
       read_ahead_([&image](uint64_t offset, std::span<std::byte> out) {
                     return image.Read(offset, out);
                   },
-                  64 << 10, kMaxWrite, 6),
+                  64 << 10, kMaxWrite, 10),
       // Two threads: one writes to the disk while the other maps its piece.
       write_behind_(config_.read_only || config_.write_behind_bytes == 0
                         ? nullptr

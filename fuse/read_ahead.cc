@@ -11,6 +11,8 @@ namespace {
 
 // How many recent read ends are remembered to recognise streams.
 constexpr size_t kRecentReads = 8;
+// How far ahead of a stream pieces are fetched, and by how many threads.
+constexpr uint64_t kPiecesAhead = 4;
 
 }  // namespace
 
@@ -18,9 +20,8 @@ void ReadAhead::Free::operator()(std::byte* p) const { std::free(p); }
 
 ReadAhead::ReadAhead(Fetch fetch, size_t min_read, size_t max_read, unsigned slots)
     : fetch_(std::move(fetch)), min_read_(min_read), max_read_(max_read), slots_(slots) {
-  // Two threads: two streams (or one stream and a reader's own fetch) keep
-  // the disk busy.
-  for (int i = 0; i < 2; i++) threads_.emplace_back([this] { Run(); });
+  // One thread per piece ahead: all of them are in flight at once.
+  for (uint64_t i = 0; i < kPiecesAhead; i++) threads_.emplace_back([this] { Run(); });
 }
 
 ReadAhead::~ReadAhead() {
@@ -59,16 +60,20 @@ void ReadAhead::StartLocked(uint64_t offset, uint64_t disk_size) {
   if (offset >= disk_size) return;
   const size_t length = static_cast<size_t>(std::min<uint64_t>(max_read_, disk_size - offset));
   if (FindLocked(offset, 1) != nullptr) return;  // already fetched or on its way
-  // A free slot, or else the least recently used one nobody holds; a stale
-  // one counts as free.
+  // A free (or stale) slot; else the least recently used piece nobody
+  // holds, preferring pieces already served (their reader has moved on)
+  // over pieces still ahead of a reader.
   Slot* victim = nullptr;
+  auto better = [](const Slot& a, const Slot& b) {
+    return a.served != b.served ? a.served : a.last_used < b.last_used;
+  };
   for (Slot& s : slots_) {
     if (s.state == State::kFetching || s.users > 0) continue;
     if (s.state == State::kFree || s.stale) {
       victim = &s;
       break;
     }
-    if (victim == nullptr || s.last_used < victim->last_used) victim = &s;
+    if (victim == nullptr || better(s, *victim)) victim = &s;
   }
   if (victim == nullptr) return;
   if (!victim->buffer) {
@@ -81,6 +86,7 @@ void ReadAhead::StartLocked(uint64_t offset, uint64_t disk_size) {
   victim->offset = offset;
   victim->length = length;
   victim->stale = false;
+  victim->served = false;
   victim->status = Status();
   victim->last_used = ++clock_;
   queue_.push_back(victim);
@@ -125,6 +131,7 @@ Result<const std::byte*> ReadAhead::Read(uint64_t offset, std::span<std::byte> s
     slot->last_used = ++clock_;
     if (!slot->stale && slot->status.ok()) {
       served = slot->buffer.get() + (offset - slot->offset);
+      slot->served = true;
       next = slot->offset + slot->length;  // the piece after this one
       pin.Release();
       pin.owner_ = this;
@@ -135,10 +142,11 @@ Result<const std::byte*> ReadAhead::Read(uint64_t offset, std::span<std::byte> s
   }
   const bool stream = ContinuesStreamLocked(offset, offset + length) || served != nullptr;
   if (stream) {
-    // Two pieces ahead: the disk always has the next one queued while the
-    // current one is copied out.
-    StartLocked(next, disk_size);
-    StartLocked(next + max_read_, disk_size);
+    // Four pieces ahead: the disk always has the next ones queued while the
+    // current one is copied out, and a slow request of the host disk does
+    // not stall the reader (two pieces ahead measured 1,006-1,684 MiB/s on
+    // one image, four 1,100-1,687, the raw file 1,196-1,865).
+    for (uint64_t i = 0; i < kPiecesAhead; i++) StartLocked(next + i * max_read_, disk_size);
   }
   lk.unlock();
   if (served != nullptr) return served;

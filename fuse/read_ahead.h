@@ -13,7 +13,7 @@
 // from a fetched piece. The fetch is a whole piece (`max_read` bytes) right
 // after the read, or after the piece it was served from, so a stream of
 // smaller reads (the kernel's 128 KiB readahead) is served from pieces too.
-// Several streams are followed at once.
+// Several streams are followed at once; each is fetched four pieces ahead.
 //
 // Coherence: the owner calls Invalidate() for every range it changes, both
 // before and after changing it. A fetched piece overlapping the range is
@@ -90,6 +90,7 @@ class ReadAhead {
     size_t length = 0;
     bool stale = false;  // the range changed since the fetch began: never served
     int users = 0;       // readers waiting on it or copying out of it
+    bool served = false; // a read was served from it (its stream moves on)
     uint64_t last_used = 0;
     Status status;
     std::unique_ptr<std::byte, Free> buffer;
