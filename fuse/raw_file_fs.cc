@@ -9,11 +9,11 @@
 #include <algorithm>
 #include <cerrno>
 #include <cinttypes>
-#include <cstdlib>
-#include <memory>
+#include <new>
 #include <utility>
 
 #include "log.h"
+#include "qcow2fs/aligned_buffer.h"
 
 namespace qcow2fs::fusefs {
 namespace {
@@ -40,12 +40,14 @@ int ErrnoFrom(const Status& status, const char* what, uint64_t offset) {
 // thread's first read and kept for its life (the request workers live as
 // long as the mount), or null when memory is short.
 std::byte* ThreadReadBuffer() {
-  struct Free {
-    void operator()(std::byte* p) const { std::free(p); }
-  };
-  thread_local std::unique_ptr<std::byte, Free> buffer(
-      static_cast<std::byte*>(std::aligned_alloc(4096, RawFileFs::kMaxWrite)));
-  return buffer.get();
+  thread_local AlignedBuffer buffer = [] {
+    try {
+      return AlignedBuffer(RawFileFs::kMaxWrite);
+    } catch (const std::bad_alloc&) {
+      return AlignedBuffer();
+    }
+  }();
+  return buffer.empty() ? nullptr : buffer.data();
 }
 
 }  // namespace

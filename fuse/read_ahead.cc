@@ -2,7 +2,7 @@
 #include "read_ahead.h"
 
 #include <algorithm>
-#include <cstdlib>
+#include <new>
 #include <cstring>
 #include <utility>
 
@@ -15,8 +15,6 @@ constexpr size_t kRecentReads = 8;
 constexpr uint64_t kPiecesAhead = 4;
 
 }  // namespace
-
-void ReadAhead::Free::operator()(std::byte* p) const { std::free(p); }
 
 ReadAhead::ReadAhead(Fetch fetch, size_t min_read, size_t max_read, unsigned slots)
     : fetch_(std::move(fetch)), min_read_(min_read), max_read_(max_read), slots_(slots) {
@@ -76,11 +74,12 @@ void ReadAhead::StartLocked(uint64_t offset, uint64_t disk_size) {
     if (victim == nullptr || better(s, *victim)) victim = &s;
   }
   if (victim == nullptr) return;
-  if (!victim->buffer) {
-    // Page-aligned, so the image can read into it with O_DIRECT.
-    victim->buffer.reset(static_cast<std::byte*>(
-        std::aligned_alloc(4096, (max_read_ + 4095) & ~size_t{4095})));
-    if (!victim->buffer) return;  // no memory: read without fetching ahead
+  if (victim->buffer.empty()) {
+    try {
+      victim->buffer = AlignedBuffer(max_read_);
+    } catch (const std::bad_alloc&) {
+      return;  // no memory: read without fetching ahead
+    }
   }
   victim->state = State::kFetching;
   victim->offset = offset;
@@ -130,7 +129,7 @@ Result<const std::byte*> ReadAhead::Read(uint64_t offset, std::span<std::byte> s
     fetched_.wait(lk, [&] { return slot->state == State::kReady; });
     slot->last_used = ++clock_;
     if (!slot->stale && slot->status.ok()) {
-      served = slot->buffer.get() + (offset - slot->offset);
+      served = slot->buffer.data() + (offset - slot->offset);
       slot->served = true;
       next = slot->offset + slot->length;  // the piece after this one
       pin.Release();
@@ -176,7 +175,7 @@ void ReadAhead::Run() {
     Slot* slot = queue_.front();
     queue_.erase(queue_.begin());
     lk.unlock();
-    Status status = fetch_(slot->offset, {slot->buffer.get(), slot->length});
+    Status status = fetch_(slot->offset, {slot->buffer.data(), slot->length});
     lk.lock();
     slot->status = std::move(status);
     slot->state = State::kReady;

@@ -36,6 +36,7 @@
 #include <thread>
 #include <vector>
 
+#include "qcow2fs/aligned_buffer.h"
 #include "qcow2fs/status.h"
 
 namespace qcow2fs::fusefs {
@@ -81,9 +82,6 @@ class ReadAhead {
 
  private:
   enum class State { kFree, kFetching, kReady };
-  struct Free {
-    void operator()(std::byte* p) const;
-  };
   struct Slot {
     State state = State::kFree;
     uint64_t offset = 0;
@@ -93,7 +91,7 @@ class ReadAhead {
     bool served = false; // a read was served from it (its stream moves on)
     uint64_t last_used = 0;
     Status status;
-    std::unique_ptr<std::byte, Free> buffer;
+    AlignedBuffer buffer;  // page-aligned, so the image can read it with O_DIRECT
   };
 
   // With the lock: a ready or fetching slot covering the range, or null.

@@ -11,9 +11,10 @@
 #include <atomic>
 #include <cerrno>
 #include <cstdlib>
-#include <memory>
+#include <new>
 
 #include "log.h"
+#include "qcow2fs/aligned_buffer.h"
 
 namespace qcow2fs::fusefs {
 
@@ -27,19 +28,18 @@ static_assert(kWriteDataOffset < kPage);
 // A worker's receive buffer, shifted so that WRITE data is page-aligned.
 class ReceiveBuffer {
  public:
-  explicit ReceiveBuffer(size_t bytes)
-      : base_(static_cast<std::byte*>(std::aligned_alloc(
-            kPage, (kPage + bytes + kPage - 1) / kPage * kPage))) {
-    if (base_ != nullptr) buf_.mem = base_.get() + kPage - kWriteDataOffset;
+  explicit ReceiveBuffer(size_t bytes) {
+    try {
+      storage_ = AlignedBuffer(kPage + bytes);
+      buf_.mem = storage_.data() + kPage - kWriteDataOffset;
+    } catch (const std::bad_alloc&) {
+    }
   }
-  bool ok() const { return base_ != nullptr; }
+  bool ok() const { return !storage_.empty(); }
   fuse_buf* get() { return &buf_; }
 
  private:
-  struct Free {
-    void operator()(std::byte* p) const { std::free(p); }
-  };
-  std::unique_ptr<std::byte, Free> base_;
+  AlignedBuffer storage_;
   fuse_buf buf_{};
 };
 

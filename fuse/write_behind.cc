@@ -1,15 +1,11 @@
 // WriteBehind implementation. See write_behind.h.
 #include "write_behind.h"
 
-#include <cstdlib>
 #include <cstring>
-#include <new>
 
 #include "log.h"
 
 namespace qcow2fs::fusefs {
-
-void WriteBehind::Free::operator()(std::byte* p) const { std::free(p); }
 
 WriteBehind::WriteBehind(Apply apply, size_t max_bytes, size_t max_write, unsigned threads)
     : apply_(std::move(apply)),
@@ -46,16 +42,16 @@ void WriteBehind::Submit(uint64_t offset, std::span<const std::byte> data) {
     buffer = std::move(spare_.back());
     spare_.pop_back();
   } else {
-    // Page-aligned, so the image can write it with O_DIRECT.
-    buffer.reset(static_cast<std::byte*>(std::aligned_alloc(4096, (max_write_ + 4095) & ~size_t{4095})));
-    if (!buffer) throw std::bad_alloc();
+    // Page-aligned, so the image can write it with O_DIRECT. Throws
+    // std::bad_alloc when memory is short: the request fails with ENOMEM.
+    buffer = AlignedBuffer(max_write_);
     buffers_++;
   }
   // Listed before the copy, so overlapping requests wait for it from now on.
   auto it = queue_.insert(queue_.end(),
                           Pending{next_sequence_++, offset, data.size(), std::move(buffer)});
   lk.unlock();
-  std::memcpy(it->buffer.get(), data.data(), data.size());
+  std::memcpy(it->buffer.data(), data.data(), data.size());
   lk.lock();
   it->ready = true;
   lk.unlock();
@@ -91,7 +87,7 @@ void WriteBehind::Run() {
     if (next == queue_.end()) return;  // stopping, nothing left
     next->started = true;
     lk.unlock();
-    Status status = apply_(next->offset, {next->buffer.get(), next->length});
+    Status status = apply_(next->offset, {next->buffer.data(), next->length});
     lk.lock();
     if (!status.ok()) {
       Log(LOG_ERR, "queued write of %zu bytes at guest offset %llu failed: %s",

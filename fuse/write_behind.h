@@ -36,6 +36,7 @@
 #include <thread>
 #include <vector>
 
+#include "qcow2fs/aligned_buffer.h"
 #include "qcow2fs/status.h"
 
 namespace qcow2fs::fusefs {
@@ -64,10 +65,7 @@ class WriteBehind {
   Status Drain();
 
  private:
-  struct Free {
-    void operator()(std::byte* p) const;
-  };
-  using Buffer = std::unique_ptr<std::byte, Free>;
+  using Buffer = AlignedBuffer;
   struct Pending {
     uint64_t sequence;  // arrival order, for Drain()
     uint64_t offset;

@@ -43,7 +43,7 @@
 #include <unordered_map>
 #include <vector>
 
-#include "io/aligned_buffer.h"
+#include "qcow2fs/aligned_buffer.h"
 #include "qcow2fs/image.h"
 #include "qcow2fs/status.h"
 

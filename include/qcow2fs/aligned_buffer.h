@@ -1,10 +1,12 @@
-// AlignedBuffer: a fixed-size byte buffer on a page boundary, so host
-// writes from it can take the O_DIRECT route (see File / OpenPosixFile).
+// AlignedBuffer: a fixed-size byte buffer on a page boundary. With
+// OpenOptions::direct_io, Image::Read and Image::Write take the O_DIRECT
+// route only for buffers aligned like this one; the daemon's request, reply,
+// write-behind and read-ahead buffers are AlignedBuffers, and so are the
+// core's compressed segments.
 #pragma once
 
 #include <cstddef>
 #include <cstdlib>
-#include <cstring>
 #include <memory>
 #include <new>
 #include <span>
@@ -17,13 +19,13 @@ class AlignedBuffer {
   static constexpr size_t kAlignment = 4096;
 
   AlignedBuffer() = default;
-  // `size` zeroed bytes. Throws std::bad_alloc when memory is short.
+  // `size` bytes, not initialised (pages are only touched when used).
+  // Throws std::bad_alloc when memory is short.
   explicit AlignedBuffer(size_t size)
       : data_(static_cast<std::byte*>(
             std::aligned_alloc(kAlignment, (size + kAlignment - 1) / kAlignment * kAlignment))),
         size_(size) {
     if (!data_ && size != 0) throw std::bad_alloc();
-    if (size != 0) std::memset(data_.get(), 0, size);
   }
 
   AlignedBuffer(AlignedBuffer&& other) noexcept
