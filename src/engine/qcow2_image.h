@@ -116,6 +116,9 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   // --- writing (qcow2_write.cc, qcow2_zero.cc, qcow2_metadata.cc) ---
   Status PrepareForWriting();
   Status CheckWritable(uint64_t offset, uint64_t length) const;
+  // Guest data after CheckWritable: to the staging cache in compress mode,
+  // else through WriteShared under discard_lock_ shared.
+  Status WriteData(uint64_t offset, std::span<const std::byte> data);
   // The write path proper; the caller holds discard_lock_ shared.
   Status WriteShared(uint64_t offset, std::span<const std::byte> data);
   // Writes zeros through the data path (partial clusters).

@@ -56,6 +56,10 @@ Status Qcow2Image::CheckWritable(uint64_t offset, uint64_t length) const {
 
 Status Qcow2Image::Write(uint64_t offset, std::span<const std::byte> data) {
   QCOW2FS_RETURN_IF_ERROR(CheckWritable(offset, data.size()));
+  return WriteData(offset, data);
+}
+
+Status Qcow2Image::WriteData(uint64_t offset, std::span<const std::byte> data) {
   if (compressed_cache_) return WriteCompressMode(offset, data);
   std::shared_lock guard(discard_lock_);
   return WriteShared(offset, data);

@@ -26,21 +26,12 @@ constexpr uint64_t kAllZeroBitmap = 0xffffffffull << 32;
 
 Status Qcow2Image::WriteZeroBytes(uint64_t offset, uint64_t length) {
   static const std::vector<std::byte> kZeros(1 << 20);
-  if (compressed_cache_) {
-    // Zeros are data like any other in compress mode: staged, so a cluster
-    // partly zeroed (cp --sparse=always punching the head of a hole) still
-    // ends up compressed, or a zero cluster, rather than a normal one.
-    for (uint64_t done = 0; done < length;) {
-      const uint64_t n = std::min<uint64_t>(kZeros.size(), length - done);
-      QCOW2FS_RETURN_IF_ERROR(WriteCompressMode(offset + done, {kZeros.data(), n}));
-      done += n;
-    }
-    return Status();
-  }
-  std::shared_lock guard(discard_lock_);
+  // Zeros are data like any other, in compress mode too: staged, so a
+  // cluster partly zeroed (cp --sparse=always punching the head of a hole)
+  // still ends up compressed, or a zero cluster, rather than a normal one.
   for (uint64_t done = 0; done < length;) {
     const uint64_t n = std::min<uint64_t>(kZeros.size(), length - done);
-    QCOW2FS_RETURN_IF_ERROR(WriteShared(offset + done, {kZeros.data(), n}));
+    QCOW2FS_RETURN_IF_ERROR(WriteData(offset + done, {kZeros.data(), n}));
     done += n;
   }
   return Status();
