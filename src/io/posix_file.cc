@@ -66,11 +66,7 @@ class PosixFile final : public File {
       ssize_t n = ::pread(fd, buf.data() + done, buf.size() - done,
                           static_cast<off_t>(offset + done));
       if (n < 0) {
-        if (errno == EINTR) continue;
-        if (errno == EINVAL && fd != fd_) {
-          DisableDirect();
-          continue;
-        }
+        if (ShouldRetry(fd)) continue;
         return Status::FromErrno(errno, "reading " + name_ + " at " +
                                             std::to_string(offset + done));
       }
@@ -90,11 +86,7 @@ class PosixFile final : public File {
       ssize_t n = ::pwrite(fd, data.data() + done, data.size() - done,
                            static_cast<off_t>(offset + done));
       if (n < 0) {
-        if (errno == EINTR) continue;
-        if (errno == EINVAL && fd != fd_) {
-          DisableDirect();
-          continue;
-        }
+        if (ShouldRetry(fd)) continue;
         return Status::FromErrno(errno, "writing " + name_ + " at " +
                                             std::to_string(offset + done));
       }
@@ -168,9 +160,18 @@ class PosixFile final : public File {
     return aligned ? direct_fd_ : fd_;
   }
 
-  // A file system that announced direct I/O and then refused an aligned
-  // transfer (some FUSE and network file systems do): stop trying.
-  void DisableDirect() { direct_enabled_.store(false, std::memory_order_relaxed); }
+  // After a transfer on `fd` failed with errno: whether to try again. Yes
+  // when interrupted, and when the direct route refused an aligned transfer
+  // (a file system that announced direct I/O and then refused it; some FUSE
+  // and network file systems do): that route is then given up.
+  bool ShouldRetry(int fd) {
+    if (errno == EINTR) return true;
+    if (errno == EINVAL && fd != fd_) {
+      direct_enabled_.store(false, std::memory_order_relaxed);
+      return true;
+    }
+    return false;
+  }
 
   const int fd_;
   const int direct_fd_;
