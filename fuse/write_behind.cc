@@ -37,7 +37,7 @@ void WriteBehind::Submit(uint64_t offset, std::span<const std::byte> data) {
     return !OverlapsLocked(offset, data.size()) &&
            (!spare_.empty() || buffers_ < max_buffers_);
   });
-  Buffer buffer;
+  AlignedBuffer buffer;
   if (!spare_.empty()) {
     buffer = std::move(spare_.back());
     spare_.pop_back();

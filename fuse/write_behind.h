@@ -65,12 +65,11 @@ class WriteBehind {
   Status Drain();
 
  private:
-  using Buffer = AlignedBuffer;
   struct Pending {
     uint64_t sequence;  // arrival order, for Drain()
     uint64_t offset;
     size_t length;
-    Buffer buffer;
+    AlignedBuffer buffer;
     bool ready = false;    // the data is copied in
     bool started = false;  // a thread is applying it
   };
@@ -88,7 +87,7 @@ class WriteBehind {
   std::condition_variable done_;   // a write was applied
   std::list<Pending> queue_;       // queued and being applied, in arrival order
   uint64_t next_sequence_ = 0;
-  std::vector<Buffer> spare_;      // buffers not in use
+  std::vector<AlignedBuffer> spare_;  // buffers not in use
   size_t buffers_ = 0;             // buffers allocated so far
   Status error_;                   // first failure since the last Drain()
   bool stopping_ = false;

@@ -16,29 +16,23 @@
 #include <string>
 
 #include "io/file.h"
+#include "qcow2fs/aligned_buffer.h"
 #include "qcow2fs/image.h"
 #include "test_support.h"
 
 namespace qcow2fs::test {
 namespace {
 
-// A page-aligned buffer, as the daemon hands the core.
-class AlignedBuffer {
- public:
-  explicit AlignedBuffer(size_t size)
-      : data_(static_cast<std::byte*>(std::aligned_alloc(4096, (size + 4095) / 4096 * 4096))),
-        size_(size) {}
-  std::span<std::byte> span() { return {data_.get(), size_}; }
-  std::string str() const { return {reinterpret_cast<const char*>(data_.get()), size_}; }
-  void Fill(std::string_view bytes) { std::memcpy(data_.get(), bytes.data(), size_); }
+// A page-aligned buffer (as the daemon hands the core) holding `bytes`.
+AlignedBuffer Holding(std::string_view bytes) {
+  AlignedBuffer buf(bytes.size());
+  std::memcpy(buf.data(), bytes.data(), bytes.size());
+  return buf;
+}
 
- private:
-  struct Free {
-    void operator()(std::byte* p) const { std::free(p); }
-  };
-  std::unique_ptr<std::byte, Free> data_;
-  size_t size_;
-};
+std::string Str(const AlignedBuffer& buf) {
+  return {reinterpret_cast<const char*>(buf.data()), buf.size()};
+}
 
 // A directory on /var/tmp, removed afterwards.
 class DiskDir {
@@ -87,16 +81,14 @@ TEST(DirectIo, LargeAlignedWritesBypassThePageCacheSmallOnesDoNot) {
     SCOPED_TRACE(direct ? "direct" : "buffered");
     auto file = OpenPosixFile(path, true, direct);
     ASSERT_TRUE(file.ok()) << Describe(file.status());
-    AlignedBuffer big(1 << 20);
-    big.Fill(RandomBytes(1 << 20, 1));
+    AlignedBuffer big = Holding(RandomBytes(1 << 20, 1));
     const uint64_t at = direct ? (4 << 20) : 0;
     ASSERT_TRUE((*file)->WriteAt(at, big.span()).ok());
     DropCache(path);  // what the buffered write cached goes
     ASSERT_TRUE((*file)->WriteAt(at, big.span()).ok());
     EXPECT_EQ(Cached(path, at, 1 << 20), !direct);
     // Small writes always use the cache, even when aligned.
-    AlignedBuffer small(4096);
-    small.Fill(RandomBytes(4096, 2));
+    AlignedBuffer small = Holding(RandomBytes(4096, 2));
     ASSERT_TRUE((*file)->WriteAt(at + (2 << 20), small.span()).ok());
     EXPECT_TRUE(Cached(path, at + (2 << 20), 4096));
   }
@@ -122,16 +114,15 @@ TEST(DirectIo, BothRoutesSeeEachOthersWrites) {
   }
   AlignedBuffer whole(4 * mib);
   ASSERT_TRUE(file.ReadAt(0, whole.span()).ok());
-  EXPECT_TRUE(BuffersEqual(shadow, whole.str(), 0, "direct read after buffered writes"));
+  EXPECT_TRUE(BuffersEqual(shadow, Str(whole), 0, "direct read after buffered writes"));
 
   // Buffered reads cache pages, a direct write replaces them: buffered
   // reads must then see the new bytes, not the cached ones.
   std::string small(8192, '\0');
   ASSERT_TRUE(file.ReadAt(mib, AsWritableBytes(small)).ok());
-  AlignedBuffer big(2 * mib);
-  big.Fill(RandomBytes(2 * mib, 30));
+  AlignedBuffer big = Holding(RandomBytes(2 * mib, 30));
   ASSERT_TRUE(file.WriteAt(mib, big.span()).ok());
-  shadow.replace(mib, 2 * mib, big.str());
+  shadow.replace(mib, 2 * mib, Str(big));
   ASSERT_TRUE(file.ReadAt(mib, AsWritableBytes(small)).ok());
   EXPECT_TRUE(BuffersEqual(shadow.substr(mib, 8192), small, mib, "buffered read after direct write"));
   // The file ends where the last write did; reads beyond are zeros.
@@ -151,7 +142,7 @@ TEST(DirectIo, ReadsPastAnUnalignedEndOfFileGiveZeros) {
   AlignedBuffer buf(256 << 10);
   ASSERT_TRUE((*file)->ReadAt(0, buf.span()).ok());
   std::string expected = content + std::string((256 << 10) - content.size(), '\0');
-  EXPECT_TRUE(BuffersEqual(expected, buf.str(), 0, "read across end of file"));
+  EXPECT_TRUE(BuffersEqual(expected, Str(buf), 0, "read across end of file"));
 }
 
 // The core over a direct file: large aligned guest transfers from aligned
@@ -182,17 +173,16 @@ TEST(DirectIo, ImageWritesMixingBothRoutesStayConsistent) {
         if (large) off = off / 4096 * 4096;
         const uint64_t what = rng.Uniform(0, 9);
         if (what < 6) {
-          AlignedBuffer data(len);
-          data.Fill(RandomBytes(len, 1000 + static_cast<uint64_t>(i)));
+          AlignedBuffer data = Holding(RandomBytes(len, 1000 + static_cast<uint64_t>(i)));
           ASSERT_TRUE((*image)->Write(off, data.span()).ok());
-          shadow.replace(off, len, data.str());
+          shadow.replace(off, len, Str(data));
         } else if (what < 7) {
           ASSERT_TRUE((*image)->Discard(off, len).ok());
           shadow.replace(off, len, std::string(len, '\0'));
         } else {
           AlignedBuffer got(len);
           ASSERT_TRUE((*image)->Read(off, got.span()).ok());
-          ASSERT_TRUE(BuffersEqual(shadow.substr(off, len), got.str(), off, "read-back"));
+          ASSERT_TRUE(BuffersEqual(shadow.substr(off, len), Str(got), off, "read-back"));
         }
       }
       ASSERT_TRUE((*image)->Flush().ok());
