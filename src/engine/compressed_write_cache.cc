@@ -9,6 +9,7 @@
 #include "codec/compression.h"
 #include "format/align.h"
 #include "format/l2_entry.h"
+#include "engine/sync_point.h"
 
 namespace qcow2fs {
 namespace {
@@ -121,6 +122,7 @@ void CompressedWriteCache::Erase(uint64_t index) {
 }
 
 Status CompressedWriteCache::WaitForCommit(std::unique_lock<std::mutex>& lk, const Entry& e) {
+  QCOW2FS_SYNC_POINT("CompressCache:WaitingForCommit", e.guest_offset);
   // A packed entry would wait for the segment to fill up: write it out now.
   if (e.state == State::kPacked && !sealing_ && !segment_.placed.empty()) {
     return SealSegment(lk);
@@ -144,6 +146,11 @@ Status CompressedWriteCache::Write(uint64_t offset, std::span<const std::byte> d
       continue;
     }
     if (it == entries_.end()) {
+      if (direct_writers_.count(index)) {
+        // A direct write to this cluster is under way: stage after it.
+        changed_.wait(lk);
+        continue;
+      }
       if (entries_.size() >= max_entries_) {
         QCOW2FS_RETURN_IF_ERROR(MakeRoom(lk));
         continue;
@@ -237,6 +244,7 @@ Status CompressedWriteCache::Place(std::unique_lock<std::mutex>& lk, Job& job,
   const uint64_t index = e.guest_offset >> cluster_bits_;
   if (prepared.action != Prepared::Action::kCompressed) {
     lk.unlock();
+    QCOW2FS_SYNC_POINT("CompressCache:BeforePlainCommit", e.guest_offset);
     Status s = prepared.action == Prepared::Action::kZero
                    ? sink_.ZeroCluster(e.guest_offset)
                    : sink_.WriteUncompressedCluster(e.guest_offset, e.data);
@@ -330,7 +338,7 @@ Status CompressedWriteCache::SealSegment(std::unique_lock<std::mutex>& lk) {
       if (st.ok()) {
         st = sink_.CommitSegment(s.placed, *base, clusters);
       } else {
-        (void)sink_.CommitSegment({}, *base, clusters);  // release the hold
+        sink_.ReleaseSegment(*base, clusters);
       }
     }
   }
@@ -417,6 +425,22 @@ std::optional<uint64_t> CompressedWriteCache::FirstStaged(uint64_t offset, uint6
     }
   }
   return first;
+}
+
+bool CompressedWriteCache::BeginDirectWrite(uint64_t cluster_index) {
+  std::lock_guard lk(mu_);
+  if (entries_.count(cluster_index)) return false;
+  direct_writers_[cluster_index]++;
+  return true;
+}
+
+void CompressedWriteCache::EndDirectWrite(uint64_t cluster_index) {
+  std::lock_guard lk(mu_);
+  auto it = direct_writers_.find(cluster_index);
+  if (--it->second == 0) {
+    direct_writers_.erase(it);
+    changed_.notify_all();
+  }
 }
 
 Status CompressedWriteCache::Drop(uint64_t offset, uint64_t length) {

@@ -66,9 +66,13 @@ class CompressedClusterSink {
   };
   // Points the L2 entries at the placed compressed clusters (counting a
   // reference on every host cluster each one touches), then drops the
-  // segment's hold on its `count` clusters.
+  // segment's hold on its `count` clusters. On failure some entries may
+  // point into the segment already; the hold is dropped all the same.
   virtual Status CommitSegment(const std::vector<Placed>& placed, uint64_t segment_offset,
                                uint64_t count) = 0;
+  // Drops the hold of a segment that could not be written (cannot fail:
+  // the clusters are freed with the other deferred frees).
+  virtual void ReleaseSegment(uint64_t segment_offset, uint64_t count) = 0;
   // Stores a cluster that did not compress, or is all zeros.
   virtual Status WriteUncompressedCluster(uint64_t guest_offset,
                                           std::span<const std::byte> data) = 0;
@@ -105,6 +109,15 @@ class CompressedWriteCache {
   static void Apply(const Snapshot& snapshot, uint64_t offset, std::span<std::byte> buf);
   // Guest offset of the first staged cluster overlapping [offset, end).
   std::optional<uint64_t> FirstStaged(uint64_t offset, uint64_t end) const;
+  // Direct writes in compress mode (a cluster that is a normal cluster of
+  // the image is overwritten in place). BeginDirectWrite admits one unless
+  // the cluster is staged (then the caller stages instead, on top of the
+  // staged bytes, which are newer than the image's). While a direct write
+  // is admitted, nothing is staged for its cluster: a staged cluster is
+  // filled from the image, and must not read a write half done. Every
+  // admitted write ends with EndDirectWrite.
+  bool BeginDirectWrite(uint64_t cluster_index);
+  void EndDirectWrite(uint64_t cluster_index);
   // Forgets staged bytes in the range (discard and zero-writes).
   Status Drop(uint64_t offset, uint64_t length);
   // Commits everything staged. On return all data written before the call
@@ -192,6 +205,8 @@ class CompressedWriteCache {
   mutable std::mutex mu_;
   std::condition_variable changed_;  // an entry was committed or erased
   std::unordered_map<uint64_t, std::unique_ptr<Entry>> entries_;  // by cluster index
+  // Direct writes in progress, by cluster index (see BeginDirectWrite).
+  std::unordered_map<uint64_t, uint32_t> direct_writers_;
   std::list<uint64_t> lru_;  // filling entries, oldest first
   Segment segment_;
   AlignedBuffer spare_segment_;  // a sealed segment's buffer, for the next one

@@ -66,13 +66,28 @@ Status Qcow2Image::WriteCompressMode(uint64_t offset, std::span<const std::byte>
   for (uint64_t pos = offset; pos < end;) {
     const uint64_t piece_end = std::min(end, AlignDown(pos, cluster_size_) + cluster_size_);
     const std::span<const std::byte> piece = data.subspan(pos - offset, piece_end - pos);
-    if (WritableInPlace(pos, piece_end)) {
-      // Already a normal cluster of ours: overwrite it where it is.
-      std::shared_lock guard(discard_lock_);
-      QCOW2FS_RETURN_IF_ERROR(WriteShared(pos, piece));
-    } else {
-      QCOW2FS_RETURN_IF_ERROR(compressed_cache_->Write(pos, piece));
+    const uint64_t index = pos >> cluster_bits_;
+    // The cache decides first: while it stages bytes of this cluster they
+    // are newer than the image's, so later bytes are staged on top of them,
+    // never written under them. A direct write, once admitted, keeps the
+    // cluster from being staged until it is done, so a staged cluster's
+    // fill from the image never reads half of it.
+    if (compressed_cache_->BeginDirectWrite(index)) {
+      Status s;
+      const bool direct = WritableInPlace(pos, piece_end);
+      if (direct) {
+        // Already a normal cluster of ours: overwrite it where it is.
+        std::shared_lock guard(discard_lock_);
+        s = WriteShared(pos, piece);
+      }
+      compressed_cache_->EndDirectWrite(index);
+      QCOW2FS_RETURN_IF_ERROR(s);
+      if (direct) {
+        pos = piece_end;
+        continue;
+      }
     }
+    QCOW2FS_RETURN_IF_ERROR(compressed_cache_->Write(pos, piece));
     pos = piece_end;
   }
   return Status();
@@ -100,11 +115,23 @@ Status Qcow2Image::CommitSegment(const std::vector<Placed>& placed, uint64_t seg
   const uint64_t l2_coverage = l2_entries_ << cluster_bits_;
   Status status;
   for (const Placed& p : placed) {
-    auto table = L2ForWriteLocked(lk, p.guest_offset / l2_coverage);
-    if (!table.ok()) {
-      status = table.status();
-      break;
+    // An allocating write of the same guest cluster finishes first, so that
+    // neither its entry nor the entry it replaced is lost or released twice.
+    // (The staging cache admits no direct write to a cluster it stages, so
+    // this is a guard, not a wait expected in practice.)
+    const uint64_t guest_cluster = p.guest_offset >> cluster_bits_;
+    std::shared_ptr<L2Table> pinned;
+    while (status.ok() && !pinned) {
+      inflight_done_.wait(lk, [&] { return !inflight_.count(guest_cluster); });
+      auto got = L2ForWriteLocked(lk, p.guest_offset / l2_coverage);
+      if (!got.ok()) {
+        status = got.status();
+      } else if (!inflight_.count(guest_cluster)) {  // the load may drop the lock
+        pinned = std::move(got).value();
+      }
     }
+    if (!status.ok()) break;
+    L2Table& table = *pinned;
     // Count the new reference on every host cluster the data touches
     // before any L2 entry points there.
     for (uint64_t c = p.host_offset >> cluster_bits_;
@@ -114,20 +141,27 @@ Status Qcow2Image::CommitSegment(const std::vector<Placed>& placed, uint64_t seg
     }
     if (!status.ok()) break;
     const uint64_t index = (p.guest_offset >> cluster_bits_) & (l2_entries_ - 1);
-    uint64_t& word = (*table)->entries[extended_l2_ ? 2 * index : index];
+    uint64_t& word = table.entries[extended_l2_ ? 2 * index : index];
     const uint64_t old = word;
     word = EncodeCompressed(p.host_offset, p.bytes, cluster_bits_);
-    if (extended_l2_) (*table)->entries[2 * index + 1] = 0;
-    (*table)->dirty = true;
+    if (extended_l2_) table.entries[2 * index + 1] = 0;
+    table.dirty = true;
     if ((old & ~kOflagCopied) != 0) ReleaseEntryLocked(old);
   }
-  // The segment's own hold goes: clusters nothing points into are freed at
-  // the next flush.
+  // The segment's own hold goes: clusters nothing points into are freed
+  // once the entries are on disk.
   for (uint64_t i = 0; i < count; i++) {
     ReleaseClusterLocked(segment_offset + (i << cluster_bits_));
   }
   if (status.ok() && l2_cache_->over_capacity()) status = WriteBackLocked();
   return status;
+}
+
+void Qcow2Image::ReleaseSegment(uint64_t segment_offset, uint64_t count) {
+  std::lock_guard lk(meta_mutex_);
+  for (uint64_t i = 0; i < count; i++) {
+    ReleaseClusterLocked(segment_offset + (i << cluster_bits_));
+  }
 }
 
 Status Qcow2Image::WriteUncompressedCluster(uint64_t guest_offset,

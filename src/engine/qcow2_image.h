@@ -1,6 +1,9 @@
 // Qcow2Image: the qcow2 implementation of Image.
 //
 // Locks, in the order they are taken:
+//   0. resize_lock_ (std::shared_mutex). Write, WriteZeroes and Discard
+//      hold the shared side from their bounds check to their end; Resize
+//      holds it exclusively, so the size never changes under a request.
 //   1. discard_lock_ (std::shared_mutex). Guest reads and writes hold the
 //      shared side from the moment they look up a host offset until their
 //      data I/O is done. Whatever drops a data cluster's refcount to zero
@@ -108,6 +111,7 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   Status WriteSegment(uint64_t host_offset, std::span<const std::byte> data) override;
   Status CommitSegment(const std::vector<Placed>& placed, uint64_t segment_offset,
                        uint64_t count) override;
+  void ReleaseSegment(uint64_t segment_offset, uint64_t count) override;
   Status WriteUncompressedCluster(uint64_t guest_offset,
                                   std::span<const std::byte> data) override;
   Status ZeroCluster(uint64_t guest_offset) override;
@@ -136,10 +140,24 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   // disk (see docs/concurrency.md).
   void ReleaseEntryLocked(uint64_t word);
   void ReleaseClusterLocked(uint64_t host_offset);
+  // Queues host cluster `cluster` (an index) for a deferred free, and
+  // marks the queue due once it holds MaxDeferredFrees() clusters.
+  void DeferFreeLocked(uint64_t cluster);
+  // Clusters queued before the queue is applied without waiting for a
+  // flush: 16 MiB worth, at least 64, so space freed by discards and
+  // overwrites comes back while a program writes and never fsyncs.
+  uint64_t MaxDeferredFrees() const;
+  // Writes metadata back and applies the queued frees, when due. Takes the
+  // discard lock exclusively: the caller holds neither it nor meta_mutex_.
+  Status ApplyDeferredFreesIfDue();
+  // Empties the queue of deferred frees and returns it.
+  std::vector<uint64_t> TakeDeferredFreesLocked();
   // Makes whole clusters [first, first+count) read as zeros (zero flag or
   // deallocation). Caller holds discard_lock_ exclusively.
   Status ZeroClustersExclusive(uint64_t first_cluster, uint64_t count,
                                bool discard, bool may_unmap);
+  // Resize with resize_lock_ held exclusively.
+  Status ResizeExclusive(uint64_t new_size);
   // Writes dirty metadata in crash-safe order and syncs the image file.
   Status WriteBackLocked();
   // Applies deferred refcount decrements whose L2 changes are on disk.
@@ -173,6 +191,7 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   // while the image is open, so a stale read errs on the safe side.
   std::atomic<uint64_t> file_size_{0};
 
+  std::shared_mutex resize_lock_;
   mutable std::shared_mutex discard_lock_;
   std::mutex meta_mutex_;
   std::vector<uint64_t> l1_;  // guarded by meta_mutex_
@@ -183,6 +202,9 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   // Host clusters whose refcount drops by one at the next flush, once the
   // L2/L1 changes that removed the reference are on disk.
   std::vector<uint64_t> pending_frees_;   // guarded by meta_mutex_
+  // pending_frees_ has reached MaxDeferredFrees(). Set under meta_mutex_;
+  // read without it as a hint (the applier checks again under the lock).
+  std::atomic<bool> frees_due_{false};
   // Guest clusters with an allocating write between mapping and L2 update;
   // a second allocating writer waits on inflight_done_.
   std::unordered_set<uint64_t> inflight_;  // guarded by meta_mutex_

@@ -19,6 +19,7 @@
 #include "format/l2_entry.h"
 #include "format/limits.h"
 #include "format/hex.h"
+#include "engine/sync_point.h"
 
 namespace qcow2fs {
 Status Qcow2Image::PrepareForWriting() {
@@ -80,22 +81,36 @@ Status Qcow2Image::FenceCorrupt(const Status& cause) {
 
 Status Qcow2Image::WriteBackLocked() {
   // 1-3: refcounts first; a moved refcount table needs the header.
+  // (Refcounts::WriteBack syncs the image file after what it writes.)
+  bool image_synced = false;
   if (refcounts_->dirty()) {
+    image_synced = true;
     QCOW2FS_ASSIGN_OR_RETURN(bool moved, refcounts_->WriteBack());
     if (moved) {
       header_.refcount_table_offset = refcounts_->table_offset();
       header_.refcount_table_clusters = refcounts_->table_clusters();
       QCOW2FS_RETURN_IF_ERROR(WriteHeaderLocked());
       QCOW2FS_RETURN_IF_ERROR(file_->Sync());
-      for (uint64_t c : refcounts_->TakeRetiredTableClusters()) pending_frees_.push_back(c);
+      for (uint64_t c : refcounts_->TakeRetiredTableClusters()) DeferFreeLocked(c);
     }
   }
-  // 4: L2 tables.
-  bool wrote = false;
+  // 4: L2 tables. The data their new entries point to goes to disk first:
+  // allocating writes finished their data I/O before they changed an entry,
+  // but nothing has synced it yet, and an entry may have changed without
+  // any refcount changing (a subcluster filled in place, or an allocation
+  // an earlier write-back already counted). The external data file is
+  // synced here too, not only at the end of a flush.
+  bool wrote = false, data_synced = false;
   Status status;
   std::vector<std::byte> raw(cluster_size_);
   l2_cache_->ForEachDirty([&](L2Table& t) {
     if (!status.ok()) return;
+    if (!data_synced) {
+      if (owned_data_file_) status = owned_data_file_->Sync();
+      if (status.ok() && !image_synced) status = file_->Sync();
+      if (!status.ok()) return;
+      data_synced = true;
+    }
     status = CheckOverlapLocked(t.offset, cluster_size_, "L2 table");
     if (!status.ok()) return;
     for (size_t i = 0; i < t.entries.size(); i++) StoreBe64(raw.data() + 8 * i, t.entries[i]);
@@ -125,6 +140,38 @@ Status Qcow2Image::WriteBackLocked() {
   QCOW2FS_ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
   file_size_.store(std::max(file_size, file_size_.load()), std::memory_order_release);
   return Status();
+}
+
+void Qcow2Image::DeferFreeLocked(uint64_t cluster) {
+  pending_frees_.push_back(cluster);
+  if (pending_frees_.size() >= MaxDeferredFrees()) {
+    frees_due_.store(true, std::memory_order_relaxed);
+  }
+}
+
+uint64_t Qcow2Image::MaxDeferredFrees() const {
+  return std::max<uint64_t>(64, (uint64_t{16} << 20) >> cluster_bits_);
+}
+
+std::vector<uint64_t> Qcow2Image::TakeDeferredFreesLocked() {
+  std::vector<uint64_t> frees = std::move(pending_frees_);
+  pending_frees_.clear();
+  frees_due_.store(false, std::memory_order_relaxed);
+  return frees;
+}
+
+Status Qcow2Image::ApplyDeferredFreesIfDue() {
+  if (!frees_due_.load(std::memory_order_relaxed)) return Status();
+  std::vector<uint64_t> frees;
+  {
+    std::unique_lock lk(meta_mutex_);
+    if (!frees_due_.load(std::memory_order_relaxed)) return Status();  // another thread did
+    // The references are gone from disk before any refcount drops.
+    QCOW2FS_RETURN_IF_ERROR(WriteBackLocked());
+    frees = TakeDeferredFreesLocked();
+  }
+  std::unique_lock guard(discard_lock_);
+  return FreeClustersExclusive(std::move(frees));
 }
 
 Status Qcow2Image::FreeClustersExclusive(std::vector<uint64_t> clusters) {
@@ -158,8 +205,7 @@ Status Qcow2Image::Flush() {
     std::unique_lock lk(meta_mutex_);
     QCOW2FS_RETURN_IF_ERROR(WriteBackLocked());
     // Only frees whose L2/L1 changes just reached disk are safe to apply.
-    frees = std::move(pending_frees_);
-    pending_frees_.clear();
+    frees = TakeDeferredFreesLocked();
   }
   QCOW2FS_RETURN_IF_ERROR(file_->Sync());
   if (owned_data_file_) QCOW2FS_RETURN_IF_ERROR(owned_data_file_->Sync());
@@ -177,6 +223,19 @@ Status Qcow2Image::Resize(uint64_t new_size) {
   // QEMU sees disks in 512-byte sectors and ignores a partial last one, so
   // sizes are rounded up to whole sectors, as qemu-img resize does.
   new_size = AlignUp(new_size, kSectorSize);
+  // No write, zeroing or discard runs while the size changes: each holds
+  // the shared side from its bounds check to its end. So a shrink sees
+  // every write that was accepted, and no write is accepted against a size
+  // that is about to change.
+  {
+    auto resizing = LockExclusiveNoting(resize_lock_, "Resize:WaitingForRequests", new_size);
+    QCOW2FS_RETURN_IF_ERROR(ResizeExclusive(new_size));
+  }
+  QCOW2FS_SYNC_POINT("Resize:SizePublished", new_size);
+  return Status();
+}
+
+Status Qcow2Image::ResizeExclusive(uint64_t new_size) {
   const uint64_t old_size = size();
   if (new_size == old_size) return Status();
   if (compressed_cache_) QCOW2FS_RETURN_IF_ERROR(compressed_cache_->Flush());
@@ -190,14 +249,21 @@ Status Qcow2Image::Resize(uint64_t new_size) {
                         " bytes: data is allocated past the new end");
     }
   }
+  if (header_.l1_entries_for(new_size) * 8 > limits::kMaxL1Bytes) {
+    return Status(ErrorCode::kInvalidArgument,
+                  "size " + std::to_string(new_size) + " needs an L1 table over 32 MiB");
+  }
+  // Growing exposes the rest of a partial last cluster, which may hold
+  // stale bytes from before a shrink: it reads as zeros before the new size
+  // is visible to anyone.
+  if (new_size > old_size && (old_size & (cluster_size_ - 1)) != 0) {
+    const uint64_t stop = std::min(new_size, AlignUp(old_size, cluster_size_));
+    QCOW2FS_RETURN_IF_ERROR(WriteZeroBytes(old_size, stop - old_size));
+  }
   {
     std::unique_lock guard(discard_lock_);
     std::unique_lock lk(meta_mutex_);
     const uint64_t needed = header_.l1_entries_for(new_size);
-    if (needed * 8 > limits::kMaxL1Bytes) {
-      return Status(ErrorCode::kInvalidArgument, "size " + std::to_string(new_size) +
-                                                     " needs an L1 table over 32 MiB");
-    }
     if (needed > l1_.size()) {
       // A bigger L1 table in new clusters, complete on disk before the
       // header points to it.
@@ -219,7 +285,7 @@ Status Qcow2Image::Resize(uint64_t new_size) {
       l1_.resize(needed, 0);
       if (old_offset != 0) {
         for (uint64_t c = 0; c < old_clusters; c++) {
-          pending_frees_.push_back((old_offset >> cluster_bits_) + c);
+          DeferFreeLocked((old_offset >> cluster_bits_) + c);
         }
       }
     }
@@ -229,12 +295,6 @@ Status Qcow2Image::Resize(uint64_t new_size) {
     size_.store(new_size, std::memory_order_release);
   }
   if (compressed_cache_) compressed_cache_->set_disk_size(new_size);
-  // Growing exposes the rest of a partial last cluster, which may hold
-  // stale bytes from before a shrink: make it read as zeros.
-  if (new_size > old_size && (old_size & (cluster_size_ - 1)) != 0) {
-    const uint64_t stop = std::min(new_size, AlignUp(old_size, cluster_size_));
-    QCOW2FS_RETURN_IF_ERROR(WriteZeroBytes(old_size, stop - old_size));
-  }
   return Status();
 }
 

@@ -18,6 +18,7 @@
 #include "format/l2_entry.h"
 #include "format/limits.h"
 #include "format/hex.h"
+#include "engine/sync_point.h"
 
 namespace qcow2fs {
 namespace {
@@ -55,8 +56,11 @@ Status Qcow2Image::CheckWritable(uint64_t offset, uint64_t length) const {
 }
 
 Status Qcow2Image::Write(uint64_t offset, std::span<const std::byte> data) {
+  std::shared_lock sizing(resize_lock_);
   QCOW2FS_RETURN_IF_ERROR(CheckWritable(offset, data.size()));
-  return WriteData(offset, data);
+  QCOW2FS_RETURN_IF_ERROR(WriteData(offset, data));
+  // Overwrites of compressed or shared clusters queue frees.
+  return ApplyDeferredFreesIfDue();
 }
 
 Status Qcow2Image::WriteData(uint64_t offset, std::span<const std::byte> data) {
@@ -122,7 +126,7 @@ Result<std::shared_ptr<L2Table>> Qcow2Image::L2ForWriteLocked(
 }
 
 void Qcow2Image::ReleaseClusterLocked(uint64_t host_offset) {
-  pending_frees_.push_back(host_offset >> cluster_bits_);
+  DeferFreeLocked(host_offset >> cluster_bits_);
 }
 
 void Qcow2Image::ReleaseEntryLocked(uint64_t word) {
@@ -134,7 +138,7 @@ void Qcow2Image::ReleaseEntryLocked(uint64_t word) {
     const uint64_t first = AlignDown(d.host_offset, kSectorSize);
     const uint64_t last = d.host_offset + d.max_bytes - 1;
     for (uint64_t c = first >> cluster_bits_; c <= last >> cluster_bits_; c++) {
-      pending_frees_.push_back(c);
+      DeferFreeLocked(c);
     }
     return;
   }
@@ -191,6 +195,7 @@ Status Qcow2Image::WriteShared(uint64_t offset, std::span<const std::byte> data)
         run_end = cluster_end(run_end);
       }
       lk.unlock();
+      QCOW2FS_SYNC_POINT("Write:InPlaceBeforeData", pos);
       QCOW2FS_RETURN_IF_ERROR(
           data_file_->WriteAt(host, {src + (pos - offset), run_end - pos}));
       pos = run_end;
@@ -225,16 +230,25 @@ Status Qcow2Image::WriteShared(uint64_t offset, std::span<const std::byte> data)
     const uint64_t clusters = (AlignUp(run_end, cluster_size_) - c0) >> cluster_bits_;
 
     // Which part of the first and last cluster must be written: whole
-    // clusters, or (extended L2, when nothing needs copying) the touched
-    // subclusters only.
+    // clusters when old content moves to a new cluster; with extended L2
+    // and nothing to copy, the touched subclusters only; and nothing beyond
+    // the new bytes inside a subcluster that is already allocated in the
+    // cluster filled in place. Its old bytes stay where they are: writing
+    // them back would race with in-place writers of those bytes, which do
+    // not wait for allocations in flight (docs/concurrency.md, "Allocating
+    // writes").
     auto needs_full_copy = [&](uint64_t word) {
       const ClusterType t = ClassifyL2Entry(word, extended_l2_, has_data_file);
       return t == ClusterType::kCompressed ||
              (t == ClusterType::kNormal && !(word & kOflagCopied));
     };
-    auto unit_of = [&](uint64_t guest) {
-      return extended_l2_ && !needs_full_copy(word_of(guest)) ? subcluster_size
-                                                               : cluster_size_;
+    auto unit_of = [&](uint64_t guest) -> uint64_t {
+      if (!extended_l2_ || needs_full_copy(word_of(guest))) return cluster_size_;
+      const int sc = static_cast<int>((guest & (cluster_size_ - 1)) >> subcluster_bits_);
+      if (reuse_host && SubclusterStateOf(bitmap_of(guest), sc) == SubclusterState::kAllocated) {
+        return 1;
+      }
+      return subcluster_size;
     };
     const uint64_t window_start = AlignDown(pos, unit_of(pos));
     const uint64_t last = run_end - 1;
@@ -274,6 +288,7 @@ Status Qcow2Image::WriteShared(uint64_t offset, std::span<const std::byte> data)
     Status io;
     const uint64_t window_bytes = window_end - window_start;
     if (window_start == pos && window_end == run_end) {
+      QCOW2FS_SYNC_POINT("Write:AllocatingBeforeData", pos);
       io = data_file_->WriteAt(host_base + (pos - c0), {src + (pos - offset), window_bytes});
     } else {
       std::vector<std::byte> staging(window_bytes);
@@ -284,6 +299,7 @@ Status Qcow2Image::WriteShared(uint64_t offset, std::span<const std::byte> data)
         io = ReadExtent(tail[i], staging.data() + (tail[i].guest_offset - window_start));
       }
       std::memcpy(staging.data() + (pos - window_start), src + (pos - offset), run_end - pos);
+      QCOW2FS_SYNC_POINT("Write:AllocatingBeforeData", pos);
       if (io.ok()) io = data_file_->WriteAt(host_base + (window_start - c0), staging);
     }
 

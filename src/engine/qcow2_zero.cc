@@ -12,13 +12,10 @@
 #include "engine/qcow2_image.h"
 #include "format/align.h"
 #include "format/l2_entry.h"
+#include "engine/sync_point.h"
 
 namespace qcow2fs {
 namespace {
-
-// Deferred frees beyond which discard frees at once instead of waiting for
-// the next flush: bounds the memory a long discard can pin.
-constexpr size_t kMaxPendingFrees = 1 << 16;
 
 constexpr uint64_t kAllZeroBitmap = 0xffffffffull << 32;
 
@@ -96,10 +93,9 @@ Status Qcow2Image::ZeroClustersExclusive(uint64_t first_cluster, uint64_t count,
       table->dirty = true;
     }
   }
-  if (pending_frees_.size() > kMaxPendingFrees) {
+  if (frees_due_.load(std::memory_order_relaxed)) {
     QCOW2FS_RETURN_IF_ERROR(WriteBackLocked());
-    std::vector<uint64_t> frees = std::move(pending_frees_);
-    pending_frees_.clear();
+    std::vector<uint64_t> frees = TakeDeferredFreesLocked();
     lk.unlock();
     // We hold the discard lock exclusively already: free right away.
     return FreeClustersExclusive(std::move(frees));
@@ -123,9 +119,11 @@ static Status ForClusterSpan(uint64_t offset, uint64_t length, uint64_t cluster_
 }
 
 Status Qcow2Image::WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap) {
+  std::shared_lock sizing(resize_lock_);
   QCOW2FS_RETURN_IF_ERROR(CheckWritable(offset, length));
   if (compressed_cache_) QCOW2FS_RETURN_IF_ERROR(compressed_cache_->Drop(offset, length));
-  return ZeroRange(offset, length, may_unmap);
+  QCOW2FS_RETURN_IF_ERROR(ZeroRange(offset, length, may_unmap));
+  return ApplyDeferredFreesIfDue();
 }
 
 Status Qcow2Image::ZeroRange(uint64_t offset, uint64_t length, bool may_unmap) {
@@ -149,16 +147,18 @@ Status Qcow2Image::ClearRange(uint64_t offset, uint64_t length, bool discard,
       },
       [&](uint64_t off, uint64_t len) {
         if (write_whole) return WriteZeroBytes(off, std::min(len, size() - off));
-        std::unique_lock guard(discard_lock_);
+        auto guard = LockExclusiveNoting(discard_lock_, "Discard:WaitingForRequests", off);
         return ZeroClustersExclusive(off >> cluster_bits_, len >> cluster_bits_, discard,
                                      may_unmap);
       });
 }
 
 Status Qcow2Image::Discard(uint64_t offset, uint64_t length) {
+  std::shared_lock sizing(resize_lock_);
   QCOW2FS_RETURN_IF_ERROR(CheckWritable(offset, length));
   if (compressed_cache_) QCOW2FS_RETURN_IF_ERROR(compressed_cache_->Drop(offset, length));
-  return ClearRange(offset, length, /*discard=*/true, /*may_unmap=*/true);
+  QCOW2FS_RETURN_IF_ERROR(ClearRange(offset, length, /*discard=*/true, /*may_unmap=*/true));
+  return ApplyDeferredFreesIfDue();
 }
 
 }  // namespace qcow2fs

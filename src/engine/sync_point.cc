@@ -19,7 +19,6 @@ struct Point {
   bool released = false;  // ... and may go on
   uint64_t arg = 0;
   uint64_t passes = 0;
-  uint64_t generation = 0;  // bumped by Reset, so a stopped thread leaves
 };
 
 struct Registry {
