@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <exception>
@@ -60,6 +61,8 @@ constexpr const char kUsage[] =
     "     cache-size=SIZE       L2 table cache (K, M, G suffixes)\n"
     "     compress-cache-size=SIZE  memory for staging compressed writes\n"
     "     write-behind=SIZE     large writes queued ahead of the image (0: off)\n"
+    "     commit=SECONDS        commit what fsync would at least this often\n"
+    "                           (default 5; 0: only at fsync and unmount)\n"
     "     threads=N             worker threads\n"
     "     discard=on|off        let hole punching free image space\n"
     "     host-cache=on|off     large transfers through the host page cache\n"
@@ -316,6 +319,7 @@ int Run(const CommandLine& line) {
   config.max_background = max_in_flight;
   // Compressed writes are staged by the core already.
   config.write_behind_bytes = options.compress ? 0 : options.write_behind_bytes;
+  config.commit_interval = std::chrono::seconds(options.commit_seconds);
   RawFileFs fs(*image, image_path_fd.get(), config);
 
   Result<std::unique_ptr<FuseSession>> created = FuseSession::Create(
@@ -339,9 +343,15 @@ int Run(const CommandLine& line) {
   LogStopSignal(signal_fd.get());
 
   // Unmounts (if a signal ended the loop) and destroys the session, which
-  // runs RawFileFs::Shutdown: a first flush. Nothing calls into `fs` after
-  // this, so the image can go before it.
+  // runs RawFileFs::Shutdown: stops the commit thread, then a first flush.
+  // Nothing calls into `fs` after this (StopCommits() makes sure of the
+  // commit thread, should the kernel never have sent INIT), so the image
+  // can go before it.
   session.reset();
+  fs.StopCommits();
+  // A background commit, or writing queued data at unmount, failed: data
+  // acknowledged to a writer may be lost, even if the last flush works.
+  if (fs.BackgroundFailed()) exit_code = 1;
   if (!CloseImage(std::move(image), image_path)) exit_code = 1;
   Log(LOG_INFO, "unmounted %s", mountpoint.c_str());
   return exit_code;

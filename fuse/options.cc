@@ -38,6 +38,10 @@ constexpr std::string_view kIgnoredOptions[] = {
 constexpr std::string_view kIgnoredPrefixes[] = {"x-", "comment=", "user="};
 // clang-format on
 
+// commit= beyond a day is a mistake (a unit confusion), not a policy: a
+// crash would lose that much.
+constexpr unsigned kMaxCommitSeconds = 86400;
+
 template <size_t N>
 bool Contains(const std::string_view (&list)[N], std::string_view word) {
   for (std::string_view entry : list) {
@@ -144,6 +148,20 @@ const std::vector<OptionSpec>& OptionTable() {
                           std::string(v) + "'");
          }
          o.threads = threads;
+         return Status::Ok();
+       }},
+      {"commit", true,
+       [](std::string_view v, MountOptions& o, ParseState&) {
+         unsigned seconds = 0;
+         auto [end, error] =
+             std::from_chars(v.data(), v.data() + v.size(), seconds);
+         if (v.empty() || error != std::errc() || end != v.data() + v.size() ||
+             seconds > kMaxCommitSeconds) {
+           return Invalid("commit= must be a number of seconds from 0 (off) to " +
+                          std::to_string(kMaxCommitSeconds) + ", not '" +
+                          std::string(v) + "'");
+         }
+         o.commit_seconds = seconds;
          return Status::Ok();
        }},
       {"discard", true,

@@ -26,6 +26,9 @@ struct MountOptions {
   size_t compress_cache_bytes = 0;
   // Bytes of large writes queued ahead of the image (FsConfig); 0: none.
   size_t write_behind_bytes = 8 << 20;
+  // Seconds between background commits of a writable mount (drain the
+  // write-behind queue, Image::Flush), like ext4's commit=; 0: none.
+  unsigned commit_seconds = 5;
   // Worker threads serving requests; 0 picks a default from the CPU count.
   unsigned threads = 0;
   // Whether punching holes may free space in the image.

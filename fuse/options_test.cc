@@ -72,6 +72,7 @@ TEST(ParseCommandLine, Defaults) {
   EXPECT_TRUE(o.discard);
   EXPECT_FALSE(o.host_cache);
   EXPECT_EQ(o.write_behind_bytes, 8u << 20);
+  EXPECT_EQ(o.commit_seconds, 5u);
   EXPECT_TRUE(o.lock);
   EXPECT_FALSE(o.allow_other);
   EXPECT_FALSE(o.create);
@@ -111,6 +112,34 @@ TEST(ParseCommandLine, QcowOptions) {
   EXPECT_EQ(o.filename, "disk.img");
   ASSERT_TRUE(o.snapshot.has_value());
   EXPECT_EQ(*o.snapshot, "before-upgrade");
+}
+
+TEST(ParseCommandLine, CommitInterval) {
+  EXPECT_EQ(Parse({"i", "m"})->options.commit_seconds, 5u);
+  EXPECT_EQ(Parse({"-o", "commit=0", "i", "m"})->options.commit_seconds, 0u);
+  EXPECT_EQ(Parse({"-o", "commit=1", "i", "m"})->options.commit_seconds, 1u);
+  EXPECT_EQ(Parse({"-o", "commit=30", "i", "m"})->options.commit_seconds, 30u);
+  EXPECT_EQ(Parse({"-o", "commit=86400", "i", "m"})->options.commit_seconds,
+            86400u);
+  // The last one given wins, as for every option.
+  EXPECT_EQ(Parse({"-o", "commit=1,commit=7", "i", "m"})->options.commit_seconds,
+            7u);
+  // Read-only mounts accept it (there is nothing to commit), as ext4 does.
+  EXPECT_TRUE(Parse({"-o", "ro,commit=1", "i", "m"}).ok());
+  for (const char* bad :
+       {"commit=-1", "commit=", "commit=abc", "commit=5s", "commit=1.5",
+        "commit= 5", "commit=+5", "commit=86401", "commit=4294967296",
+        "commit=99999999999999999999"}) {
+    std::string error = ErrorOf({"-o", bad, "i", "m"});
+    // One clear line that names the option and the value given.
+    EXPECT_NE(error.find("commit="), std::string::npos) << bad << ": " << error;
+    EXPECT_EQ(error.find('\n'), std::string::npos) << bad << ": " << error;
+    std::string value = std::string(bad).substr(7);
+    EXPECT_NE(error.find("'" + value + "'"), std::string::npos)
+        << bad << ": " << error;
+  }
+  EXPECT_NE(ErrorOf({"-o", "commit", "i", "m"}).find("needs a value"),
+            std::string::npos);
 }
 
 TEST(ParseCommandLine, LastOfRoAndRwWins) {

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cinttypes>
 #include <new>
 #include <utility>
@@ -74,7 +75,87 @@ RawFileFs::RawFileFs(Image& image, int image_path_fd, FsConfig config)
                                   return image_.Write(offset, data);
                                 });
                               },
-                              config_.write_behind_bytes, kMaxWrite, 2)) {}
+                              config_.write_behind_bytes, kMaxWrite, 2)),
+      commits_(!config_.read_only && config_.commit_interval.count() > 0) {
+  if (commits_) {
+    committer_ = std::thread([this] { CommitLoop(); });
+  }
+}
+
+RawFileFs::~RawFileFs() { StopCommits(); }
+
+void RawFileFs::StopCommits() {
+  {
+    std::lock_guard lk(commit_mu_);
+    commit_stopping_ = true;
+  }
+  commit_wake_.notify_all();
+  // The callers (Shutdown(), main, the destructor) run one after another,
+  // never at once, so the one that finds the thread joinable joins it.
+  if (committer_.joinable()) committer_.join();
+}
+
+bool RawFileFs::WantsFlush(int flags) const {
+  return commits_ && (flags & O_ACCMODE) != O_RDONLY;
+}
+
+Status RawFileFs::Commit() {
+  // Read first: every change counted by now is in the image or queued, and
+  // Drain() and Flush() below cover it.
+  const uint64_t changes = changes_.load();
+  Status queued = write_behind_ ? write_behind_->Drain() : Status();
+  // Flushed even if a queued write failed: everything else is made durable.
+  Status flushed = image_.Flush();
+  if (!queued.ok()) return queued.Annotate("writing queued data");
+  if (!flushed.ok()) return flushed.Annotate("flushing the image");
+  uint64_t committed = committed_.load();
+  while (committed < changes && !committed_.compare_exchange_weak(committed, changes)) {
+  }
+  return Status::Ok();
+}
+
+void RawFileFs::CommitLoop() {
+  bool failing = false;  // the last commit failed: log only changes of state
+  std::unique_lock lk(commit_mu_);
+  while (true) {
+    // wait_for, not sleep: StopCommits() ends the wait at once.
+    commit_wake_.wait_for(lk, config_.commit_interval, [this] { return commit_stopping_; });
+    if (commit_stopping_) return;
+    // Idle mounts do no I/O. A failed commit leaves the count behind, so
+    // the next interval tries again.
+    if (changes_.load() == committed_.load()) continue;
+    lk.unlock();
+    const auto started = std::chrono::steady_clock::now();
+    Status status = Commit();
+    if (config_.debug) {
+      std::chrono::duration<double, std::milli> took = std::chrono::steady_clock::now() - started;
+      Log(LOG_DEBUG, "background commit %s in %.1f ms", status.ok() ? "done" : "failed",
+          took.count());
+    }
+    lk.lock();
+    if (status.ok()) {
+      if (failing) Log(LOG_INFO, "background commit works again");
+      failing = false;
+      continue;
+    }
+    if (!failing) {
+      Log(LOG_ERR, "background commit failed (reported at the next fsync and close): %s",
+          status.ToString().c_str());
+    }
+    failing = true;
+    background_failed_.store(true);
+    if (fsync_error_.ok()) fsync_error_ = status;
+    if (flush_error_.ok()) flush_error_ = status;
+  }
+}
+
+int RawFileFs::TakeCommitError(Status& slot) {
+  if (!commits_) return 0;
+  std::lock_guard lk(commit_mu_);
+  Status error = std::move(slot);
+  slot = Status();
+  return error.ok() ? 0 : error.ToErrno();
+}
 
 Status RawFileFs::Changing(uint64_t offset, uint64_t length,
                            const std::function<Status()>& change) {
@@ -110,15 +191,19 @@ void RawFileFs::ConfigureConnection(fuse_conn_info& conn) const noexcept {
 }
 
 void RawFileFs::Shutdown() {
+  // First, so that no commit runs during or after the last one.
+  StopCommits();
   if (config_.read_only) return;
   Status status = write_behind_ ? write_behind_->Drain() : Status();
   if (!status.ok()) {
     Log(LOG_ERR, "writing queued data at unmount failed: %s", status.ToString().c_str());
+    background_failed_.store(true);
   }
   status = image_.Flush();
   if (!status.ok()) {
     Log(LOG_ERR, "flushing the image at unmount failed: %s",
         status.ToString().c_str());
+    background_failed_.store(true);
   }
 }
 
@@ -200,6 +285,10 @@ int RawFileFs::SetAttr(fuse_ino_t ino, const struct stat& wanted, int to_set,
 int RawFileFs::Resize(uint64_t new_size) {
   WaitForQueued(0, 0);
   if (new_size == image_.size()) return 0;
+  struct Count {
+    RawFileFs* fs;
+    ~Count() { fs->Changed(); }
+  } count{this};
   // Everything from the old or new end on changes (shrinking, then growing
   // again, brings back zeros); simpler to say everything.
   return ErrnoFrom(Changing(0, UINT64_MAX, [&] { return image_.Resize(new_size); }), "resize",
@@ -264,11 +353,13 @@ int RawFileFs::Write(fuse_ino_t ino, uint64_t offset,
       static_cast<size_t>(std::min<uint64_t>(data.size(), disk_size - offset));
   if (write_behind_ && length >= kMinQueuedWrite) {
     write_behind_->Submit(offset, data.first(length));
+    Changed();  // queued: the next commit's Drain() applies it
     written = length;
     return 0;
   }
   WaitForQueued(offset, length);
   Status status = Changing(offset, length, [&] { return image_.Write(offset, data.first(length)); });
+  Changed();
   if (!status.ok()) return ErrnoFrom(status, "write", offset);
   written = length;
   return 0;
@@ -278,11 +369,19 @@ int RawFileFs::Fsync(fuse_ino_t ino) {
   if (ino != kFileIno) return ino == kRootIno ? 0 : ENOENT;
   if (config_.read_only) return 0;
   // A queued write that failed is reported here, as the page cache reports
-  // writeback errors at fsync; the image is flushed either way.
-  Status queued = write_behind_ ? write_behind_->Drain() : Status();
-  Status flushed = image_.Flush();
-  if (!queued.ok()) return ErrnoFrom(queued, "queued write", 0);
-  return ErrnoFrom(flushed, "flush", 0);
+  // writeback errors at fsync; the image is flushed either way. So is a
+  // failed background commit (which may have found the failed write).
+  // Runs alongside a background commit if one is under way: both only
+  // drain and flush, which may overlap.
+  Status status = Commit();
+  int background = TakeCommitError(fsync_error_);
+  if (!status.ok()) return ErrnoFrom(status, "fsync", 0);
+  return background;
+}
+
+int RawFileFs::Flush(fuse_ino_t ino) {
+  if (ino != kFileIno) return 0;
+  return TakeCommitError(flush_error_);
 }
 
 int RawFileFs::Fallocate(fuse_ino_t ino, int mode, uint64_t offset,
@@ -294,6 +393,11 @@ int RawFileFs::Fallocate(fuse_ino_t ino, int mode, uint64_t offset,
   if (length == 0 || offset + length < offset) return EINVAL;
   uint64_t end = offset + length;
   WaitForQueued(offset, length);
+  // Counted when done, on every path below.
+  struct Count {
+    RawFileFs* fs;
+    ~Count() { fs->Changed(); }
+  } count{this};
   uint64_t disk_size = image_.size();
 
   if (mode & FALLOC_FL_PUNCH_HOLE) {  // the kernel insists on KEEP_SIZE here

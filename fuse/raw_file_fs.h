@@ -5,20 +5,34 @@
 // work function that returns 0 or an errno and fills plain outputs. The
 // callbacks in lowlevel_ops.cc decode requests, call these and send exactly
 // one reply. All methods may run on many threads at once; the Image is
-// thread-safe and everything else here is immutable after construction.
+// thread-safe, and the little mutable state here (the commit thread's) is
+// atomic or behind its own mutex.
+//
+// Commits: on a writable mount with a commit interval, a background thread
+// does what fsync does (drain the write-behind queue, Image::Flush) at
+// least that often, but only when something changed since the last commit
+// or fsync, so that programs that never fsync (cp) lose at most an
+// interval's worth of writes in a crash. A failed commit is logged, kept,
+// and returned by the next fsync and the next FLUSH (close), and makes the
+// daemon's exit status non-zero (BackgroundFailed()).
 #pragma once
 
 #include <fuse_lowlevel.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "qcow2fs/image.h"
@@ -35,6 +49,9 @@ struct FsConfig {
   // Bytes of large writes that may be queued ahead of the image (see
   // write_behind.h); 0 applies every write before replying.
   size_t write_behind_bytes = 0;
+  // How often a writable mount commits in the background what fsync would
+  // (see above); zero: never, only fsync and unmount do.
+  std::chrono::seconds commit_interval{0};
   // Passed to the kernel at INIT: how many background requests (readahead,
   // async direct I/O) it may have outstanding. Matches the request pool's
   // capacity so the kernel queues what the pool could not take anyway.
@@ -70,16 +87,28 @@ class RawFileFs {
   // `image_path_fd` is an O_PATH descriptor of the image file, used for its
   // owner, mode, times and host file system. O_PATH matters: closing a
   // normal descriptor of the image would drop the core's POSIX locks.
+  // Starts the commit thread, if the mount has one.
   RawFileFs(Image& image, int image_path_fd, FsConfig config);
+  // Stops the commit thread (without a last commit: see Shutdown()).
+  ~RawFileFs();
   RawFileFs(const RawFileFs&) = delete;
   RawFileFs& operator=(const RawFileFs&) = delete;
 
   const FsConfig& config() const { return config_; }
   // Tunes the connection at INIT (max_write, caching capabilities).
   void ConfigureConnection(fuse_conn_info& conn) const noexcept;
-  // The kernel sent DESTROY, or the session is being torn down: applies
-  // queued writes and flushes the image.
+  // The kernel sent DESTROY, or the session is being torn down: stops the
+  // commit thread, applies queued writes and flushes the image.
   void Shutdown();
+  // Stops the commit thread and waits for a commit in progress; idempotent.
+  // Must run before the image is closed; Shutdown() and the destructor do.
+  void StopCommits();
+  // Whether a background commit, or the writing of queued data or the flush
+  // at Shutdown(), failed: the exit status must say so.
+  bool BackgroundFailed() const { return background_failed_.load(); }
+  // Whether closing a file opened with `flags` must reach Flush(), to learn
+  // of a failed background commit (else FOPEN_NOFLUSH spares the trip).
+  bool WantsFlush(int flags) const;
 
   int Lookup(fuse_ino_t parent, std::string_view name, struct stat& attr,
              fuse_ino_t& ino) const;
@@ -94,6 +123,9 @@ class RawFileFs {
   int Write(fuse_ino_t ino, uint64_t offset, std::span<const std::byte> data,
             size_t& written);
   int Fsync(fuse_ino_t ino);
+  // FLUSH, sent at close(2): returns a failed background commit not yet
+  // reported to a FLUSH. Does not write anything (close promises nothing).
+  int Flush(fuse_ino_t ino);
   int Fallocate(fuse_ino_t ino, int mode, uint64_t offset, uint64_t length);
   int Lseek(fuse_ino_t ino, uint64_t offset, int whence, uint64_t& result);
   int StatFs(struct statvfs& out) const;
@@ -111,6 +143,19 @@ class RawFileFs {
   // Runs `change`, which modifies the image in [offset, offset + length),
   // with read-ahead told before and after (see read_ahead.h).
   Status Changing(uint64_t offset, uint64_t length, const std::function<Status()>& change);
+  // What fsync and the commit thread do: drain the write-behind queue, then
+  // flush the image; on success, every change counted so far is committed.
+  // Returns the first failure, named.
+  Status Commit();
+  // The commit thread's life: commit every interval if anything changed.
+  void CommitLoop();
+  // Counts one change to the image's content or size. Called after the
+  // change is in the image or queued (a commit that sees the count must
+  // cover the change), whether it worked or not.
+  void Changed() { changes_.fetch_add(1); }
+  // Removes and returns (as an errno) a background commit failure kept for
+  // the next fsync or FLUSH; 0 if there is none.
+  int TakeCommitError(Status& slot);
 
   Image& image_;
   const int image_path_fd_;
@@ -121,6 +166,22 @@ class RawFileFs {
   // Null when writes are applied before the reply (read-only mounts,
   // compressed writes, write-behind=0).
   const std::unique_ptr<WriteBehind> write_behind_;
+
+  // Changes counted by Changed(), and how many of them the last successful
+  // commit or fsync covered: equal means there is nothing to commit.
+  // Whether there is a commit thread: writable, with a commit interval.
+  const bool commits_;
+  std::atomic<uint64_t> changes_{0};
+  std::atomic<uint64_t> committed_{0};
+  std::atomic<bool> background_failed_{false};
+  std::mutex commit_mu_;
+  std::condition_variable commit_wake_;  // stopping
+  bool commit_stopping_ = false;         // under commit_mu_
+  // A background commit's first failure, until the next fsync and the next
+  // FLUSH have each returned it (under commit_mu_).
+  Status fsync_error_;
+  Status flush_error_;
+  std::thread committer_;  // joined by StopCommits()
 };
 
 }  // namespace qcow2fs::fusefs

@@ -43,7 +43,7 @@ init() {
   MOUNT_BIN=$(realpath "$arg")
   [[ $(id -u) == 0 ]] || fail "the mount tests need root"
   [[ -c /dev/fuse ]] || fail "/dev/fuse is missing"
-  need qemu-img qemu-io timeout flock findmnt fusermount3 pgrep cmp
+  need qemu-img qemu-io timeout flock findmnt fusermount3 cmp
   T=$(mktemp -d /tmp/qcow2fs-mount-test.XXXXXX)
   trap cleanup EXIT
   trap 'exit 130' INT TERM  # exits through the EXIT trap
@@ -88,9 +88,22 @@ cleanup() {
   exit "$rc"
 }
 
-# The pid of the daemon serving mount point $1 ("" if none).
+# The pid of the daemon serving mount point $1 ("" if none): a process whose
+# command line names qcow2fs and ends with (or has) the argument $1. Scans
+# /proc, so that no procps (pgrep, ps) is needed.
 daemon_pid() {
-  pgrep -f -- "qcow2fs.* $1( |\$)" | head -n1 || true
+  local dir args cmdline
+  for dir in /proc/[0-9]*; do
+    # The arguments are NUL-separated; mapfile (a builtin: no fork per
+    # process) splits them. Processes may vanish meanwhile.
+    mapfile -d '' args 2>/dev/null <"$dir/cmdline" || continue
+    cmdline=" ${args[*]-} "
+    if [[ $cmdline == *qcow2fs*" $1 "* ]]; then
+      echo "${dir#/proc/}"
+      return 0
+    fi
+  done
+  return 0
 }
 
 # qmount [ARGS...] IMAGE MOUNTDIR: mounts through mount.qcow2fs, failing the

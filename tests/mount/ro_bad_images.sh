@@ -5,7 +5,7 @@
 # mount points, bad options and a missing /dev/fuse.
 source "$(dirname "$0")/lib.sh"
 init "$@"
-need unshare python3
+need unshare python3 pgrep
 
 mkdir "$T/mnt"
 qemu-img create -q -f qcow2 "$T/good.qcow2" 64M
