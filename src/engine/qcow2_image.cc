@@ -6,10 +6,13 @@
 #include <cinttypes>
 #include <cstdio>
 
+#include <sys/stat.h>
+
 #include "format/endian.h"
 #include "format/l2_entry.h"
 #include "format/limits.h"
 #include "format/hex.h"
+#include "engine/image_lock.h"
 
 namespace qcow2fs {
 namespace {
@@ -143,8 +146,20 @@ Status Qcow2Image::LoadMetadata(const OpenOptions& options,
   l2_cache_ = std::make_unique<L2Cache>(
       cache_bytes / cluster_size_, cluster_size_ / sizeof(uint64_t));
 
-  QCOW2FS_RETURN_IF_ERROR(OpenDataFile(opener));
-  QCOW2FS_RETURN_IF_ERROR(OpenBacking(options, opener, chain_depth));
+  // The backing chain first: the data file must be none of its files. The
+  // opener is wrapped to note every file the chain opens (their data files
+  // included); it is not kept past this call.
+  std::vector<std::pair<dev_t, ino_t>> chain_files;
+  const FileOpener noting = [&](const std::string& p, bool w) -> Result<std::unique_ptr<File>> {
+    auto f = opener(p, w);
+    struct stat st;
+    if (f.ok() && (*f)->fd() >= 0 && ::fstat((*f)->fd(), &st) == 0) {
+      chain_files.emplace_back(st.st_dev, st.st_ino);
+    }
+    return f;
+  };
+  QCOW2FS_RETURN_IF_ERROR(OpenBacking(options, noting, chain_depth));
+  QCOW2FS_RETURN_IF_ERROR(OpenDataFile(options, opener, chain_files));
   if (!read_only_) QCOW2FS_RETURN_IF_ERROR(PrepareForWriting());
   if (options.compress) QCOW2FS_RETURN_IF_ERROR(SetUpCompressedWrites(options));
   return Status();
@@ -158,7 +173,8 @@ Status Qcow2Image::LoadL1(uint64_t offset, uint32_t entries) {
   return Status();
 }
 
-Status Qcow2Image::OpenDataFile(const FileOpener& opener) {
+Status Qcow2Image::OpenDataFile(const OpenOptions& options, const FileOpener& opener,
+                                const std::vector<std::pair<dev_t, ino_t>>& chain_files) {
   if (!header_.has_data_file()) {
     data_file_ = file_.get();
     return Status();
@@ -175,6 +191,29 @@ Status Qcow2Image::OpenDataFile(const FileOpener& opener) {
   }
   owned_data_file_ = std::move(file).value();
   data_file_ = owned_data_file_.get();
+  // Guest writes go to the data file: it must not be the image itself or
+  // any file of the backing chain, whose metadata or data they would
+  // destroy.
+  struct stat data_st, own_st;
+  if (data_file_->fd() >= 0 && ::fstat(data_file_->fd(), &data_st) == 0) {
+    const std::pair<dev_t, ino_t> id{data_st.st_dev, data_st.st_ino};
+    const bool is_self = file_->fd() >= 0 && ::fstat(file_->fd(), &own_st) == 0 &&
+                         own_st.st_dev == data_st.st_dev && own_st.st_ino == data_st.st_ino;
+    if (is_self) {
+      return Status(ErrorCode::kCorrupt, "external data file '" + header_.data_file +
+                                             "' is the image file itself");
+    }
+    if (std::find(chain_files.begin(), chain_files.end(), id) != chain_files.end()) {
+      return Status(ErrorCode::kCorrupt, "external data file '" + header_.data_file +
+                                             "' is a file of the backing chain");
+    }
+  }
+  // Locked like the image, so that no other writer (QEMU included) changes
+  // the guest data under us.
+  if (options.lock && data_file_->fd() >= 0) {
+    QCOW2FS_RETURN_IF_ERROR(LockImageFile(data_file_->fd(), resolved, !read_only_)
+                                .Annotate("external data file"));
+  }
   return Status();
 }
 

@@ -27,9 +27,12 @@
 #include <string>
 #include <vector>
 
+#include <sys/types.h>
+
 #include "engine/compressed_write_cache.h"
 #include "engine/image_open.h"
 #include "engine/l2_cache.h"
+#include "engine/metadata_map.h"
 #include "engine/refcounts.h"
 #include "format/header.h"
 #include "format/snapshot_table.h"
@@ -78,7 +81,8 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
                       int chain_depth);
   Status OpenBacking(const OpenOptions& options, const FileOpener& opener,
                      int chain_depth);
-  Status OpenDataFile(const FileOpener& opener);
+  Status OpenDataFile(const OpenOptions& options, const FileOpener& opener,
+                      const std::vector<std::pair<dev_t, ino_t>>& chain_files);
   Status LoadL1(uint64_t offset, uint32_t entries);
 
   // Reads and validates one L2 table (the L2 cache's loader).
@@ -163,8 +167,17 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   // Applies deferred refcount decrements whose L2 changes are on disk.
   Status FreeClustersExclusive(std::vector<uint64_t> clusters);
   Status WriteHeaderLocked();
-  // Refuses a metadata write into the header, L1 or refcount table.
-  Status CheckOverlapLocked(uint64_t offset, uint64_t length, const char* what);
+  // Refuses a write of `length` bytes at host `offset` that would land on
+  // metadata other than `own` (the kinds the writer itself is allowed to
+  // write there; 0 for guest data and new clusters): fences the image and
+  // returns kCorrupt naming the structures.
+  Status CheckOverlapLocked(uint64_t offset, uint64_t length, const char* what,
+                            uint8_t own = 0);
+  // The same for guest data about to be written in place at `host` (for
+  // guest offset `guest`); free of cost for images with a data file.
+  Status CheckGuestWriteLocked(uint64_t host, uint64_t length, uint64_t guest);
+  // Fills metadata_ from the tables (writable images, at open).
+  Status BuildMetadataMap();
   // Marks the image corrupt on disk and stops all writes.
   Status FenceCorrupt(const Status& cause);
 
@@ -197,6 +210,7 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   std::vector<uint64_t> l1_;  // guarded by meta_mutex_
   std::unique_ptr<L2Cache> l2_cache_;  // guarded by meta_mutex_
   std::unique_ptr<Refcounts> refcounts_;  // guarded by meta_mutex_
+  MetadataMap metadata_;                  // guarded by meta_mutex_
   std::set<uint64_t> l1_dirty_;           // guarded by meta_mutex_
   bool header_dirty_ = false;             // guarded by meta_mutex_
   // Host clusters whose refcount drops by one at the next flush, once the

@@ -30,6 +30,7 @@ Status Qcow2Image::PrepareForWriting() {
   }
   refcounts_ = std::make_unique<Refcounts>(*file_, header_);
   QCOW2FS_RETURN_IF_ERROR(refcounts_->Load());
+  QCOW2FS_RETURN_IF_ERROR(BuildMetadataMap());
   // Autoclear features we do not maintain (persistent bitmaps) must be
   // cleared before the first write, so that their data is known stale.
   const uint64_t autoclear = header_.autoclear_features & kAutoclearKnown;
@@ -47,28 +48,88 @@ Status Qcow2Image::WriteHeaderLocked() {
   return file_->WriteAt(0, buf).Annotate("writing the header");
 }
 
-Status Qcow2Image::CheckOverlapLocked(uint64_t offset, uint64_t length,
-                                      const char* what) {
+Status Qcow2Image::CheckOverlapLocked(uint64_t offset, uint64_t length, const char* what,
+                                      uint8_t own) {
+  if (length == 0) return Status();
   auto overlaps = [&](uint64_t start, uint64_t bytes) {
     return bytes != 0 && offset < start + bytes && start < offset + length;
   };
-  const char* hit = nullptr;
-  if (overlaps(0, cluster_size_)) hit = "the header";
-  else if (overlaps(header_.l1_table_offset, uint64_t{header_.l1_size} * 8)) hit = "the L1 table";
-  else if (overlaps(refcounts_->table_offset(),
-                    uint64_t{refcounts_->table_clusters()} * cluster_size_)) {
-    hit = "the refcount table";
-  } else if (overlaps(header_.snapshots_offset, snapshot_table_bytes_)) {
-    hit = "the snapshot table";
-  } else {
-    for (const auto& s : snapshots_) {
-      if (overlaps(s.l1_table_offset, uint64_t{s.l1_size} * 8)) hit = "a snapshot's L1 table";
-    }
+  // The structures the header names, to the byte; then every metadata
+  // cluster the tables name, cached or not.
+  uint8_t hit = 0;
+  if (overlaps(0, cluster_size_)) hit |= MetadataMap::kHeader;
+  if (overlaps(header_.l1_table_offset, uint64_t{header_.l1_size} * 8)) {
+    hit |= MetadataMap::kL1Table;
   }
+  if (overlaps(refcounts_->table_offset(),
+               uint64_t{refcounts_->table_clusters()} * cluster_size_)) {
+    hit |= MetadataMap::kRefcountTable;
+  }
+  if (overlaps(header_.snapshots_offset, snapshot_table_bytes_)) {
+    hit |= MetadataMap::kSnapshotTable;
+  }
+  for (const auto& s : snapshots_) {
+    if (overlaps(s.l1_table_offset, uint64_t{s.l1_size} * 8)) hit |= MetadataMap::kSnapshotL1Table;
+  }
+  for (uint64_t c = offset >> cluster_bits_; c <= (offset + length - 1) >> cluster_bits_; c++) {
+    hit |= metadata_.KindsOf(c);
+  }
+  hit &= static_cast<uint8_t>(~own);
   if (!hit) return Status();
   return FenceCorrupt(Status(ErrorCode::kCorrupt,
                              std::string(what) + " at " + Hex(offset) + " would overwrite " +
-                                 hit + " (refcounts are inconsistent)"));
+                                 MetadataMap::Describe(hit) + " (the image's tables are "
+                                 "inconsistent)"));
+}
+
+Status Qcow2Image::CheckGuestWriteLocked(uint64_t host, uint64_t length, uint64_t guest) {
+  if (header_.has_data_file()) return Status();  // guest data lives in another file
+  for (uint64_t c = host >> cluster_bits_; c <= (host + length - 1) >> cluster_bits_; c++) {
+    if (metadata_.KindsOf(c) == 0) continue;
+    return CheckOverlapLocked(host, length,
+                              ("guest write to " + Where(guest) + ", host offset").c_str());
+  }
+  return Status();
+}
+
+Status Qcow2Image::BuildMetadataMap() {
+  auto clusters_of = [this](uint64_t offset, uint64_t bytes) {
+    return std::pair<uint64_t, uint64_t>{offset >> cluster_bits_,
+                                         bytes == 0 ? 0
+                                                    : ((offset + bytes - 1) >> cluster_bits_) -
+                                                          (offset >> cluster_bits_) + 1};
+  };
+  auto add = [&](uint64_t offset, uint64_t bytes, MetadataMap::Kind kind) {
+    auto [first, count] = clusters_of(offset, bytes);
+    metadata_.AddRange(first, count, kind);
+  };
+  auto add_l2_tables = [&](const std::vector<uint64_t>& l1) {
+    for (uint64_t entry : l1) {
+      const uint64_t l2 = L1EntryL2Offset(entry);
+      // An unaligned one cannot be used at all (mapping reports it).
+      if (l2 != 0 && l2 % cluster_size_ == 0) metadata_.Add(l2 >> cluster_bits_, MetadataMap::kL2Table);
+    }
+  };
+  add(0, cluster_size_, MetadataMap::kHeader);
+  add(header_.l1_table_offset, uint64_t{header_.l1_size} * 8, MetadataMap::kL1Table);
+  add(refcounts_->table_offset(), uint64_t{refcounts_->table_clusters()} * cluster_size_,
+      MetadataMap::kRefcountTable);
+  for (uint64_t block : refcounts_->block_offsets()) {
+    if (block != 0) metadata_.Add(block >> cluster_bits_, MetadataMap::kRefcountBlock);
+  }
+  add(header_.snapshots_offset, snapshot_table_bytes_, MetadataMap::kSnapshotTable);
+  add_l2_tables(l1_);
+  for (const auto& s : snapshots_) {
+    add(s.l1_table_offset, uint64_t{s.l1_size} * 8, MetadataMap::kSnapshotL1Table);
+    std::vector<std::byte> raw(uint64_t{s.l1_size} * 8);
+    QCOW2FS_RETURN_IF_ERROR(file_->ReadAt(s.l1_table_offset, raw).Annotate(
+        "reading the L1 table of snapshot '" + s.name + "'"));
+    std::vector<uint64_t> l1(s.l1_size);
+    for (size_t i = 0; i < l1.size(); i++) l1[i] = LoadBe64(raw.data() + 8 * i);
+    add_l2_tables(l1);
+  }
+  refcounts_->set_metadata_map(&metadata_);
+  return Status();
 }
 
 Status Qcow2Image::FenceCorrupt(const Status& cause) {
@@ -85,6 +146,13 @@ Status Qcow2Image::WriteBackLocked() {
   bool image_synced = false;
   if (refcounts_->dirty()) {
     image_synced = true;
+    QCOW2FS_RETURN_IF_ERROR(CheckOverlapLocked(
+        refcounts_->table_offset(), uint64_t{refcounts_->table_clusters()} << cluster_bits_,
+        "refcount table", MetadataMap::kRefcountTable));
+    for (uint64_t block : refcounts_->DirtyBlockOffsets()) {
+      QCOW2FS_RETURN_IF_ERROR(CheckOverlapLocked(block, cluster_size_, "refcount block",
+                                                 MetadataMap::kRefcountBlock));
+    }
     QCOW2FS_ASSIGN_OR_RETURN(bool moved, refcounts_->WriteBack());
     if (moved) {
       header_.refcount_table_offset = refcounts_->table_offset();
@@ -111,7 +179,7 @@ Status Qcow2Image::WriteBackLocked() {
       if (!status.ok()) return;
       data_synced = true;
     }
-    status = CheckOverlapLocked(t.offset, cluster_size_, "L2 table");
+    status = CheckOverlapLocked(t.offset, cluster_size_, "L2 table", MetadataMap::kL2Table);
     if (!status.ok()) return;
     for (size_t i = 0; i < t.entries.size(); i++) StoreBe64(raw.data() + 8 * i, t.entries[i]);
     status = file_->WriteAt(t.offset, raw);
@@ -127,6 +195,8 @@ Status Qcow2Image::WriteBackLocked() {
     for (uint64_t i : l1_dirty_) {
       std::byte entry[8];
       StoreBe64(entry, l1_[i]);
+      QCOW2FS_RETURN_IF_ERROR(CheckOverlapLocked(header_.l1_table_offset + 8 * i, 8, "L1 entry",
+                                                 MetadataMap::kL1Table));
       QCOW2FS_RETURN_IF_ERROR(file_->WriteAt(header_.l1_table_offset + 8 * i, entry));
     }
     l1_dirty_.clear();
@@ -190,6 +260,7 @@ Status Qcow2Image::FreeClustersExclusive(std::vector<uint64_t> clusters) {
       // reach the cluster (its references are gone and the caller holds the
       // discard lock exclusively), and it is not reusable until counted 0.
       l2_cache_->Erase(c << cluster_bits_);
+      metadata_.Remove(c);
       QCOW2FS_RETURN_IF_ERROR(file_->PunchHole(c << cluster_bits_, cluster_size_));
     }
     QCOW2FS_RETURN_IF_ERROR(refcounts_->Add(c, -1));
@@ -282,6 +353,7 @@ Status Qcow2Image::ResizeExclusive(uint64_t new_size) {
       const uint64_t old_clusters = (uint64_t{header_.l1_size} * 8 + cluster_size_ - 1) >> cluster_bits_;
       header_.l1_table_offset = offset;
       header_.l1_size = static_cast<uint32_t>(needed);
+      metadata_.AddRange(offset >> cluster_bits_, clusters, MetadataMap::kL1Table);
       l1_.resize(needed, 0);
       if (old_offset != 0) {
         for (uint64_t c = 0; c < old_clusters; c++) {

@@ -71,7 +71,11 @@ Status Qcow2Image::WriteData(uint64_t offset, std::span<const std::byte> data) {
 
 Result<uint64_t> Qcow2Image::AllocateClustersLocked(uint64_t count) {
   auto offset = refcounts_->Allocate(count);
-  if (!offset.ok()) return offset;
+  if (!offset.ok()) {
+    // The refcounts call a metadata cluster free: never hand it out.
+    if (offset.status().code() == ErrorCode::kCorrupt) return FenceCorrupt(offset.status());
+    return offset;
+  }
   QCOW2FS_RETURN_IF_ERROR(
       CheckOverlapLocked(*offset, count << cluster_bits_, "new cluster"));
   // Bounds checks treat the file as already holding what we allocated.
@@ -116,6 +120,7 @@ Result<std::shared_ptr<L2Table>> Qcow2Image::L2ForWriteLocked(
   }
   QCOW2FS_ASSIGN_OR_RETURN(uint64_t new_offset, AllocateClustersLocked(1));
   auto table = l2_cache_->InsertNew(new_offset);
+  metadata_.Add(new_offset >> cluster_bits_, MetadataMap::kL2Table);
   if (!old_entries.empty()) {
     table->entries = std::move(old_entries);
     ReleaseClusterLocked(old_offset);
@@ -194,6 +199,8 @@ Status Qcow2Image::WriteShared(uint64_t offset, std::span<const std::byte> data)
              (word_of(run_end) & kL2OffsetMask) == host + (run_end - pos)) {
         run_end = cluster_end(run_end);
       }
+      // An L2 entry may point at metadata (a corrupt or hostile image).
+      QCOW2FS_RETURN_IF_ERROR(CheckGuestWriteLocked(host, run_end - pos, pos));
       lk.unlock();
       QCOW2FS_SYNC_POINT("Write:InPlaceBeforeData", pos);
       QCOW2FS_RETURN_IF_ERROR(
@@ -271,6 +278,7 @@ Status Qcow2Image::WriteShared(uint64_t offset, std::span<const std::byte> data)
     uint64_t host_base;
     if (reuse_host) {
       host_base = first_word & kL2OffsetMask;
+      QCOW2FS_RETURN_IF_ERROR(CheckGuestWriteLocked(host_base, cluster_size_, c0));
     } else if (has_data_file) {
       host_base = c0;  // the data file mirrors the guest layout
     } else {

@@ -19,7 +19,8 @@ Refcounts::Refcounts(File& file, const Header& header)
       order_(header.refcount_order),
       block_entries_(header.cluster_size() * 8 >> header.refcount_order),
       table_offset_(header.refcount_table_offset),
-      table_clusters_(header.refcount_table_clusters) {}
+      table_clusters_(header.refcount_table_clusters),
+      max_cached_blocks_(std::max<size_t>(16, (size_t{32} << 20) / header.cluster_size())) {}
 
 Status Refcounts::Load() {
   const uint64_t bytes = uint64_t{table_clusters_} * cluster_size_;
@@ -35,14 +36,23 @@ Status Refcounts::Load() {
                         " points to unaligned or invalid offset " + Hex(table_[i]));
     }
   }
+  // Two table entries naming one block would make every update of one
+  // change the other; QEMU's check calls it corruption, and a hostile
+  // image uses it to make a table of a million entries cost one cluster.
+  std::vector<std::pair<uint64_t, size_t>> used;
+  for (size_t i = 0; i < table_.size(); i++) {
+    if (table_[i] != 0) used.emplace_back(table_[i], i);
+  }
+  std::sort(used.begin(), used.end());
+  for (size_t k = 1; k < used.size(); k++) {
+    if (used[k].first == used[k - 1].first) {
+      return Status(ErrorCode::kCorrupt,
+                    "refcount table entries " + std::to_string(used[k - 1].second) + " and " +
+                        std::to_string(used[k].second) + " both point to the refcount block at " +
+                        Hex(used[k].first));
+    }
+  }
   return Status();
-}
-
-bool Refcounts::IsRefcountMetadata(uint64_t offset) const {
-  const uint64_t table_bytes = uint64_t{table_clusters_} * cluster_size_;
-  if (offset >= table_offset_ && offset < table_offset_ + table_bytes) return true;
-  const uint64_t cluster_start = offset & ~(cluster_size_ - 1);
-  return std::find(table_.begin(), table_.end(), cluster_start) != table_.end();
 }
 
 Result<std::vector<std::byte>*> Refcounts::Block(uint64_t index, bool create) {
@@ -52,6 +62,7 @@ Result<std::vector<std::byte>*> Refcounts::Block(uint64_t index, bool create) {
     std::vector<std::byte> block(cluster_size_);
     QCOW2FS_RETURN_IF_ERROR(file_.ReadAt(table_[index], block).Annotate(
         "reading refcount block at " + Hex(table_[index])));
+    EvictCleanBlocks();
     return &blocks_.emplace(index, std::move(block)).first->second;
   }
   if (!create) return static_cast<std::vector<std::byte>*>(nullptr);
@@ -68,10 +79,25 @@ Result<std::vector<std::byte>*> Refcounts::Block(uint64_t index, bool create) {
   auto& block = blocks_.emplace(index, std::vector<std::byte>(cluster_size_))
                     .first->second;
   table_[index] = cluster << cluster_bits_;
+  if (map_) map_->Add(cluster, MetadataMap::kRefcountBlock);
   table_dirty_ = true;
   dirty_blocks_[index] = true;
   QCOW2FS_RETURN_IF_ERROR(CountNewClusters(cluster, 1));
   return &block;
+}
+
+void Refcounts::EvictCleanBlocks() {
+  if (blocks_.size() < max_cached_blocks_) return;
+  // Down to half the bound in one pass, so the pass is paid rarely. Dirty
+  // blocks stay until WriteBack; blocks are only evicted here, before a
+  // new one is inserted, so no pointer Block() returned is in use.
+  for (auto it = blocks_.begin(); it != blocks_.end() && blocks_.size() > max_cached_blocks_ / 2;) {
+    if (dirty_blocks_.count(it->first)) {
+      ++it;
+    } else {
+      it = blocks_.erase(it);
+    }
+  }
 }
 
 Result<uint64_t> Refcounts::Get(uint64_t cluster) {
@@ -119,6 +145,12 @@ Result<uint64_t> Refcounts::FindFree(uint64_t count) {
     if (!used) {
       QCOW2FS_ASSIGN_OR_RETURN(uint64_t rc, Get(c));
       used = rc != 0;
+    }
+    if (!used && map_ && map_->KindsOf(c) != 0) {
+      return Status(ErrorCode::kCorrupt,
+                    "cluster " + Hex(c << cluster_bits_) + " holds " +
+                        MetadataMap::Describe(map_->KindsOf(c)) +
+                        " but its refcount is 0");
     }
     if (used) {
       run_start = c + 1;
@@ -171,6 +203,7 @@ Status Refcounts::GrowTable(uint64_t min_entries) {
     table_.resize(clusters * per_cluster, 0);
     table_offset_ = start << cluster_bits_;
     table_clusters_ = static_cast<uint32_t>(clusters);
+    if (map_) map_->AddRange(start, clusters, MetadataMap::kRefcountTable);
     table_dirty_ = true;
     table_moved_ = true;
     return CountNewClusters(start, clusters);
@@ -195,6 +228,12 @@ Result<bool> Refcounts::WriteBack() {
   const bool moved = table_moved_;
   table_moved_ = false;
   return moved;
+}
+
+std::vector<uint64_t> Refcounts::DirtyBlockOffsets() const {
+  std::vector<uint64_t> out;
+  for (const auto& [index, unused] : dirty_blocks_) out.push_back(table_[index]);
+  return out;
 }
 
 std::vector<uint64_t> Refcounts::TakeRetiredTableClusters() {

@@ -15,6 +15,7 @@
 #include <map>
 #include <vector>
 
+#include "engine/metadata_map.h"
 #include "format/header.h"
 #include "io/file.h"
 #include "qcow2fs/status.h"
@@ -27,6 +28,15 @@ class Refcounts {
 
   // Reads the refcount table.
   Status Load();
+  // Keeps `map` told of refcount blocks and table clusters as they are
+  // created, and refuses to hand out a cluster the map says holds metadata
+  // (a free refcount on such a cluster is corruption, reported as
+  // kCorrupt). The map must outlive this object.
+  void set_metadata_map(MetadataMap* map) { map_ = map; }
+  // Host offsets of the refcount blocks (0: none), by table index.
+  const std::vector<uint64_t>& block_offsets() const { return table_; }
+  // Host offsets of the blocks WriteBack() would write now.
+  std::vector<uint64_t> DirtyBlockOffsets() const;
 
   Result<uint64_t> Get(uint64_t cluster);
   // Sets a cluster's refcount, creating its refcount block if needed.
@@ -49,8 +59,6 @@ class Refcounts {
 
   uint64_t table_offset() const { return table_offset_; }
   uint32_t table_clusters() const { return table_clusters_; }
-  // Cluster-aligned ranges of refcount metadata, for overlap checks.
-  bool IsRefcountMetadata(uint64_t offset) const;
   // Lowest cluster worth searching for free space (after a free).
   void HintFree(uint64_t cluster) {
     if (cluster < free_cursor_) free_cursor_ = cluster;
@@ -58,6 +66,8 @@ class Refcounts {
 
  private:
   Result<std::vector<std::byte>*> Block(uint64_t table_index, bool create);
+  // Drops clean blocks when the cache is full.
+  void EvictCleanBlocks();
   Status GrowTable(uint64_t min_entries);
   Result<uint64_t> FindFree(uint64_t count);
 
@@ -74,9 +84,13 @@ class Refcounts {
   bool table_moved_ = false;
   std::vector<uint64_t> retired_table_;  // old table clusters to free
 
+  // Loaded blocks, by table index: at most max_cached_blocks_ clean ones
+  // (32 MiB worth, at least 16) plus the dirty ones.
   std::map<uint64_t, std::vector<std::byte>> blocks_;  // by table index
+  const size_t max_cached_blocks_;
   std::map<uint64_t, bool> dirty_blocks_;               // table indexes
   uint64_t free_cursor_ = 0;
+  MetadataMap* map_ = nullptr;
   // Cluster ranges [first, second) handed out but not yet counted: the run
   // being allocated, a growing table, a new refcount block. Counting them
   // may create blocks, whose allocation must not pick these clusters.

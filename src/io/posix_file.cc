@@ -185,13 +185,21 @@ class PosixFile final : public File {
 Result<std::unique_ptr<File>> OpenPosixFile(const std::string& path,
                                             bool writable, bool direct_io) {
   const int access = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC;
-  int fd = ::open(path.c_str(), access);
+  // O_NONBLOCK: a FIFO (or a device) named as a backing or data file must
+  // be refused, not wait in open() for a writer forever. It is cleared
+  // again once the file is known to be a regular file or block device.
+  int fd = ::open(path.c_str(), access | O_NONBLOCK | O_NOCTTY);
   if (fd < 0) return Status::FromErrno(errno, "cannot open " + path);
   struct stat st;
   if (::fstat(fd, &st) != 0 || (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))) {
     ::close(fd);
     return Status(ErrorCode::kInvalidArgument,
                   path + " is not a regular file or block device");
+  }
+  if (::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK) != 0) {
+    const int err = errno;
+    ::close(fd);
+    return Status::FromErrno(err, "cannot open " + path);
   }
   int direct_fd = -1;
   DirectAlignment alignment;
