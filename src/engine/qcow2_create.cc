@@ -116,6 +116,11 @@ Status Image::Create(const std::string& path, const CreateOptions& o) {
     SetRefcountEntry(file.data() + 2 * uint64_t{cs}, h.refcount_order, c, 1);
   }
 
+  // Refused before anything exists on disk where it can be known now.
+  if (h.l1_entries_for(size) * 8 > limits::kMaxL1Bytes) {
+    return Invalid("size " + std::to_string(size) + " needs an L1 table over 32 MiB");
+  }
+
   int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (fd < 0) return Status::FromErrno(errno, "cannot create " + path);
   size_t done = 0;
@@ -132,12 +137,18 @@ Status Image::Create(const std::string& path, const CreateOptions& o) {
   }
   ::close(fd);
 
-  OpenOptions open_options;
-  open_options.read_only = false;
-  auto image = Image::Open(path, open_options);
-  if (!image.ok()) return image.status();
-  QCOW2FS_RETURN_IF_ERROR((*image)->Resize(size));
-  return (*image)->Flush();
+  // Grown to its size through the ordinary resize path. A failure removes
+  // the file: a half-made image must not be mounted by the next attempt.
+  Status grown = [&]() -> Status {
+    OpenOptions open_options;
+    open_options.read_only = false;
+    auto image = Image::Open(path, open_options);
+    if (!image.ok()) return image.status();
+    QCOW2FS_RETURN_IF_ERROR((*image)->Resize(size));
+    return (*image)->Flush();
+  }();
+  if (!grown.ok()) ::unlink(path.c_str());
+  return grown;
 }
 
 }  // namespace qcow2fs
