@@ -237,5 +237,45 @@ TEST_F(InterleavingTest, DiscardDuringRewriteNeverReusesTheCluster) {
   EXPECT_TRUE(CheckClean(path));
 }
 
+// Compress mode: bytes staged for a cluster are the newest data. A discard
+// of the cluster forgets them and marks the cluster zero; a read running
+// meanwhile must return the staged bytes or zeros, never the older content
+// of the image under them.
+TEST_F(InterleavingTest, CompressModeDiscardNeverExposesOlderData) {
+  const std::string path = dir_.Join("compress-discard.qcow2");
+  ASSERT_TRUE(QemuImg("create -q -f qcow2 -o cluster_size=64k,compression_type=zstd " +
+                      ShellQuote(path) + " 1M"));
+  ASSERT_TRUE(QemuIo(path, {"write -P 0x4f 0 64k"}));  // the older content
+  OpenOptions options;
+  options.compress = CompressionType::kZstd;
+  auto image = OpenWritable(path, options);
+  ASSERT_TRUE(image);
+  const std::string staged(4 * kKiB, 'S');
+  ASSERT_TRUE(image->Write(0, AsBytes(staged)).ok());  // partial: stays staged
+
+  SyncPoints::Arm("Discard:StagedDropped");
+  Status discarded;
+  std::thread discarder([&] { discarded = image->Discard(0, 64 * kKiB); });
+  ASSERT_TRUE(SyncPoints::WaitUntilStopped("Discard:StagedDropped"));
+  std::string seen(4 * kKiB, '\0');
+  Status read;
+  std::thread reader([&] {
+    read = image->Read(0, AsWritableBytes(seen));
+    SyncPoints::Reached("Test:ReadReturned", 0);
+  });
+  ASSERT_GE(SyncPoints::WaitUntilAnyReached({"Read:WaitingForDiscard", "Test:ReadReturned"}), 0);
+  SyncPoints::Release("Discard:StagedDropped");
+  discarder.join();
+  reader.join();
+  ASSERT_TRUE(discarded.ok()) << Describe(discarded);
+  ASSERT_TRUE(read.ok()) << Describe(read);
+  EXPECT_TRUE(seen == staged || AllZero(seen))
+      << "a read during the discard returned data older than the staged write";
+  EXPECT_TRUE(AllZero(ReadRange(*image, 0, 64 * kKiB)));
+  ASSERT_TRUE(image->Flush().ok());
+  image.reset();
+  EXPECT_TRUE(CheckClean(path));
+}
+
 }  // namespace
 }  // namespace qcow2fs::test

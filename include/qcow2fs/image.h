@@ -164,6 +164,13 @@ class Image {
   // and how many bytes from there share it (at most `length`).
   virtual Result<BlockStatus> GetBlockStatus(uint64_t offset,
                                              uint64_t length) = 0;
+  // Whether the range starting at `offset` reads as data or as zeros,
+  // looking through the backing chain as `qemu-img map` does: kData where
+  // some layer holds data, kZero where every layer reads zeros (zero
+  // clusters, unallocated ranges past the end of a shorter backing file or
+  // without one, holes of a raw file). Never kUnallocated. For SEEK_DATA
+  // and SEEK_HOLE.
+  virtual Result<BlockStatus> GetDataStatus(uint64_t offset, uint64_t length) = 0;
   // Bytes the image occupies on the host (allocated blocks of its files).
   virtual uint64_t AllocatedBytes() const = 0;
 

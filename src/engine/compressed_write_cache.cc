@@ -102,17 +102,6 @@ void CompressedWriteCache::MarkValid(Entry& e, uint64_t from, uint64_t to) {
   }
 }
 
-void CompressedWriteCache::ClearValid(Entry& e, uint64_t from, uint64_t to) {
-  for (uint64_t i = from; i < to;) {
-    const uint64_t word = i / 64, bit = i % 64;
-    const uint64_t n = std::min<uint64_t>(64 - bit, to - i);
-    const uint64_t mask = (n == 64 ? ~uint64_t{0} : ((uint64_t{1} << n) - 1)) << bit;
-    e.valid_bytes -= static_cast<uint64_t>(std::popcount(mask & e.valid[word]));
-    e.valid[word] &= ~mask;
-    i += n;
-  }
-}
-
 void CompressedWriteCache::Erase(uint64_t index) {
   auto it = entries_.find(index);
   if (it == entries_.end()) return;
@@ -443,29 +432,36 @@ void CompressedWriteCache::EndDirectWrite(uint64_t cluster_index) {
   }
 }
 
-Status CompressedWriteCache::Drop(uint64_t offset, uint64_t length) {
+Status CompressedWriteCache::SettleRange(uint64_t offset, uint64_t length) {
   const uint64_t end = offset + length;
   std::unique_lock lk(mu_);
-  for (uint64_t pos = offset; pos < end;) {
-    const uint64_t index = pos >> cluster_bits_;
-    const uint64_t cluster_start = index << cluster_bits_;
-    const uint64_t piece_end = std::min(end, cluster_start + cluster_size_);
-    auto it = entries_.find(index);
-    if (it != entries_.end() && it->second->state != State::kFilling) {
-      // Let it reach the image; the caller's discard then applies to it.
-      QCOW2FS_RETURN_IF_ERROR(WaitForCommit(lk, *it->second));
-      continue;
-    }
-    if (it != entries_.end()) {
-      if (pos == cluster_start && piece_end == cluster_start + cluster_size_) {
-        Erase(index);
-      } else {
-        ClearValid(*it->second, pos - cluster_start, piece_end - cluster_start);
+  while (true) {
+    const Entry* busy = nullptr;
+    for (const auto& [index, e] : entries_) {
+      const uint64_t start = index << cluster_bits_;
+      if (start < end && start + cluster_size_ > offset && e->state != State::kFilling) {
+        busy = e.get();
+        break;
       }
     }
-    pos = piece_end;
+    if (!busy) return Status();
+    // Let it reach the image; the caller's change then applies to it.
+    QCOW2FS_RETURN_IF_ERROR(WaitForCommit(lk, *busy));
   }
-  return Status();
+}
+
+bool CompressedWriteCache::DropStaged(uint64_t offset, uint64_t length) {
+  const uint64_t end = offset + length;
+  std::lock_guard lk(mu_);
+  std::vector<uint64_t> doomed;
+  for (const auto& [index, e] : entries_) {
+    const uint64_t start = index << cluster_bits_;
+    if (start >= end || start + cluster_size_ <= offset) continue;
+    if (e->state != State::kFilling) return false;
+    doomed.push_back(index);
+  }
+  for (uint64_t index : doomed) Erase(index);
+  return true;
 }
 
 Status CompressedWriteCache::Flush() {

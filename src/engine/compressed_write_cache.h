@@ -118,8 +118,16 @@ class CompressedWriteCache {
   // admitted write ends with EndDirectWrite.
   bool BeginDirectWrite(uint64_t cluster_index);
   void EndDirectWrite(uint64_t cluster_index);
-  // Forgets staged bytes in the range (discard and zero-writes).
-  Status Drop(uint64_t offset, uint64_t length);
+  // Discard and zeroing of whole clusters. SettleRange waits until no
+  // cluster in the range is being compressed or committed. DropStaged then
+  // forgets the staged bytes of the range, with the image's discard lock
+  // held exclusively by the caller, so that no reader sees the staged bytes
+  // gone before the clusters read as zeros; it returns false, changing
+  // nothing, if a cluster got past filling meanwhile (settle again).
+  // Partial clusters need neither: zeros written to them are staged over
+  // the staged bytes like any write.
+  Status SettleRange(uint64_t offset, uint64_t length);
+  bool DropStaged(uint64_t offset, uint64_t length);
   // Commits everything staged. On return all data written before the call
   // is in the image (not yet synced).
   Status Flush();
@@ -155,7 +163,6 @@ class CompressedWriteCache {
 
   bool IsComplete(const Entry& e) const { return e.valid_bytes == cluster_size_; }
   void MarkValid(Entry& e, uint64_t from, uint64_t to);
-  void ClearValid(Entry& e, uint64_t from, uint64_t to);
   bool IsValid(const Entry& e, uint64_t at) const {
     return (e.valid[at / 64] >> (at % 64)) & 1;
   }

@@ -175,7 +175,9 @@ Status Qcow2Image::WriteUncompressedCluster(uint64_t guest_offset,
 Status Qcow2Image::ZeroCluster(uint64_t guest_offset) {
   const uint64_t disk = size();
   if (guest_offset >= disk) return Status();
-  return ZeroRange(guest_offset, std::min(cluster_size_, disk - guest_offset), true);
+  // The cluster is this entry's own commit: nothing staged to drop.
+  return ClearRange(guest_offset, std::min(cluster_size_, disk - guest_offset),
+                    /*discard=*/false, /*may_unmap=*/true, /*drop_staged=*/false);
 }
 
 uint64_t Qcow2Image::MaxCompressedPerHostCluster() const {

@@ -72,6 +72,7 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   Status Flush() override;
   Status Resize(uint64_t new_size) override;
   Result<BlockStatus> GetBlockStatus(uint64_t offset, uint64_t length) override;
+  Result<BlockStatus> GetDataStatus(uint64_t offset, uint64_t length) override;
   uint64_t AllocatedBytes() const override;
 
  private:
@@ -97,12 +98,16 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   Status ReadBacking(uint64_t offset, std::span<std::byte> dst);
   std::string Where(uint64_t guest_offset) const;
 
-  // Read/WriteZeroes/Discard without the compressed staging cache.
+  // Reads the image without the compressed staging cache. ReadImageShared
+  // is the same with discard_lock_ held shared by the caller.
   Status ReadImage(uint64_t offset, std::span<std::byte> buf);
-  Status ZeroRange(uint64_t offset, uint64_t length, bool may_unmap);
+  Status ReadImageShared(uint64_t offset, std::span<std::byte> buf);
   // Zeroing and discard: partial clusters get zeros written, whole
-  // clusters lose their data (discard) or are marked zero.
-  Status ClearRange(uint64_t offset, uint64_t length, bool discard, bool may_unmap);
+  // clusters lose their data (discard) or are marked zero. With
+  // `drop_staged`, staged bytes of whole clusters are forgotten at the same
+  // instant (compress mode; the cache's own commits pass false).
+  Status ClearRange(uint64_t offset, uint64_t length, bool discard, bool may_unmap,
+                    bool drop_staged);
 
   // --- compressed writes (qcow2_compressed.cc) ---
   Status SetUpCompressedWrites(const OpenOptions& options);

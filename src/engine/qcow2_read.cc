@@ -12,6 +12,7 @@
 #include "format/l2_entry.h"
 #include "format/limits.h"
 #include "format/hex.h"
+#include "engine/sync_point.h"
 
 namespace qcow2fs {
 namespace {
@@ -203,15 +204,22 @@ Status Qcow2Image::Read(uint64_t offset, std::span<std::byte> buf) {
                       Hex(offset) + " is past the end of the disk");
   }
   if (!compressed_cache_) return ReadImage(offset, buf);
-  // Staged bytes win; captured first so a commit in between cannot be missed.
+  // Staged bytes win; captured first so a commit in between cannot be
+  // missed. The discard lock is held across both, so a discard or zeroing
+  // cannot drop the staged bytes and change the clusters in between.
+  auto guard = LockSharedNoting(discard_lock_, "Read:WaitingForDiscard", offset);
   auto staged = compressed_cache_->Capture(offset, buf.size());
-  QCOW2FS_RETURN_IF_ERROR(ReadImage(offset, buf));
+  QCOW2FS_RETURN_IF_ERROR(ReadImageShared(offset, buf));
   CompressedWriteCache::Apply(staged, offset, buf);
   return Status();
 }
 
 Status Qcow2Image::ReadImage(uint64_t offset, std::span<std::byte> buf) {
   std::shared_lock guard(discard_lock_);
+  return ReadImageShared(offset, buf);
+}
+
+Status Qcow2Image::ReadImageShared(uint64_t offset, std::span<std::byte> buf) {
   Extent extents[kExtentBatch];
   const uint64_t end = offset + buf.size();
   for (uint64_t pos = offset; pos < end;) {
@@ -330,6 +338,23 @@ Result<BlockStatus> Qcow2Image::GetBlockStatus(uint64_t offset, uint64_t length)
     pos = extents[n - 1].guest_offset + extents[n - 1].length;
   }
   return status;
+}
+
+Result<BlockStatus> Qcow2Image::GetDataStatus(uint64_t offset, uint64_t length) {
+  QCOW2FS_ASSIGN_OR_RETURN(BlockStatus own, GetBlockStatus(offset, length));
+  if (own.kind != BlockKind::kUnallocated) return own;
+  // Reads fall through to the backing file; past its end (or without one)
+  // they read zeros.
+  const uint64_t backing_size = backing_ ? backing_->size() : 0;
+  if (offset >= backing_size) {
+    own.kind = BlockKind::kZero;
+    return own;
+  }
+  QCOW2FS_ASSIGN_OR_RETURN(
+      BlockStatus below,
+      backing_->GetDataStatus(offset, std::min(own.length, backing_size - offset)));
+  below.host_offset.reset();  // a host offset in another file means nothing here
+  return below;
 }
 
 }  // namespace qcow2fs

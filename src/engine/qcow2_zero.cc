@@ -121,17 +121,13 @@ static Status ForClusterSpan(uint64_t offset, uint64_t length, uint64_t cluster_
 Status Qcow2Image::WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap) {
   std::shared_lock sizing(resize_lock_);
   QCOW2FS_RETURN_IF_ERROR(CheckWritable(offset, length));
-  if (compressed_cache_) QCOW2FS_RETURN_IF_ERROR(compressed_cache_->Drop(offset, length));
-  QCOW2FS_RETURN_IF_ERROR(ZeroRange(offset, length, may_unmap));
+  QCOW2FS_RETURN_IF_ERROR(
+      ClearRange(offset, length, /*discard=*/false, may_unmap, /*drop_staged=*/true));
   return ApplyDeferredFreesIfDue();
 }
 
-Status Qcow2Image::ZeroRange(uint64_t offset, uint64_t length, bool may_unmap) {
-  return ClearRange(offset, length, /*discard=*/false, may_unmap);
-}
-
 Status Qcow2Image::ClearRange(uint64_t offset, uint64_t length, bool discard,
-                              bool may_unmap) {
+                              bool may_unmap, bool drop_staged) {
   if (length == 0) return Status();
   // A disk whose size is not cluster aligned still owns its whole last
   // cluster, so a range reaching the end counts that cluster as whole.
@@ -147,17 +143,30 @@ Status Qcow2Image::ClearRange(uint64_t offset, uint64_t length, bool discard,
       },
       [&](uint64_t off, uint64_t len) {
         if (write_whole) return WriteZeroBytes(off, std::min(len, size() - off));
-        auto guard = LockExclusiveNoting(discard_lock_, "Discard:WaitingForRequests", off);
-        return ZeroClustersExclusive(off >> cluster_bits_, len >> cluster_bits_, discard,
-                                     may_unmap);
+        // Staged bytes of these clusters are forgotten while no reader can
+        // be between capturing them and reading the image (compress-mode
+        // reads hold the discard lock across both): a reader sees either
+        // the staged bytes or the zeros, never the older image content.
+        while (true) {
+          if (drop_staged && compressed_cache_) {
+            QCOW2FS_RETURN_IF_ERROR(compressed_cache_->SettleRange(off, len));
+          }
+          auto guard = LockExclusiveNoting(discard_lock_, "Discard:WaitingForRequests", off);
+          if (drop_staged && compressed_cache_ && !compressed_cache_->DropStaged(off, len)) {
+            continue;  // a cluster was completed meanwhile: let it commit first
+          }
+          QCOW2FS_SYNC_POINT("Discard:StagedDropped", off);
+          return ZeroClustersExclusive(off >> cluster_bits_, len >> cluster_bits_, discard,
+                                       may_unmap);
+        }
       });
 }
 
 Status Qcow2Image::Discard(uint64_t offset, uint64_t length) {
   std::shared_lock sizing(resize_lock_);
   QCOW2FS_RETURN_IF_ERROR(CheckWritable(offset, length));
-  if (compressed_cache_) QCOW2FS_RETURN_IF_ERROR(compressed_cache_->Drop(offset, length));
-  QCOW2FS_RETURN_IF_ERROR(ClearRange(offset, length, /*discard=*/true, /*may_unmap=*/true));
+  QCOW2FS_RETURN_IF_ERROR(ClearRange(offset, length, /*discard=*/true, /*may_unmap=*/true,
+                                     /*drop_staged=*/true));
   return ApplyDeferredFreesIfDue();
 }
 

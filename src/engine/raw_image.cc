@@ -1,5 +1,8 @@
 // RawImage: a plain file as an Image, used for raw backing files.
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 
 #include "engine/image_open.h"
 
@@ -49,6 +52,33 @@ class RawImage final : public Image {
     s.kind = BlockKind::kData;
     s.length = std::min(length, size_ - offset);
     s.host_offset = offset;
+    return s;
+  }
+  Result<BlockStatus> GetDataStatus(uint64_t offset, uint64_t length) override {
+    if (offset >= size_) return Status(ErrorCode::kOutOfRange, "past the end");
+    const uint64_t end = offset + std::min(length, size_ - offset);
+    BlockStatus s;
+    s.kind = BlockKind::kData;
+    s.length = end - offset;
+    // The host file system knows its holes; without a descriptor (or where
+    // it cannot tell), everything counts as data, which is always safe.
+    const int fd = file_->fd();
+    if (fd < 0) return s;
+    const off_t data = ::lseek(fd, static_cast<off_t>(offset), SEEK_DATA);
+    if (data < 0 && errno == ENXIO) {
+      s.kind = BlockKind::kZero;  // no data from here to the end of the file
+      return s;
+    }
+    if (data < 0) return s;
+    if (static_cast<uint64_t>(data) > offset) {
+      s.kind = BlockKind::kZero;
+      s.length = std::min<uint64_t>(end, static_cast<uint64_t>(data)) - offset;
+      return s;
+    }
+    const off_t hole = ::lseek(fd, static_cast<off_t>(offset), SEEK_HOLE);
+    if (hole > static_cast<off_t>(offset)) {
+      s.length = std::min<uint64_t>(end, static_cast<uint64_t>(hole)) - offset;
+    }
     return s;
   }
   uint64_t AllocatedBytes() const override { return file_->AllocatedBytes(); }

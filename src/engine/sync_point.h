@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <functional>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -74,6 +75,18 @@ template <typename Mutex>
 std::unique_lock<Mutex> LockExclusiveNoting(Mutex& m, [[maybe_unused]] const char* name,
                                             [[maybe_unused]] uint64_t arg) {
   std::unique_lock<Mutex> lock(m, std::try_to_lock);
+  if (!lock.owns_lock()) {
+    QCOW2FS_SYNC_POINT(name, arg);
+    lock.lock();
+  }
+  return lock;
+}
+
+// The same for the shared side.
+template <typename Mutex>
+std::shared_lock<Mutex> LockSharedNoting(Mutex& m, [[maybe_unused]] const char* name,
+                                         [[maybe_unused]] uint64_t arg) {
+  std::shared_lock<Mutex> lock(m, std::try_to_lock);
   if (!lock.owns_lock()) {
     QCOW2FS_SYNC_POINT(name, arg);
     lock.lock();
