@@ -15,6 +15,25 @@ void FaultInjectionFile::CrashAfter(uint64_t ops) {
   crash_at_ = ops_ + ops;
 }
 
+void FaultInjectionFile::CrashAtSync(uint64_t syncs) {
+  std::lock_guard lock(mu_);
+  crash_at_sync_ = syncs_ + syncs;
+}
+
+void FaultInjectionFile::Crash() {
+  bool crashed_now = false;
+  {
+    std::lock_guard lock(mu_);
+    if (!crashed_) crashed_ = crashed_now = true;
+  }
+  AfterCrash(crashed_now);
+}
+
+void FaultInjectionFile::OnCrash(std::function<void()> callback) {
+  std::lock_guard lock(mu_);
+  on_crash_ = std::move(callback);
+}
+
 void FaultInjectionFile::FailOnceAfter(uint64_t ops, int err) {
   std::lock_guard lock(mu_);
   fail_at_ = ops_ + ops;
@@ -31,17 +50,50 @@ uint64_t FaultInjectionFile::mutating_ops() const {
   return ops_;
 }
 
-Status FaultInjectionFile::Admit() {
+uint64_t FaultInjectionFile::syncs() const {
+  std::lock_guard lock(mu_);
+  return syncs_;
+}
+
+uint64_t FaultInjectionFile::successful_syncs() const {
+  std::lock_guard lock(mu_);
+  return successful_syncs_;
+}
+
+uint64_t FaultInjectionFile::unsynced_writes() const {
+  std::lock_guard lock(mu_);
+  return unsynced_.size();
+}
+
+Status FaultInjectionFile::Admit(bool* crashed_now) {
   if (crashed_) return Status(ErrorCode::kIoError, name_ + ": device is gone", EIO);
   const uint64_t op = ops_++;
   if (op == crash_at_) {
-    crashed_ = true;
+    crashed_ = *crashed_now = true;
     return Status(ErrorCode::kIoError, name_ + ": injected crash", EIO);
   }
   if (op == fail_at_) {
     return Status::FromErrno(fail_errno_, name_ + ": injected failure");
   }
   return Status();
+}
+
+void FaultInjectionFile::AfterCrash(bool crashed_now) {
+  if (!crashed_now) return;
+  std::function<void()> callback;
+  {
+    std::lock_guard lock(mu_);
+    callback = std::move(on_crash_);
+    on_crash_ = nullptr;
+  }
+  if (callback) callback();
+}
+
+void FaultInjectionFile::Record(PendingWrite w) {
+  w.op = ops_ - 1;
+  w.after_syncs = syncs_;
+  Apply(current_, w);
+  unsynced_.push_back(std::move(w));
 }
 
 void FaultInjectionFile::Apply(std::string& image, const PendingWrite& w) {
@@ -53,14 +105,52 @@ void FaultInjectionFile::Apply(std::string& image, const PendingWrite& w) {
   image.replace(w.offset, w.data.size(), w.data);
 }
 
+FaultInjectionFile::UnsyncedWrite FaultInjectionFile::ToUnsynced(const PendingWrite& w,
+                                                                 uint64_t index) {
+  UnsyncedWrite u;
+  u.kind = w.is_truncate ? UnsyncedWrite::Kind::kTruncate
+           : w.is_punch  ? UnsyncedWrite::Kind::kPunchHole
+                         : UnsyncedWrite::Kind::kWrite;
+  u.offset = w.offset;
+  u.length = w.is_truncate ? 0 : w.data.size();
+  u.index = index;
+  u.op = w.op;
+  u.after_syncs = w.after_syncs;
+  u.data = w.data;
+  return u;
+}
+
+std::vector<FaultInjectionFile::UnsyncedWrite> FaultInjectionFile::UnsyncedWrites() const {
+  std::lock_guard lock(mu_);
+  std::vector<UnsyncedWrite> out;
+  out.reserve(unsynced_.size());
+  for (size_t i = 0; i < unsynced_.size(); i++) {
+    out.push_back(ToUnsynced(unsynced_[i], i));
+    out.back().data = {};  // would dangle once the lock is dropped
+  }
+  return out;
+}
+
 std::string FaultInjectionFile::DurableImage(uint64_t seed) const {
+  std::mt19937_64 rng(seed);
+  return DurableImage([&rng](const UnsyncedWrite&) { return (rng() & 1) != 0; });
+}
+
+std::string FaultInjectionFile::DurableImage(const KeepPredicate& keep) const {
   std::lock_guard lock(mu_);
   std::string image = durable_;
-  std::mt19937_64 rng(seed);
-  for (const auto& w : unsynced_) {
-    if (rng() & 1) Apply(image, w);
+  for (size_t i = 0; i < unsynced_.size(); i++) {
+    if (keep(ToUnsynced(unsynced_[i], i))) Apply(image, unsynced_[i]);
   }
   return image;
+}
+
+std::string FaultInjectionFile::DurableImageKeepAll() const {
+  return DurableImage([](const UnsyncedWrite&) { return true; });
+}
+
+std::string FaultInjectionFile::DurableImageKeepNone() const {
+  return DurableImage([](const UnsyncedWrite&) { return false; });
 }
 
 std::string FaultInjectionFile::CurrentImage() const {
@@ -80,51 +170,79 @@ Status FaultInjectionFile::ReadAt(uint64_t offset, std::span<std::byte> buf) {
 }
 
 Status FaultInjectionFile::WriteAt(uint64_t offset, std::span<const std::byte> data) {
-  std::lock_guard lock(mu_);
-  QCOW2FS_RETURN_IF_ERROR(Admit());
-  PendingWrite w{offset, std::string(reinterpret_cast<const char*>(data.data()), data.size())};
-  Apply(current_, w);
-  unsynced_.push_back(std::move(w));
-  return Status();
+  bool crashed_now = false;
+  Status s;
+  {
+    std::lock_guard lock(mu_);
+    s = Admit(&crashed_now);
+    if (s.ok()) {
+      Record(PendingWrite{offset,
+                          std::string(reinterpret_cast<const char*>(data.data()), data.size())});
+    }
+  }
+  AfterCrash(crashed_now);
+  return s;
 }
 
 Status FaultInjectionFile::PunchHole(uint64_t offset, uint64_t length) {
-  std::lock_guard lock(mu_);
-  QCOW2FS_RETURN_IF_ERROR(Admit());
-  if (offset >= current_.size()) return Status();
-  length = std::min<uint64_t>(length, current_.size() - offset);
-  PendingWrite w{offset, std::string(length, '\0')};
-  Apply(current_, w);
-  unsynced_.push_back(std::move(w));
-  return Status();
+  bool crashed_now = false;
+  Status s;
+  {
+    std::lock_guard lock(mu_);
+    s = Admit(&crashed_now);
+    if (s.ok() && offset < current_.size()) {
+      length = std::min<uint64_t>(length, current_.size() - offset);
+      PendingWrite w{offset, std::string(length, '\0')};
+      w.is_punch = true;
+      Record(std::move(w));
+    }
+  }
+  AfterCrash(crashed_now);
+  return s;
 }
 
 Status FaultInjectionFile::Truncate(uint64_t length) {
-  std::lock_guard lock(mu_);
-  QCOW2FS_RETURN_IF_ERROR(Admit());
-  PendingWrite w{length, {}, true};
-  Apply(current_, w);
-  unsynced_.push_back(std::move(w));
-  return Status();
+  bool crashed_now = false;
+  Status s;
+  {
+    std::lock_guard lock(mu_);
+    s = Admit(&crashed_now);
+    if (s.ok()) Record(PendingWrite{length, {}, true});
+  }
+  AfterCrash(crashed_now);
+  return s;
 }
 
 Status FaultInjectionFile::Allocate(uint64_t offset, uint64_t length) {
-  std::lock_guard lock(mu_);
-  QCOW2FS_RETURN_IF_ERROR(Admit());
-  if (offset + length > current_.size()) {
-    PendingWrite w{offset + length, {}, true};
-    Apply(current_, w);
-    unsynced_.push_back(std::move(w));
+  bool crashed_now = false;
+  Status s;
+  {
+    std::lock_guard lock(mu_);
+    s = Admit(&crashed_now);
+    if (s.ok() && offset + length > current_.size()) Record(PendingWrite{offset + length, {}, true});
   }
-  return Status();
+  AfterCrash(crashed_now);
+  return s;
 }
 
 Status FaultInjectionFile::Sync() {
-  std::lock_guard lock(mu_);
-  if (crashed_) return Status(ErrorCode::kIoError, name_ + ": device is gone", EIO);
-  durable_ = current_;
-  unsynced_.clear();
-  return Status();
+  bool crashed_now = false;
+  Status s;
+  {
+    std::lock_guard lock(mu_);
+    if (crashed_) return Status(ErrorCode::kIoError, name_ + ": device is gone", EIO);
+    if (syncs_++ == crash_at_sync_) {
+      // Power is cut instead of syncing: the unsynced writes stay in doubt.
+      crashed_ = crashed_now = true;
+      s = Status(ErrorCode::kIoError, name_ + ": injected crash at sync", EIO);
+    } else {
+      durable_ = current_;
+      unsynced_.clear();
+      successful_syncs_++;
+    }
+  }
+  AfterCrash(crashed_now);
+  return s;
 }
 
 Result<uint64_t> FaultInjectionFile::Size() {
