@@ -96,7 +96,7 @@ stage_tsan() {
   meson_setup build-tsan -Dbuildtype=debugoptimized -Dtests=true -Dfuzzer=false \
     -Db_sanitize=thread -Db_lundef=false -Dwerror=true
   # The tests whose point is concurrency; the rest gain nothing from TSan.
-  local tests=(concurrency_stress_test compressed_write_test image_lock_test)
+  local tests=(concurrency_stress_test compressed_write_test image_lock_test model_stress_test)
   ninja -C build-tsan -j "$JOBS" "${tests[@]/#/tests/}" fuse/fuse_io_pipeline_test
   meson_test build-tsan --no-rebuild --timeout-multiplier 3 "${tests[@]}" fuse_io_pipeline
 }
