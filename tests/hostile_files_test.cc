@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <string>
 
@@ -112,6 +113,61 @@ TEST_F(HostileFilesTest, DataFileIsLockedWhileOpenForWriting) {
   image_handle.reset();
   r = RunCommand("qemu-io -f raw -c 'write 0 512' " + ShellQuote(dir_.Join("data.raw")) + " 2>&1");
   EXPECT_EQ(r.exit_code, 0) << r.output;
+}
+
+// A backing chain that comes back to one of its own files: refused with a
+// message that says so, not followed 64 levels deep (a message of kilobytes
+// of paths) nor blamed on "another process" holding the lock.
+TEST_F(HostileFilesTest, BackingChainLoopsAreRefusedWithTheReason) {
+  const std::string a = Make("a.qcow2", "-u -b b.qcow2 -F qcow2");
+  const std::string b = Make("b.qcow2", "-u -b a.qcow2 -F qcow2");
+  const std::string self = Make("self.qcow2", "-u -b a.qcow2 -F qcow2");
+  ASSERT_TRUE(QemuImg("rebase -u -b self.qcow2 -F qcow2 " + ShellQuote(self)));
+  for (const std::string& path : {a, self}) {
+    for (bool writable : {false, true}) {
+      OpenOptions options;
+      options.read_only = !writable;
+      auto opened = Image::Open(path, options);
+      ASSERT_FALSE(opened.ok()) << path;
+      const std::string& message = opened.status().message();
+      EXPECT_TRUE(ContainsNoCase(message, "backing chain loops")) << message;
+      EXPECT_LT(message.size(), 400u) << message;
+    }
+  }
+}
+
+// Root opening an image that belongs to someone else follows the names in
+// it with the owner's rights: an image of user nobody cannot name a file
+// only root may read as its backing file, and may name one nobody can read.
+TEST_F(HostileFilesTest, BackingFileIsOpenedWithTheImageOwnersRights) {
+  ASSERT_EQ(geteuid(), 0u) << "this test checks what root does; run the suite as root";
+  constexpr uid_t kNobody = 65534;
+  ASSERT_EQ(chmod(dir_.path().c_str(), 0755), 0);
+  const std::string secret = dir_.Join("secret.raw");
+  ASSERT_TRUE(WriteWholeFile(secret, std::string(1 << 20, 's')));
+  ASSERT_EQ(chmod(secret.c_str(), 0600), 0);
+  const std::string theirs = dir_.Join("theirs.raw");
+  ASSERT_TRUE(WriteWholeFile(theirs, std::string(1 << 20, 't')));
+  ASSERT_EQ(chmod(theirs.c_str(), 0600), 0);
+  ASSERT_EQ(chown(theirs.c_str(), kNobody, kNobody), 0);
+
+  const std::string stealing = Make("stealing.qcow2", "-b secret.raw -F raw");
+  const std::string honest = Make("honest.qcow2", "-b theirs.raw -F raw");
+  ASSERT_EQ(chown(stealing.c_str(), kNobody, kNobody), 0);
+  ASSERT_EQ(chown(honest.c_str(), kNobody, kNobody), 0);
+
+  auto refused = Image::Open(stealing, {});
+  ASSERT_FALSE(refused.ok()) << "root followed a user's image to a file only root may read";
+  EXPECT_TRUE(ContainsNoCase(refused.status().message(), "rights of the image's owner"))
+      << refused.status().message();
+  auto allowed = Image::Open(honest, {});
+  ASSERT_TRUE(allowed.ok()) << Describe(allowed.status());
+  std::string head(16, '\0');
+  ASSERT_TRUE((*allowed)->Read(0, AsWritableBytes(head)).ok());
+  EXPECT_EQ(head, std::string(16, 't'));
+  // Root's own images are not affected.
+  ASSERT_EQ(chown(stealing.c_str(), 0, 0), 0);
+  EXPECT_TRUE(Image::Open(stealing, {}).ok());
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 
 #include "engine/image_lock.h"
 #include "engine/qcow2_image.h"
+#include "io/owner_access.h"
 #include "format/endian.h"
 #include "format/header.h"
 
@@ -55,7 +56,15 @@ Result<std::unique_ptr<Image>> Image::Open(const std::string& path,
                                            const OpenOptions& options) {
   const bool writable = !options.read_only && !options.snapshot;
   QCOW2FS_ASSIGN_OR_RETURN(auto file, OpenPosixFile(path, writable, options.direct_io));
-  return OpenImageFile(std::move(file), path, options, HostFileOpener(options.direct_io));
+  FileOpener opener = HostFileOpener(options.direct_io);
+  // Root opening another user's image follows the names inside it with that
+  // user's rights (io/owner_access.h).
+  if (auto owner = ForeignOwnerOf(file->fd())) {
+    opener = [base = std::move(opener), owner = *owner](const std::string& p, bool w) {
+      return OpenAsOwner(owner, [&] { return base(p, w); });
+    };
+  }
+  return OpenImageFile(std::move(file), path, options, opener);
 }
 
 }  // namespace qcow2fs

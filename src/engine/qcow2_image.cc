@@ -148,14 +148,24 @@ Status Qcow2Image::LoadMetadata(const OpenOptions& options,
 
   // The backing chain first: the data file must be none of its files. The
   // opener is wrapped to note every file the chain opens (their data files
-  // included); it is not kept past this call.
+  // included; it is not kept past this call). A file opened a second time
+  // means the chain loops: refused at once, before it is locked again
+  // (which would blame "another process") or followed 64 levels deep.
   std::vector<std::pair<dev_t, ino_t>> chain_files;
+  struct stat own;
+  if (file_->fd() >= 0 && ::fstat(file_->fd(), &own) == 0) {
+    chain_files.emplace_back(own.st_dev, own.st_ino);
+  }
   const FileOpener noting = [&](const std::string& p, bool w) -> Result<std::unique_ptr<File>> {
     auto f = opener(p, w);
     struct stat st;
-    if (f.ok() && (*f)->fd() >= 0 && ::fstat((*f)->fd(), &st) == 0) {
-      chain_files.emplace_back(st.st_dev, st.st_ino);
+    if (!f.ok() || (*f)->fd() < 0 || ::fstat((*f)->fd(), &st) != 0) return f;
+    const std::pair<dev_t, ino_t> id{st.st_dev, st.st_ino};
+    if (std::find(chain_files.begin(), chain_files.end(), id) != chain_files.end()) {
+      return Status(ErrorCode::kCorrupt,
+                    "the backing chain loops: " + p + " is already part of it");
     }
+    chain_files.push_back(id);
     return f;
   };
   QCOW2FS_RETURN_IF_ERROR(OpenBacking(options, noting, chain_depth));
