@@ -186,5 +186,33 @@ TEST_F(MetadataOverlapTest, RefcountTableEntriesSharingABlockAreRefused) {
   ASSERT_TRUE(read_only.ok()) << Describe(read_only.status());
 }
 
+// A compressed entry whose sectors run past the end of the file: a write
+// replacing it would drop its references, which past the end belong to
+// whatever gets allocated there next: the write's own new cluster, freed
+// at the next flush while its entry points there (the acknowledged write
+// then read back zeros). The write is refused and the image marked corrupt.
+TEST_F(MetadataOverlapTest, CompressedEntryPastTheEndOfTheFileIsNotReleased) {
+  ASSERT_TRUE(QemuIo(path_, {"write -c -P 0x63 128k 64k"}));
+  std::string file;
+  ASSERT_TRUE(ReadWholeFile(path_, &file));
+  const uint64_t entry_at = layout_.l2 + 8 * 2;  // guest cluster 2
+  ASSERT_TRUE(GetBE64(file, entry_at) & (1ull << 62)) << "guest cluster 2 is not compressed";
+  // 64 KiB clusters: the host offset has 54 bits, the sector count 8.
+  const uint64_t bad = (1ull << 62) | (255ull << 54) | ((file.size() - 512) & ~511ull);
+  ASSERT_TRUE(PatchBE64(path_, entry_at, bad));
+
+  auto image = OpenWritable(path_);
+  ASSERT_TRUE(image);
+  const std::string data(4096, 'w');
+  Status s = image->Write(128 * 1024, AsBytes(data));
+  ASSERT_FALSE(s.ok()) << "a write replaced the corrupt compressed entry";
+  EXPECT_EQ(s.code(), ErrorCode::kCorrupt) << Describe(s);
+  EXPECT_TRUE(ContainsNoCase(s.message(), "compressed cluster")) << s.message();
+  // Data elsewhere is intact and readable.
+  std::string first(64 * 1024, '\0');
+  ASSERT_TRUE(image->Read(0, AsWritableBytes(first)).ok());
+  EXPECT_EQ(first, std::string(64 * 1024, '\x61'));
+}
+
 }  // namespace
 }  // namespace qcow2fs::test

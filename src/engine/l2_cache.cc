@@ -30,7 +30,7 @@ Result<std::shared_ptr<L2Table>> L2Cache::Get(std::unique_lock<std::mutex>& lk,
   Trim();
 
   lk.unlock();
-  Status status = load(offset, table->entries);
+  Status status = load(offset, *table);
   lk.lock();
 
   table->loading = false;

@@ -38,12 +38,18 @@ struct L2Table {
   bool dirty = false;
   bool loading = false;
   Status load_status;
+  // Entry indexes (sorted) of compressed clusters whose sectors ran past the
+  // end of the image file, or into its first cluster, when the table was
+  // read: their references are not ours to drop (see
+  // Qcow2Image::CheckReleasableLocked). Almost always empty.
+  std::vector<uint32_t> suspect_compressed;
 };
 
 class L2Cache {
  public:
-  // Reads the table at `offset` from disk into `words` (native order).
-  using Loader = std::function<Status(uint64_t offset, std::span<uint64_t> words)>;
+  // Reads the table at `offset` from disk into `table` (entries in native
+  // order, and what the image learns from them).
+  using Loader = std::function<Status(uint64_t offset, L2Table& table)>;
 
   L2Cache(size_t capacity_tables, size_t words_per_table);
 

@@ -132,6 +132,10 @@ Status Qcow2Image::CommitSegment(const std::vector<Placed>& placed, uint64_t seg
     }
     if (!status.ok()) break;
     L2Table& table = *pinned;
+    const uint64_t entry = (p.guest_offset >> cluster_bits_) & (l2_entries_ - 1);
+    status = CheckReleasableLocked(table, entry, table.entries[extended_l2_ ? 2 * entry : entry],
+                                   p.guest_offset);
+    if (!status.ok()) break;
     // Count the new reference on every host cluster the data touches
     // before any L2 entry points there.
     for (uint64_t c = p.host_offset >> cluster_bits_;

@@ -87,7 +87,7 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   Status LoadL1(uint64_t offset, uint32_t entries);
 
   // Reads and validates one L2 table (the L2 cache's loader).
-  Status LoadL2Table(uint64_t offset, std::span<uint64_t> words);
+  Status LoadL2Table(uint64_t offset, L2Table& table);
   // Maps [offset, end) into at most `max` extents, merging neighbours that
   // can be served by one I/O. Returns how many were produced (at least one
   // unless an error occurs). Caller holds meta_mutex_ via `lk`.
@@ -147,6 +147,13 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   // Drops the image's reference to whatever the L2 entry pointed to; the
   // refcount is decremented at the next flush, after the new entry is on
   // disk (see docs/concurrency.md).
+  // Refuses (fencing the image) to drop the reference of a compressed
+  // entry whose sectors lie outside the clusters compressed data may use:
+  // past the end of the file when its table was read, or on metadata.
+  // Releasing it would free clusters that hold other data. `index` is the
+  // entry's index in `table`, `guest` its guest offset (for the message).
+  Status CheckReleasableLocked(const L2Table& table, uint64_t index, uint64_t word,
+                               uint64_t guest);
   void ReleaseEntryLocked(uint64_t word);
   void ReleaseClusterLocked(uint64_t host_offset);
   // Queues host cluster `cluster` (an index) for a deferred free, and

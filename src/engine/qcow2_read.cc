@@ -8,6 +8,7 @@
 
 #include "codec/compression.h"
 #include "engine/qcow2_image.h"
+#include "format/align.h"
 #include "format/endian.h"
 #include "format/l2_entry.h"
 #include "format/limits.h"
@@ -39,11 +40,28 @@ bool CanMerge(const Extent& a, const Extent& b) {
 
 }  // namespace
 
-Status Qcow2Image::LoadL2Table(uint64_t offset, std::span<uint64_t> words) {
+Status Qcow2Image::LoadL2Table(uint64_t offset, L2Table& table) {
   std::vector<std::byte> raw(cluster_size_);
   QCOW2FS_RETURN_IF_ERROR(file_->ReadAt(offset, raw));
+  std::vector<uint64_t>& words = table.entries;
   for (size_t i = 0; i < words.size(); i++) {
     words[i] = LoadBe64(raw.data() + 8 * i);
+  }
+  // Compressed clusters whose sectors do not lie within the file as it is
+  // now: nothing of ours can be there yet, but clusters allocated later
+  // will be, and dropping such an entry's references would free them.
+  const uint64_t file_size = file_size_.load(std::memory_order_acquire);
+  const bool has_data_file = header_.has_data_file();
+  for (uint64_t index = 0; index < l2_entries_; index++) {
+    const uint64_t word = words[extended_l2_ ? 2 * index : index];
+    if (ClassifyL2Entry(word, extended_l2_, has_data_file) != ClusterType::kCompressed) continue;
+    const CompressedDescriptor d = DecodeCompressed(word, cluster_bits_);
+    // The tail of a sector past the end is normal (QEMU does not pad the
+    // file); a whole cluster past it is not.
+    const uint64_t last_cluster = AlignDown(d.host_offset + d.max_bytes - 1, cluster_size_);
+    if (d.host_offset < cluster_size_ || last_cluster >= file_size) {
+      table.suspect_compressed.push_back(static_cast<uint32_t>(index));
+    }
   }
   return Status();
 }
@@ -66,9 +84,7 @@ Result<size_t> Qcow2Image::MapLocked(std::unique_lock<std::mutex>& lk,
   };
   const uint64_t l2_coverage = l2_entries_ << cluster_bits_;
   const bool has_data_file = header_.has_data_file();
-  const L2Cache::Loader loader = [this](uint64_t off, std::span<uint64_t> w) {
-    return LoadL2Table(off, w);
-  };
+  const L2Cache::Loader loader = [this](uint64_t off, L2Table& t) { return LoadL2Table(off, t); };
 
   uint64_t pos = offset;
   while (pos < end) {

@@ -97,9 +97,8 @@ Result<std::shared_ptr<L2Table>> Qcow2Image::L2ForMappingLocked(
                       Hex(l2_offset) + ", which is unaligned or past the end of " +
                       "the file (mapping " + Where(guest) + ")");
   }
-  return l2_cache_->Get(lk, l2_offset, [this](uint64_t off, std::span<uint64_t> w) {
-    return LoadL2Table(off, w);
-  });
+  return l2_cache_->Get(lk, l2_offset,
+                        [this](uint64_t off, L2Table& t) { return LoadL2Table(off, t); });
 }
 
 Result<std::shared_ptr<L2Table>> Qcow2Image::L2ForWriteLocked(
@@ -111,10 +110,12 @@ Result<std::shared_ptr<L2Table>> Qcow2Image::L2ForWriteLocked(
   }
   // No table yet, or one shared with a snapshot: make our own copy.
   std::vector<uint64_t> old_entries;
+  std::vector<uint32_t> old_suspects;
   if (old_offset != 0) {
     QCOW2FS_ASSIGN_OR_RETURN(
         auto old, L2ForMappingLocked(lk, l1_index, l1_index * (l2_entries_ << cluster_bits_)));
     old_entries = old->entries;
+    old_suspects = old->suspect_compressed;
     // Another writer may have copied it while the load dropped the lock.
     if (l1_[l1_index] != l1_entry) return L2ForWriteLocked(lk, l1_index);
   }
@@ -123,11 +124,33 @@ Result<std::shared_ptr<L2Table>> Qcow2Image::L2ForWriteLocked(
   metadata_.Add(new_offset >> cluster_bits_, MetadataMap::kL2Table);
   if (!old_entries.empty()) {
     table->entries = std::move(old_entries);
+    table->suspect_compressed = std::move(old_suspects);
     ReleaseClusterLocked(old_offset);
   }
   l1_[l1_index] = new_offset | kOflagCopied;
   l1_dirty_.insert(l1_index);
   return table;
+}
+
+Status Qcow2Image::CheckReleasableLocked(const L2Table& table, uint64_t index, uint64_t word,
+                                         uint64_t guest) {
+  if (ClassifyL2Entry(word, extended_l2_, header_.has_data_file()) != ClusterType::kCompressed) {
+    return Status();
+  }
+  const CompressedDescriptor d = DecodeCompressed(word, cluster_bits_);
+  const auto& suspects = table.suspect_compressed;
+  bool bad = std::binary_search(suspects.begin(), suspects.end(), static_cast<uint32_t>(index));
+  for (uint64_t c = d.host_offset >> cluster_bits_;
+       !bad && c <= (d.host_offset + d.max_bytes - 1) >> cluster_bits_; c++) {
+    bad = metadata_.KindsOf(c) != 0;
+  }
+  if (!bad) return Status();
+  return FenceCorrupt(Status(
+      ErrorCode::kCorrupt,
+      "compressed cluster at " + Where(guest) + " claims " + std::to_string(d.max_bytes) +
+          " bytes at host offset " + Hex(d.host_offset) +
+          ", outside the clusters compressed data may use; dropping its reference would free "
+          "other data"));
 }
 
 void Qcow2Image::ReleaseClusterLocked(uint64_t host_offset) {
@@ -275,6 +298,14 @@ Status Qcow2Image::WriteShared(uint64_t offset, std::span<const std::byte> data)
                                                      std::size(tail)));
     }
 
+    // The entries this run replaces must be ours to release (a corrupt
+    // compressed entry is refused before anything is allocated).
+    if (!reuse_host) {
+      for (uint64_t i = 0; i < clusters; i++) {
+        const uint64_t g = c0 + (i << cluster_bits_);
+        QCOW2FS_RETURN_IF_ERROR(CheckReleasableLocked(*table, entry_index(g), word_of(g), g));
+      }
+    }
     uint64_t host_base;
     if (reuse_host) {
       host_base = first_word & kL2OffsetMask;

@@ -87,7 +87,10 @@ Status Qcow2Image::ZeroClustersExclusive(uint64_t first_cluster, uint64_t count,
         }
         new_word = 0;
       }
-      if (!has_data_file && !keep_host && allocated) ReleaseEntryLocked(old);
+      if (!has_data_file && !keep_host && allocated) {
+        QCOW2FS_RETURN_IF_ERROR(CheckReleasableLocked(*table, idx, old, c << cluster_bits_));
+        ReleaseEntryLocked(old);
+      }
       word = new_word;
       if (extended_l2_) table->entries[2 * idx + 1] = new_bitmap;
       table->dirty = true;
