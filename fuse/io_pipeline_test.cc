@@ -4,9 +4,11 @@
 
 #include <atomic>
 #include <chrono>
+#include <cerrno>
 #include <condition_variable>
 #include <cstring>
 #include <future>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -31,6 +33,10 @@ class Disk {
     std::lock_guard lk(mu_);
     writes_++;
     if (fail_writes_) return Status(ErrorCode::kIoError, "disk full", 28);
+    if (no_space_ > 0) {
+      no_space_--;
+      return Status::FromErrno(ENOSPC, "pwrite");
+    }
     std::memcpy(bytes_.data() + offset, data.data(), data.size());
     return Status();
   }
@@ -59,6 +65,15 @@ class Disk {
   void WaitForBlocked(int n) {
     std::unique_lock lk(mu_);
     released_.wait(lk, [&] { return blocked_ >= n; });
+  }
+  // The next `n` writes fail with ENOSPC (as the core reports it).
+  void NoSpaceFor(int n) {
+    std::lock_guard lk(mu_);
+    no_space_ = n;
+  }
+  int writes() {
+    std::lock_guard lk(mu_);
+    return writes_;
   }
   void FailWrites(bool fail) {
     std::lock_guard lk(mu_);
@@ -91,6 +106,7 @@ class Disk {
   std::vector<std::byte> bytes_;
   bool held_ = false;
   bool fail_writes_ = false;
+  int no_space_ = 0;
   int blocked_ = 0;
   int writes_ = 0;
   int reads_ = 0;
@@ -113,7 +129,7 @@ TEST(WriteBehind, SubmitReturnsBeforeTheDiskIsWrittenAndDrainWaits) {
   WriteBehind wb(ApplyTo(disk), 4 * kPiece, kPiece, 2);
   disk.Hold();
   std::vector<std::byte> data = Filled(kPiece, 7);
-  wb.Submit(0, data);
+  ASSERT_TRUE(wb.Submit(0, data));
   data.assign(kPiece, std::byte{0});  // the queue has its own copy
   disk.WaitForBlocked(1);
   EXPECT_EQ(disk.at(0), std::byte{0});
@@ -128,17 +144,18 @@ TEST(WriteBehind, OverlappingRequestsWaitAndApplyInOrder) {
   Disk disk(1 << 20);
   WriteBehind wb(ApplyTo(disk), 8 * kPiece, kPiece, 2);
   disk.Hold();
-  wb.Submit(0, Filled(kPiece, 1));
+  ASSERT_TRUE(wb.Submit(0, Filled(kPiece, 1)));
   disk.WaitForBlocked(1);
   // A second write to the same bytes must not pass the first.
-  auto second = std::async(std::launch::async, [&] { wb.Submit(kPiece / 2, Filled(kPiece, 2)); });
+  auto second =
+      std::async(std::launch::async, [&] { return wb.Submit(kPiece / 2, Filled(kPiece, 2)); });
   EXPECT_EQ(second.wait_for(50ms), std::future_status::timeout);
   // A reader of those bytes waits too; one elsewhere does not.
   auto reader = std::async(std::launch::async, [&] { wb.WaitFor(100, 10); });
   EXPECT_EQ(reader.wait_for(20ms), std::future_status::timeout);
   wb.WaitFor(4 * kPiece, kPiece);
   disk.Release();
-  second.get();
+  EXPECT_TRUE(second.get());
   reader.get();
   ASSERT_TRUE(wb.Drain().ok());
   EXPECT_EQ(disk.at(0), std::byte{1});
@@ -150,12 +167,13 @@ TEST(WriteBehind, MemoryIsBoundedSubmitWaitsForRoom) {
   Disk disk(1 << 20);
   WriteBehind wb(ApplyTo(disk), 2 * kPiece, kPiece, 1);
   disk.Hold();
-  wb.Submit(0, Filled(kPiece, 1));
-  wb.Submit(kPiece, Filled(kPiece, 2));
-  auto third = std::async(std::launch::async, [&] { wb.Submit(2 * kPiece, Filled(kPiece, 3)); });
+  ASSERT_TRUE(wb.Submit(0, Filled(kPiece, 1)));
+  ASSERT_TRUE(wb.Submit(kPiece, Filled(kPiece, 2)));
+  auto third =
+      std::async(std::launch::async, [&] { return wb.Submit(2 * kPiece, Filled(kPiece, 3)); });
   EXPECT_EQ(third.wait_for(50ms), std::future_status::timeout);
   disk.Release();
-  third.get();
+  EXPECT_TRUE(third.get());
   ASSERT_TRUE(wb.Drain().ok());
   EXPECT_EQ(disk.at(2 * kPiece), std::byte{3});
 }
@@ -164,12 +182,12 @@ TEST(WriteBehind, BackgroundErrorsAreReportedOnceByTheNextDrain) {
   Disk disk(1 << 20);
   WriteBehind wb(ApplyTo(disk), 4 * kPiece, kPiece, 2);
   disk.FailWrites(true);
-  wb.Submit(0, Filled(kPiece, 1));
+  ASSERT_TRUE(wb.Submit(0, Filled(kPiece, 1)));
   Status first = wb.Drain();
   EXPECT_FALSE(first.ok());
   EXPECT_EQ(first.ToErrno(), 28);
   disk.FailWrites(false);
-  wb.Submit(0, Filled(kPiece, 1));
+  ASSERT_TRUE(wb.Submit(0, Filled(kPiece, 1)));
   EXPECT_TRUE(wb.Drain().ok());
 }
 
@@ -177,9 +195,110 @@ TEST(WriteBehind, DestructionAppliesEverythingQueued) {
   Disk disk(1 << 20);
   {
     WriteBehind wb(ApplyTo(disk), 16 * kPiece, kPiece, 2);
-    for (int i = 0; i < 16; i++) wb.Submit(i * kPiece, Filled(kPiece, i + 1));
+    for (int i = 0; i < 16; i++) ASSERT_TRUE(wb.Submit(i * kPiece, Filled(kPiece, i + 1)));
   }
   for (int i = 0; i < 16; i++) EXPECT_EQ(disk.at(i * kPiece + 5), std::byte(i + 1)) << i;
+}
+
+// A space bank in an unnamed file under /tmp.
+std::unique_ptr<SpaceBank> TmpBank(uint64_t cluster, uint64_t chunk) {
+  Result<std::unique_ptr<SpaceBank>> bank = SpaceBank::Create("/tmp", cluster, chunk);
+  EXPECT_TRUE(bank.ok()) << bank.status().ToString();
+  return bank.ok() ? std::move(bank).value() : nullptr;
+}
+
+TEST(SpaceBank, ReservesWhatAWriteCanAllocateInSteps) {
+  constexpr uint64_t kCluster = 64 << 10;
+  std::unique_ptr<SpaceBank> bank = TmpBank(kCluster, 1 << 20);
+  ASSERT_NE(bank, nullptr);
+  // Spanned clusters plus two for metadata.
+  EXPECT_EQ(bank->Need(0, kCluster), 3 * kCluster);
+  EXPECT_EQ(bank->Need(1, kCluster), 4 * kCluster);
+  EXPECT_EQ(bank->Need(0, 1 << 20), 18 * kCluster);
+  EXPECT_EQ(bank->held(), 0u);
+  ASSERT_EQ(bank->Reserve(3 * kCluster), 0);
+  // A floor of four clusters on top, rounded up to a step.
+  EXPECT_EQ(bank->reserved(), 3 * kCluster);
+  EXPECT_EQ(bank->held(), 1u << 20);
+  ASSERT_EQ(bank->Reserve(8 * kCluster), 0);
+  EXPECT_EQ(bank->held(), 1u << 20);  // 15 clusters, within the step: no fallocate
+  ASSERT_EQ(bank->Reserve(4 * kCluster), 0);
+  EXPECT_EQ(bank->held(), 2u << 20);
+  bank->Start(8 * kCluster);  // applied: still held, for a retry
+  EXPECT_EQ(bank->reserved(), 15 * kCluster);
+  bank->Return(8 * kCluster);
+  EXPECT_EQ(bank->held(), 2u << 20);  // kept for the next writes
+  EXPECT_TRUE(bank->Trim());          // to what is reserved plus the floor
+  EXPECT_EQ(bank->held(), 11 * kCluster);
+  bank->Start(4 * kCluster);
+  bank->Give(4 * kCluster);  // to the 3 queued plus the floor
+  EXPECT_EQ(bank->held(), 7 * kCluster);
+  EXPECT_TRUE(bank->Short());  // until the write given to is done
+  bank->Return(4 * kCluster, /*given=*/true);
+  EXPECT_FALSE(bank->Short());
+  bank->Start(3 * kCluster);
+  bank->Return(3 * kCluster);
+  EXPECT_EQ(bank->reserved(), 0u);
+  EXPECT_TRUE(bank->Trim());
+  EXPECT_EQ(bank->held(), 4 * kCluster);
+  EXPECT_FALSE(bank->Trim());
+  EXPECT_TRUE(bank->Release());  // the floor too, for an image flush
+  EXPECT_EQ(bank->held(), 0u);
+}
+
+TEST(WriteBehind, QueuedWritesHoldSpaceUntilApplied) {
+  Disk disk(1 << 20);
+  std::unique_ptr<SpaceBank> bank = TmpBank(4096, 1 << 20);
+  ASSERT_NE(bank, nullptr);
+  WriteBehind wb(ApplyTo(disk), 4 * kPiece, kPiece, 2, bank.get());
+  disk.Hold();
+  ASSERT_TRUE(wb.Submit(0, Filled(kPiece, 1)));
+  ASSERT_TRUE(wb.Submit(kPiece, Filled(kPiece, 2)));
+  EXPECT_EQ(bank->reserved(), 2 * bank->Need(0, kPiece));
+  EXPECT_GE(bank->held(), bank->reserved());
+  disk.Release();
+  EXPECT_TRUE(wb.Drain().ok());
+  EXPECT_EQ(bank->reserved(), 0u);
+  EXPECT_EQ(disk.at(kPiece), std::byte{2});
+}
+
+TEST(WriteBehind, ANoSpaceFailureIsRetriedOnTheSpaceTheBankHeld) {
+  Disk disk(1 << 20);
+  std::unique_ptr<SpaceBank> bank = TmpBank(4096, 1 << 20);
+  ASSERT_NE(bank, nullptr);
+  WriteBehind wb(ApplyTo(disk), 4 * kPiece, kPiece, 1, bank.get());
+  disk.NoSpaceFor(1);
+  ASSERT_TRUE(wb.Submit(0, Filled(kPiece, 5)));
+  EXPECT_TRUE(wb.Drain().ok());
+  EXPECT_EQ(disk.writes(), 2);
+  EXPECT_EQ(disk.at(kPiece - 1), std::byte{5});
+  EXPECT_EQ(bank->held(), 4 * 4096u);  // given back for the retry, but the floor
+}
+
+TEST(WriteBehind, AFailedRetryIsReportedByTheNextDrainOnly) {
+  Disk disk(1 << 20);
+  std::unique_ptr<SpaceBank> bank = TmpBank(4096, 1 << 20);
+  ASSERT_NE(bank, nullptr);
+  WriteBehind wb(ApplyTo(disk), 4 * kPiece, kPiece, 2, bank.get());
+  disk.NoSpaceFor(2);  // the write and its retry
+  ASSERT_TRUE(wb.Submit(0, Filled(kPiece, 5)));
+  Status first = wb.Drain();  // what FLUSH at close returns
+  EXPECT_EQ(first.ToErrno(), ENOSPC);
+  EXPECT_EQ(disk.writes(), 2);
+  EXPECT_TRUE(wb.Drain().ok());
+  EXPECT_EQ(bank->reserved(), 0u);
+  // Room again: queued writes work.
+  ASSERT_TRUE(wb.Submit(0, Filled(kPiece, 6)));
+  EXPECT_TRUE(wb.Drain().ok());
+  EXPECT_EQ(disk.at(0), std::byte{6});
+}
+
+TEST(WriteBehind, DrainWithNothingQueuedIsCheap) {
+  Disk disk(1 << 20);
+  WriteBehind wb(ApplyTo(disk), 4 * kPiece, kPiece, 2);
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < 100000; i++) ASSERT_TRUE(wb.Drain().ok());
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 1s);  // ~100 ns each
 }
 
 ReadAhead::Fetch FetchFrom(Disk& disk) {

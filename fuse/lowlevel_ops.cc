@@ -134,8 +134,8 @@ void OnOpen(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) noexcept {
   // that a direct write, hole punch or truncate makes stale; what is cached
   // from an earlier open is still right.
   fi->keep_cache = 1;
-  // Closing needs no round trip, unless FLUSH may have a failed background
-  // commit to report to a writer.
+  // Closing needs no round trip, unless FLUSH may have a failed queued
+  // write or background commit to report to a writer.
   fi->noflush = Fs(req).WantsFlush(fi->flags) ? 0 : 1;
   fuse_reply_open(req, fi);
 }
@@ -176,10 +176,12 @@ void OnWrite(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size,
   fuse_reply_write(req, written);
 }
 
-// FLUSH (close) writes nothing: close() does not promise durability;
-// fsync() does. It only reports a background commit that failed, so that a
-// writer that never fsyncs (cp) learns of it. RELEASE and RELEASEDIR have
-// nothing to do: there is no per-open state.
+// FLUSH (close) does not flush the image: close() does not promise
+// durability; fsync() does. It waits for the write-behind queue and reports
+// a queued write or background commit that failed, so that a writer that
+// never fsyncs (cp) learns of it, as NFS reports write-back errors at
+// close. RELEASE and RELEASEDIR have nothing to do: there is no per-open
+// state.
 void OnFlush(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) noexcept {
   int err = Guarded([&] { return Fs(req).Flush(ino); });
   Trace(req, "FLUSH", err, "ino=%" PRIu64, Ino(ino));

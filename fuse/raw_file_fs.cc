@@ -51,6 +51,35 @@ std::byte* ThreadReadBuffer() {
   return buffer.empty() ? nullptr : buffer.data();
 }
 
+// The space bank for a mount's write-behind queue, or null: then there is
+// no write-behind (writes are applied before the reply), said in the log.
+std::unique_ptr<SpaceBank> MakeSpaceBank(const Image& image, const FsConfig& config) {
+  if (config.read_only || config.write_behind_bytes == 0) return nullptr;
+  const ImageInfo& info = image.info();
+  if (!info.data_file.empty()) {
+    // Guest data goes to the data file, metadata to the image, perhaps on
+    // two host file systems; not worth a bank on each.
+    Log(LOG_INFO, "write-behind is off for an image with an external data file");
+    return nullptr;
+  }
+  const std::string& path = info.path;
+  const size_t slash = path.rfind('/');
+  const std::string directory =
+      slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+  // Grown in steps of a quarter of the queue (at least 4 MiB): a handful
+  // of fallocate calls per queue's worth of writes.
+  const uint64_t chunk = std::max<uint64_t>(4 << 20, config.write_behind_bytes / 4);
+  Result<std::unique_ptr<SpaceBank>> bank =
+      SpaceBank::Create(directory, std::max<uint32_t>(info.cluster_size, 4096), chunk);
+  if (!bank.ok()) {
+    Log(LOG_WARNING,
+        "write-behind is off: no host space can be reserved for queued writes (%s)",
+        bank.status().ToString().c_str());
+    return nullptr;
+  }
+  return std::move(bank).value();
+}
+
 }  // namespace
 
 RawFileFs::RawFileFs(Image& image, int image_path_fd, FsConfig config)
@@ -66,16 +95,16 @@ RawFileFs::RawFileFs(Image& image, int image_path_fd, FsConfig config)
                     return image.Read(offset, out);
                   },
                   64 << 10, kMaxWrite, 10),
+      bank_(MakeSpaceBank(image, config_)),
       // Two threads: one writes to the disk while the other maps its piece.
-      write_behind_(config_.read_only || config_.write_behind_bytes == 0
-                        ? nullptr
-                        : std::make_unique<WriteBehind>(
-                              [this](uint64_t offset, std::span<const std::byte> data) {
-                                return Changing(offset, data.size(), [&] {
-                                  return image_.Write(offset, data);
-                                });
-                              },
-                              config_.write_behind_bytes, kMaxWrite, 2)),
+      write_behind_(!bank_ ? nullptr
+                           : std::make_unique<WriteBehind>(
+                                 [this](uint64_t offset, std::span<const std::byte> data) {
+                                   return Changing(offset, data.size(), [&] {
+                                     return image_.Write(offset, data);
+                                   });
+                                 },
+                                 config_.write_behind_bytes, kMaxWrite, 2, bank_.get())),
       commits_(!config_.read_only && config_.commit_interval.count() > 0) {
   if (commits_) {
     committer_ = std::thread([this] { CommitLoop(); });
@@ -96,17 +125,52 @@ void RawFileFs::StopCommits() {
 }
 
 bool RawFileFs::WantsFlush(int flags) const {
-  return commits_ && (flags & O_ACCMODE) != O_RDONLY;
+  return (commits_ || write_behind_) && (flags & O_ACCMODE) != O_RDONLY;
 }
 
-Status RawFileFs::Commit() {
+Status RawFileFs::DrainQueue() {
+  if (!write_behind_) return Status();
+  Status status = write_behind_->Drain();
+  if (!status.ok()) {
+    status = status.Annotate("writing queued data");
+    background_failed_.store(true);
+    std::lock_guard lk(commit_mu_);
+    if (fsync_error_.ok()) fsync_error_ = status;
+    if (flush_error_.ok()) flush_error_ = status;
+  }
+  return status;
+}
+
+Status RawFileFs::FlushImage() {
+  Status status = image_.Flush();
+  // Metadata that writes allocated is written now, and may find the host
+  // full: the bank's floor is there for it.
+  if (status.ToErrno() == ENOSPC && bank_ && bank_->Release()) status = image_.Flush();
+  return status;
+}
+
+Status RawFileFs::ApplyWrite(uint64_t offset, std::span<const std::byte> data) {
+  WaitForQueued(offset, data.size());
+  auto write = [&] { return image_.Write(offset, data); };
+  Status status = Changing(offset, data.size(), write);
+  // What the bank holds beyond the queued writes' needs is this writer's.
+  if (status.ToErrno() == ENOSPC && bank_ && bank_->Trim()) {
+    status = Changing(offset, data.size(), write);
+  }
+  return status;
+}
+
+Status RawFileFs::Commit(bool* queued_failed) {
   // Read first: every change counted by now is in the image or queued, and
   // Drain() and Flush() below cover it.
   const uint64_t changes = changes_.load();
-  Status queued = write_behind_ ? write_behind_->Drain() : Status();
+  Status queued = DrainQueue();
   // Flushed even if a queued write failed: everything else is made durable.
-  Status flushed = image_.Flush();
-  if (!queued.ok()) return queued.Annotate("writing queued data");
+  Status flushed = FlushImage();
+  if (!queued.ok()) {
+    if (queued_failed) *queued_failed = true;
+    return queued;
+  }
   if (!flushed.ok()) return flushed.Annotate("flushing the image");
   uint64_t committed = committed_.load();
   while (committed < changes && !committed_.compare_exchange_weak(committed, changes)) {
@@ -126,7 +190,8 @@ void RawFileFs::CommitLoop() {
     if (changes_.load() == committed_.load()) continue;
     lk.unlock();
     const auto started = std::chrono::steady_clock::now();
-    Status status = Commit();
+    bool queued_failed = false;
+    Status status = Commit(&queued_failed);
     if (config_.debug) {
       std::chrono::duration<double, std::milli> took = std::chrono::steady_clock::now() - started;
       Log(LOG_DEBUG, "background commit %s in %.1f ms", status.ok() ? "done" : "failed",
@@ -144,13 +209,16 @@ void RawFileFs::CommitLoop() {
     }
     failing = true;
     background_failed_.store(true);
-    if (fsync_error_.ok()) fsync_error_ = status;
-    if (flush_error_.ok()) flush_error_ = status;
+    // A queued write's failure is kept by DrainQueue() already (and may
+    // have been returned since): not twice.
+    if (!queued_failed) {
+      if (fsync_error_.ok()) fsync_error_ = status;
+      if (flush_error_.ok()) flush_error_ = status;
+    }
   }
 }
 
 int RawFileFs::TakeCommitError(Status& slot) {
-  if (!commits_) return 0;
   std::lock_guard lk(commit_mu_);
   Status error = std::move(slot);
   slot = Status();
@@ -194,12 +262,17 @@ void RawFileFs::Shutdown() {
   // First, so that no commit runs during or after the last one.
   StopCommits();
   if (config_.read_only) return;
-  Status status = write_behind_ ? write_behind_->Drain() : Status();
+  // A failure marks the exit status (DrainQueue). Logged again, even if a
+  // FLUSH or fsync reported it: the log then says the unmount lost data.
+  Status status = DrainQueue();
   if (!status.ok()) {
     Log(LOG_ERR, "writing queued data at unmount failed: %s", status.ToString().c_str());
-    background_failed_.store(true);
   }
-  status = image_.Flush();
+  if (background_failed_.load()) {
+    Log(LOG_ERR, "queued data or a background commit failed during this mount: "
+        "data acknowledged to writers may be lost");
+  }
+  status = FlushImage();
   if (!status.ok()) {
     Log(LOG_ERR, "flushing the image at unmount failed: %s",
         status.ToString().c_str());
@@ -351,14 +424,18 @@ int RawFileFs::Write(fuse_ino_t ino, uint64_t offset,
   if (offset >= disk_size) return ENOSPC;
   size_t length =
       static_cast<size_t>(std::min<uint64_t>(data.size(), disk_size - offset));
-  if (write_behind_ && length >= kMinQueuedWrite) {
-    write_behind_->Submit(offset, data.first(length));
+  // Queued only if the host holds room for it; else (the host is full, or
+  // nearly) applied now below, so that ENOSPC reaches this writer.
+  if (write_behind_ && length >= kMinQueuedWrite &&
+      write_behind_->Submit(offset, data.first(length))) {
     Changed();  // queued: the next commit's Drain() applies it
     written = length;
     return 0;
   }
-  WaitForQueued(offset, length);
-  Status status = Changing(offset, length, [&] { return image_.Write(offset, data.first(length)); });
+  // The host is (nearly) full: queued writes first, so that this one does
+  // not take the space they are to retry on; this writer gets the ENOSPC.
+  if (bank_ && bank_->Short()) WaitForQueued(0, 0);
+  Status status = ApplyWrite(offset, data.first(length));
   Changed();
   if (!status.ok()) return ErrnoFrom(status, "write", offset);
   written = length;
@@ -372,15 +449,20 @@ int RawFileFs::Fsync(fuse_ino_t ino) {
   // writeback errors at fsync; the image is flushed either way. So is a
   // failed background commit (which may have found the failed write).
   // Runs alongside a background commit if one is under way: both only
-  // drain and flush, which may overlap.
+  // drain and flush, which may overlap. A queued write's failure found by
+  // this Commit() is in fsync_error_ too: returned once.
   Status status = Commit();
-  int background = TakeCommitError(fsync_error_);
+  if (int background = TakeCommitError(fsync_error_)) return background;
   if (!status.ok()) return ErrnoFrom(status, "fsync", 0);
-  return background;
+  return 0;
 }
 
 int RawFileFs::Flush(fuse_ino_t ino) {
-  if (ino != kFileIno) return 0;
+  if (ino != kFileIno || config_.read_only) return 0;
+  // As NFS does at close: wait for the data queued so far, so that a writer
+  // that never fsyncs (cp) learns of a failure. Cheap when nothing is
+  // queued. Nothing is flushed: close promises no durability.
+  (void)DrainQueue();  // kept in flush_error_, taken below
   return TakeCommitError(flush_error_);
 }
 
@@ -433,20 +515,6 @@ int RawFileFs::Fallocate(fuse_ino_t ino, int mode, uint64_t offset,
   return 0;
 }
 
-bool RawFileFs::IsHole(const BlockStatus& status) const {
-  switch (status.kind) {
-    case BlockKind::kData:
-      return false;
-    case BlockKind::kZero:
-      return true;
-    case BlockKind::kUnallocated:
-      // Reads go to the backing file, which may hold data there. Calling it
-      // data is always allowed; calling data a hole would lose it.
-      return !has_backing_;
-  }
-  return false;
-}
-
 int RawFileFs::Lseek(fuse_ino_t ino, uint64_t offset, int whence,
                      uint64_t& result) {
   if (ino != kFileIno) return ino == kRootIno ? EISDIR : ENOENT;
@@ -457,10 +525,12 @@ int RawFileFs::Lseek(fuse_ino_t ino, uint64_t offset, int whence,
   uint64_t position = offset;
   while (position < disk_size) {
     Result<BlockStatus> status =
-        image_.GetBlockStatus(position, disk_size - position);
+        image_.GetDataStatus(position, disk_size - position);
     if (!status.ok())
       return ErrnoFrom(status.status(), "block status", position);
-    bool hole = IsHole(*status);
+    // Through the backing chain: a hole is where every layer reads zeros,
+    // as qemu-img map shows, so that cp --sparse keeps a copy sparse.
+    bool hole = status->kind == BlockKind::kZero;
     bool found = whence == SEEK_DATA ? !hole : hole;
     if (found) {
       result = position;

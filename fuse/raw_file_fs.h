@@ -15,6 +15,13 @@
 // interval's worth of writes in a crash. A failed commit is logged, kept,
 // and returned by the next fsync and the next FLUSH (close), and makes the
 // daemon's exit status non-zero (BackgroundFailed()).
+//
+// Write-behind and a full host: a large write is queued only once a
+// SpaceBank (write_behind.h) holds the host space it may need; otherwise it
+// is applied before the reply, so ENOSPC reaches that write(2). A queued
+// write that fails all the same (after the bank's retry) is reported like
+// a failed commit: by the next FLUSH, which drains the queue first (so cp
+// reports an error at close), by the next fsync, and by the exit status.
 #pragma once
 
 #include <fuse_lowlevel.h>
@@ -107,7 +114,9 @@ class RawFileFs {
   // at Shutdown(), failed: the exit status must say so.
   bool BackgroundFailed() const { return background_failed_.load(); }
   // Whether closing a file opened with `flags` must reach Flush(), to learn
-  // of a failed background commit (else FOPEN_NOFLUSH spares the trip).
+  // of a failed queued write or background commit (else FOPEN_NOFLUSH
+  // spares the trip): writable opens of a mount with write-behind or
+  // commits.
   bool WantsFlush(int flags) const;
 
   int Lookup(fuse_ino_t parent, std::string_view name, struct stat& attr,
@@ -123,8 +132,10 @@ class RawFileFs {
   int Write(fuse_ino_t ino, uint64_t offset, std::span<const std::byte> data,
             size_t& written);
   int Fsync(fuse_ino_t ino);
-  // FLUSH, sent at close(2): returns a failed background commit not yet
-  // reported to a FLUSH. Does not write anything (close promises nothing).
+  // FLUSH, sent at close(2): waits for the write-behind queue to drain and
+  // returns the first failure of a queued write or a background commit not
+  // yet reported to a FLUSH. Does not flush the image (close promises no
+  // durability; fsync does).
   int Flush(fuse_ino_t ino);
   int Fallocate(fuse_ino_t ino, int mode, uint64_t offset, uint64_t length);
   int Lseek(fuse_ino_t ino, uint64_t offset, int whence, uint64_t& result);
@@ -135,9 +146,6 @@ class RawFileFs {
   int RootAttr(struct stat& attr) const;
   int CheckWritable(fuse_ino_t ino) const;
   int Resize(uint64_t new_size);
-  // Whether bytes described by `status` read as zeros without data behind
-  // them (a hole, for SEEK_HOLE purposes).
-  bool IsHole(const BlockStatus& status) const;
   // Waits for queued writes overlapping the range (everything: length 0).
   void WaitForQueued(uint64_t offset, uint64_t length) const;
   // Runs `change`, which modifies the image in [offset, offset + length),
@@ -145,17 +153,27 @@ class RawFileFs {
   Status Changing(uint64_t offset, uint64_t length, const std::function<Status()>& change);
   // What fsync and the commit thread do: drain the write-behind queue, then
   // flush the image; on success, every change counted so far is committed.
-  // Returns the first failure, named.
-  Status Commit();
+  // Returns the first failure, named; sets *queued_failed if it is a
+  // queued write's (already kept for fsync and FLUSH by DrainQueue()).
+  Status Commit(bool* queued_failed = nullptr);
   // The commit thread's life: commit every interval if anything changed.
   void CommitLoop();
   // Counts one change to the image's content or size. Called after the
   // change is in the image or queued (a commit that sees the count must
   // cover the change), whether it worked or not.
   void Changed() { changes_.fetch_add(1); }
-  // Removes and returns (as an errno) a background commit failure kept for
-  // the next fsync or FLUSH; 0 if there is none.
+  // Removes and returns (as an errno) a background failure kept for the
+  // next fsync or FLUSH; 0 if there is none.
   int TakeCommitError(Status& slot);
+  // Drains the write-behind queue. A queued write's failure is kept for the
+  // next fsync and the next FLUSH, and fails the exit status; returned too.
+  Status DrainQueue();
+  // Applies a write before replying (after queued writes overlapping it).
+  // On ENOSPC, retries once if shrinking the space bank freed something.
+  Status ApplyWrite(uint64_t offset, std::span<const std::byte> data);
+  // image_.Flush(), retried once on ENOSPC after the space bank gave back
+  // everything it holds beyond the queued writes' needs.
+  Status FlushImage();
 
   Image& image_;
   const int image_path_fd_;
@@ -163,8 +181,11 @@ class RawFileFs {
   const bool has_backing_;
   const uint32_t block_size_;  // st_blksize: the cluster size, at least 4K
   ReadAhead read_ahead_;
+  // Host space held for queued writes; null without write-behind.
+  const std::unique_ptr<SpaceBank> bank_;
   // Null when writes are applied before the reply (read-only mounts,
-  // compressed writes, write-behind=0).
+  // compressed writes, write-behind=0, images with an external data file,
+  // hosts where no space bank can be made).
   const std::unique_ptr<WriteBehind> write_behind_;
 
   // Changes counted by Changed(), and how many of them the last successful
@@ -177,8 +198,8 @@ class RawFileFs {
   std::mutex commit_mu_;
   std::condition_variable commit_wake_;  // stopping
   bool commit_stopping_ = false;         // under commit_mu_
-  // A background commit's first failure, until the next fsync and the next
-  // FLUSH have each returned it (under commit_mu_).
+  // The first failure of a background commit or a queued write, until the
+  // next fsync and the next FLUSH have each returned it (under commit_mu_).
   Status fsync_error_;
   Status flush_error_;
   std::thread committer_;  // joined by StopCommits()
