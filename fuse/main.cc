@@ -31,6 +31,7 @@
 #include "daemon.h"
 #include "log.h"
 #include "lowlevel_ops.h"
+#include "mount_state.h"
 #include "options.h"
 #include "qcow2fs/image.h"
 #include "raw_file_fs.h"
@@ -71,7 +72,9 @@ constexpr const char kUsage[] =
     "     lock=on|off           lock the image (off needs ro)\n"
     "     snapshot=ID|NAME      mount an internal snapshot (read-only)\n"
     "     filename=NAME         name of the file in the mount\n"
+    "     log=FILE              append messages to FILE (instead of syslog)\n"
     "     allow_other           let other users in (file mode still applies)\n"
+    "     nonempty              mount even if MOUNTDIR already is a mount point\n"
     "     create,size=SIZE[,cluster_size=SIZE][,compression_type=zlib|zstd]\n"
     "       [,backing=FILE][,backing_fmt=qcow2|raw]\n"
     "                           create IMAGE first if it does not exist\n"
@@ -145,8 +148,23 @@ bool IsPassedFuseFd(const std::string& mountpoint) {
   return mountpoint.starts_with("/dev/fd/");
 }
 
-Status CheckMountpoint(const std::string& mountpoint) {
+// A directory that is already a mount point (a live one, or a FUSE mount
+// whose daemon died) is refused unless `nonempty`: a second mount would
+// hide the first, and unmounting would then remove the wrong one.
+Status CheckMountpoint(const std::string& mountpoint, bool nonempty) {
   if (IsPassedFuseFd(mountpoint)) return Status::Ok();
+  Result<bool> is_mount = IsMountPoint(mountpoint);
+  if (!is_mount.ok()) return is_mount.status();
+  if (*is_mount && !nonempty) {
+    struct stat st;
+    const bool dead = stat(mountpoint.c_str(), &st) != 0 && errno == ENOTCONN;
+    return Status(ErrorCode::kInvalidArgument,
+                  "mount point " + mountpoint + " is busy: " +
+                      (dead ? "a FUSE mount whose daemon is gone is there (remove it "
+                              "with fusermount3 -uz, or mount over it with -o nonempty)"
+                            : "already a mount point (unmount it first, or mount over "
+                              "it with -o nonempty)"));
+  }
   struct stat st;
   if (stat(mountpoint.c_str(), &st) != 0) {
     return Status::FromErrno(errno, "mount point " + mountpoint);
@@ -156,6 +174,40 @@ Status CheckMountpoint(const std::string& mountpoint) {
                   "mount point " + mountpoint + " is not a directory");
   }
   return Status::Ok();
+}
+
+// The mount point as the mount table names it (symbolic links resolved).
+std::string Canonical(const std::string& path) {
+  char* real = realpath(path.c_str(), nullptr);
+  if (real == nullptr) return path;
+  std::string canonical(real);
+  free(real);
+  return canonical;
+}
+
+// Records the mount for umount.fuse.qcow2fs (see mount_state.h). Returns
+// the record's descriptor, -1 if there is none (not root: no /run/qcow2fs).
+int RecordMount(const std::string& image_path, const std::string& mountpoint,
+                const FuseSession& session) {
+  if (IsPassedFuseFd(mountpoint) || session.device().empty()) return -1;
+  MountRecord record;
+  record.pid = getpid();
+  record.start = ProcessStartTime(record.pid).value_or(0);
+  record.dev = session.device();
+  record.image = image_path;
+  record.mountpoint = mountpoint;
+  Result<int> fd = WriteMountRecord(record);
+  if (!fd.ok()) {
+    if (geteuid() == 0) {
+      Log(LOG_WARNING, "umount will not wait for this daemon: %s",
+          fd.status().message().c_str());
+    }
+    return -1;
+  }
+  if (Status s = AddUtabEntry(image_path, mountpoint); !s.ok()) {
+    Log(LOG_WARNING, "umount will not wait for this daemon: %s", s.message().c_str());
+  }
+  return *fd;
 }
 
 // After Daemon::Ready() the working directory is /, and libfuse keeps the
@@ -208,6 +260,8 @@ void LogStopSignal(int signal_fd) {
 Result<std::unique_ptr<Image>> OpenImage(const std::string& image_path,
                                          const MountOptions& options,
                                          oneapi::tbb::task_arena& compress_arena) {
+  struct stat existing;
+  const bool existed = options.create && stat(image_path.c_str(), &existing) == 0;
   QCOW2FS_RETURN_IF_ERROR(CreateImageIfMissing(image_path, options));
   OpenOptions open_options;
   open_options.read_only = options.read_only;
@@ -225,6 +279,23 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& image_path,
   };
   open_options.format = "qcow2";
   Result<std::unique_ptr<Image>> opened = Image::Open(image_path, open_options);
+  // An image the user may read but not write (mode, immutable flag,
+  // read-only file system) is mounted read-only, as mount(8) does with a
+  // write-protected device. If the retry fails too, the first error stands.
+  const int open_errno = opened.ok() ? 0 : opened.status().sys_errno();
+  bool fell_back = false;
+  if (!options.read_only &&
+      (open_errno == EACCES || open_errno == EPERM || open_errno == EROFS)) {
+    open_options.read_only = true;
+    open_options.compress.reset();
+    Result<std::unique_ptr<Image>> retry = Image::Open(image_path, open_options);
+    if (retry.ok()) {
+      Log(LOG_WARNING, "%s is not writable (%s); mounting read-only",
+          image_path.c_str(), std::strerror(open_errno));
+      opened = std::move(retry);
+      fell_back = true;
+    }
+  }
   if (!opened.ok()) {
     // The core's messages name the file and what is wrong with it.
     return Status(opened.status().code(), opened.status().ToString());
@@ -232,7 +303,12 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& image_path,
   for (const std::string& warning : opened.value()->info().warnings) {
     Log(LOG_WARNING, "%s: %s", image_path.c_str(), warning.c_str());
   }
-  if (opened.value()->read_only() && !options.read_only) {
+  if (existed) {
+    std::string warning =
+        ExistingImageWarning(image_path, options, opened.value()->info());
+    if (!warning.empty()) Log(LOG_WARNING, "%s", warning.c_str());
+  }
+  if (opened.value()->read_only() && !options.read_only && !fell_back) {
     Log(LOG_WARNING, "%s: opened read-only, mounting read-only",
         image_path.c_str());
   }
@@ -261,7 +337,7 @@ bool CloseImage(std::unique_ptr<Image> image, const std::string& image_path) {
 int Run(const CommandLine& line) {
   const MountOptions& options = line.options;
   const std::string image_path = Absolute(line.image);
-  const std::string mountpoint = IsPassedFuseFd(line.mountpoint)
+  std::string mountpoint = IsPassedFuseFd(line.mountpoint)
                                      ? line.mountpoint
                                      : Absolute(line.mountpoint);
 
@@ -287,7 +363,8 @@ int Run(const CommandLine& line) {
   BecomeIoFlusher(line.debug);
 
   if (Status s = CheckFuseDevice(); !s.ok()) return fail(s);
-  if (Status s = CheckMountpoint(mountpoint); !s.ok()) return fail(s);
+  if (Status s = CheckMountpoint(mountpoint, options.nonempty); !s.ok()) return fail(s);
+  if (!IsPassedFuseFd(mountpoint)) mountpoint = Canonical(mountpoint);
   // Declared before the image, which may still hand it work while closing.
   const unsigned compress_workers = std::max(1u, std::thread::hardware_concurrency());
   oneapi::tbb::task_arena compress_arena(static_cast<int>(compress_workers), 0);
@@ -329,21 +406,29 @@ int Run(const CommandLine& line) {
   if (Status s = session->Mount(mountpoint); !s.ok()) return fail(s);
 
   RequestPool pool(threads, compress_workers, RawFileFs::kMaxWrite);
+  // Before the mounting command returns, so that an umount right after it
+  // finds the record and waits for this process.
+  UniqueFd record_fd(RecordMount(image_path, mountpoint, *session));
   if (daemon) daemon->Ready();
   Log(LOG_INFO, "mounted %s on %s (%s, %u threads)", image_path.c_str(),
       mountpoint.c_str(), read_only ? "read-only" : "read-write", threads);
 
   int exit_code = 0;
+  // On a signal: stop receiving, detach the mount point with /dev/fuse
+  // still open, answer what was read (see RequestPool::Serve). /dev/fuse
+  // is closed by session.reset() below, after every worker is done.
   Status served = pool.Serve(session->get(), signal_fd.get(),
-                             [&session] { session->Unmount(); });
+                             [&session] { session->Detach(); });
   if (!served.ok()) {
     Log(LOG_ERR, "%s", served.message().c_str());
     exit_code = 1;
   }
   LogStopSignal(signal_fd.get());
 
-  // Unmounts (if a signal ended the loop) and destroys the session, which
-  // runs RawFileFs::Shutdown: stops the commit thread, then a first flush.
+  // Destroys the session, which runs RawFileFs::Shutdown (stops the commit
+  // thread, applies queued writes, a first flush) and then closes
+  // /dev/fuse: requests the workers never read fail in the kernel, and a
+  // mount only detached (a file was still open) is dead from here on.
   // Nothing calls into `fs` after this (StopCommits() makes sure of the
   // commit thread, should the kernel never have sent INIT), so the image
   // can go before it.
@@ -353,7 +438,14 @@ int Run(const CommandLine& line) {
   // acknowledged to a writer may be lost, even if the last flush works.
   if (fs.BackgroundFailed()) exit_code = 1;
   if (!CloseImage(std::move(image), image_path)) exit_code = 1;
+  FlushLogSummaries();  // counts of errors held back, before the last line
   Log(LOG_INFO, "unmounted %s", mountpoint.c_str());
+  // The last thing before exiting: umount.fuse.qcow2fs reports it.
+  if (record_fd.get() >= 0) {
+    RemoveUtabEntry(image_path, mountpoint);
+    AppendExitStatus(record_fd.get(), exit_code);
+    RemoveMountRecord(record_fd.get(), mountpoint);
+  }
   return exit_code;
 }
 
@@ -373,6 +465,17 @@ int Main(int argc, char** argv) {
     std::printf("mount.qcow2fs %s (libfuse %d)\n", QCOW2FS_VERSION,
                 fuse_version());
     return 0;
+  }
+  // Opened here, before daemonizing: relative to the caller's directory,
+  // and a bad path fails the mount on the terminal.
+  if (!parsed->options.log_file.empty()) {
+    if (Status s = LogToFile(parsed->options.log_file); !s.ok()) {
+      Log(LOG_ERR, "%s", s.message().c_str());
+      return kMountFailure;
+    }
+  }
+  for (const std::string& warning : parsed->options.warnings) {
+    Log(LOG_WARNING, "%s", warning.c_str());
   }
   return Run(*parsed);
 }

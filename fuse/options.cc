@@ -1,6 +1,7 @@
 // Parsing of mount.qcow2fs's arguments and -o option lists.
 #include "options.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <charconv>
 #include <functional>
@@ -69,6 +70,7 @@ Result<CompressionType> ParseCompression(std::string_view name,
 // `create`.
 struct ParseState {
   bool sloppy = false;
+  bool rw_last = false;  // the last of ro and rw given was an explicit rw
   std::string create_only_option;  // first one seen, for the message
   bool has_size = false;
   bool has_compression_type = false;
@@ -95,18 +97,25 @@ Status SetSize(std::string_view name, std::string_view value, uint64_t& out) {
 const std::vector<OptionSpec>& OptionTable() {
   static const std::vector<OptionSpec> table = {
       {"ro", false,
-       [](std::string_view, MountOptions& o, ParseState&) {
+       [](std::string_view, MountOptions& o, ParseState& s) {
+         s.rw_last = false;
          o.read_only = true;
          return Status::Ok();
        }},
       {"rw", false,
-       [](std::string_view, MountOptions& o, ParseState&) {
+       [](std::string_view, MountOptions& o, ParseState& s) {
+         s.rw_last = true;
          o.read_only = false;
          return Status::Ok();
        }},
       {"allow_other", false,
        [](std::string_view, MountOptions& o, ParseState&) {
          o.allow_other = true;
+         return Status::Ok();
+       }},
+      {"nonempty", false,
+       [](std::string_view, MountOptions& o, ParseState&) {
+         o.nonempty = true;
          return Status::Ok();
        }},
       {"cache-size", true,
@@ -199,6 +208,12 @@ const std::vector<OptionSpec>& OptionTable() {
          o.filename = std::string(v);
          return Status::Ok();
        }},
+      {"log", true,
+       [](std::string_view v, MountOptions& o, ParseState&) {
+         if (v.empty()) return Invalid("log= needs a file name");
+         o.log_file = std::string(v);
+         return Status::Ok();
+       }},
       {"create", false,
        [](std::string_view, MountOptions& o, ParseState&) {
          o.create = true;
@@ -208,6 +223,7 @@ const std::vector<OptionSpec>& OptionTable() {
       {"size", true,
        [](std::string_view v, MountOptions& o, ParseState& s) {
          s.has_size = true;
+         o.create_size_given = true;
          return SetSize("size", v, o.create_options.size);
        }},
       {"cluster_size", true,
@@ -218,12 +234,14 @@ const std::vector<OptionSpec>& OptionTable() {
            return Invalid(
                "cluster_size= must be a power of two from 512 to 2M");
          }
+         o.create_cluster_size_given = true;
          o.create_options.cluster_size = static_cast<uint32_t>(bytes);
          return Status::Ok();
        }},
       {"compression_type", true,
        [](std::string_view v, MountOptions& o, ParseState& s) {
          s.has_compression_type = true;
+         o.create_compression_given = true;
          QCOW2FS_ASSIGN_OR_RETURN(o.create_options.compression,
                                   ParseCompression("compression_type", v));
          return Status::Ok();
@@ -252,9 +270,50 @@ bool IsCreateOnly(std::string_view name) {
          name == "backing_fmt";
 }
 
+// Option names may be spelled with '-' or '_' (cache-size, cache_size).
+std::string Normalize(std::string_view name) {
+  std::string normal(name);
+  for (char& c : normal) {
+    if (c == '_') c = '-';
+  }
+  return normal;
+}
+
+template <size_t N>
+bool ContainsNormalized(const std::string_view (&list)[N],
+                        std::string_view word) {
+  std::string normal = Normalize(word);
+  for (std::string_view entry : list) {
+    if (Normalize(entry) == normal) return true;
+  }
+  return false;
+}
+
+// Edit distance with adjacent transpositions counting one (optimal string
+// alignment), on short option names.
+size_t EditDistance(std::string_view a, std::string_view b) {
+  std::vector<std::vector<size_t>> d(a.size() + 1,
+                                     std::vector<size_t>(b.size() + 1));
+  for (size_t i = 0; i <= a.size(); ++i) d[i][0] = i;
+  for (size_t j = 0; j <= b.size(); ++j) d[0][j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    for (size_t j = 1; j <= b.size(); ++j) {
+      size_t cost = a[i - 1] == b[j - 1] ? 0 : 1;
+      d[i][j] = std::min({d[i - 1][j] + 1, d[i][j - 1] + 1,
+                          d[i - 1][j - 1] + cost});
+      if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1]) {
+        d[i][j] = std::min(d[i][j], d[i - 2][j - 2] + 1);
+      }
+    }
+  }
+  return d[a.size()][b.size()];
+}
+
 Status ParseOne(std::string_view option, MountOptions& options,
                 ParseState& state) {
-  if (option.empty() || Contains(kIgnoredOptions, option)) return Status::Ok();
+  if (option.empty() || ContainsNormalized(kIgnoredOptions, option)) {
+    return Status::Ok();
+  }
   for (std::string_view prefix : kIgnoredPrefixes) {
     if (option.starts_with(prefix)) return Status::Ok();
   }
@@ -267,8 +326,10 @@ Status ParseOne(std::string_view option, MountOptions& options,
   std::string_view name = option.substr(0, equals);
   bool has_value = equals != std::string_view::npos;
   std::string_view value = has_value ? option.substr(equals + 1) : "";
+  const std::string normal_name = Normalize(name);
   for (const OptionSpec& spec : OptionTable()) {
-    if (spec.name != name) continue;
+    if (Normalize(spec.name) != normal_name) continue;
+    name = spec.name;  // the canonical spelling, for messages
     if (spec.takes_value != has_value) {
       return Invalid(spec.takes_value
                          ? "option " + std::string(name) + " needs a value (" +
@@ -281,7 +342,11 @@ Status ParseOne(std::string_view option, MountOptions& options,
     return spec.handle(value, options, state);
   }
   if (state.sloppy) return Status::Ok();
-  return Invalid("unknown option '" + std::string(option) + "'");
+  std::string message = "unknown option '" + std::string(name) + "'";
+  if (std::string closest = ClosestOption(name); !closest.empty()) {
+    message += "; did you mean '" + closest + "'?";
+  }
+  return Invalid(message);
 }
 
 Status ParseList(const std::string& list, MountOptions& options,
@@ -306,7 +371,13 @@ Status CheckCombinations(MountOptions& options, const ParseState& state) {
   if (options.snapshot) {
     if (options.create)
       return Invalid("create and snapshot= exclude each other");
-    options.read_only = true;  // a snapshot is never written
+    // A snapshot is never written. An explicit rw is not refused (fstab
+    // lines carry it by habit) but is not silently ignored either, as
+    // mount(8) warns when it mounts a write-protected device read-only.
+    if (state.rw_last) {
+      options.warnings.push_back("snapshot= mounts are read-only; rw ignored");
+    }
+    options.read_only = true;
   }
   if (options.create) {
     if (options.read_only)
@@ -375,6 +446,70 @@ Result<uint64_t> ParseSize(const std::string& text) {
     return Invalid("'" + text + "' is too large");
   }
   return value << shift;
+}
+
+std::string FormatSize(uint64_t bytes) {
+  static constexpr char kSuffixes[] = {'T', 'G', 'M', 'K'};
+  for (int i = 0; i < 4; ++i) {
+    int shift = 40 - 10 * i;
+    uint64_t unit = uint64_t{1} << shift;
+    if (bytes != 0 && bytes % unit == 0) {
+      return std::to_string(bytes >> shift) + kSuffixes[i];
+    }
+  }
+  return std::to_string(bytes);
+}
+
+std::string ExistingImageWarning(const std::string& image_path,
+                                 const MountOptions& options,
+                                 const ImageInfo& info) {
+  if (!options.create) return "";
+  std::string differences;
+  auto add = [&differences](std::string text) {
+    if (!differences.empty()) differences += ", ";
+    differences += text;
+  };
+  const CreateOptions& wanted = options.create_options;
+  if (options.create_size_given && info.virtual_size != wanted.size) {
+    add("size " + FormatSize(info.virtual_size) + ", not size=" +
+        FormatSize(wanted.size));
+  }
+  if (options.create_cluster_size_given &&
+      info.cluster_size != wanted.cluster_size) {
+    add("cluster size " + FormatSize(info.cluster_size) +
+        ", not cluster_size=" + FormatSize(wanted.cluster_size));
+  }
+  if (options.create_compression_given &&
+      info.compression != wanted.compression) {
+    auto name = [](CompressionType type) {
+      return type == CompressionType::kZstd ? "zstd" : "zlib";
+    };
+    add(std::string("compression type ") + name(info.compression) +
+        ", not compression_type=" + name(wanted.compression));
+  }
+  if (differences.empty()) return "";
+  return image_path + " already exists and is mounted as it is (" +
+         differences + "); create only makes missing images";
+}
+
+std::string ClosestOption(std::string_view name) {
+  const std::string normal = Normalize(name);
+  std::string best;
+  size_t best_distance = std::numeric_limits<size_t>::max();
+  auto consider = [&](std::string_view candidate) {
+    size_t distance = EditDistance(normal, Normalize(candidate));
+    if (distance < best_distance) {
+      best_distance = distance;
+      best = std::string(candidate);
+    }
+  };
+  for (const OptionSpec& spec : OptionTable()) consider(spec.name);
+  for (std::string_view flag : kKernelFlags) consider(flag);
+  for (std::string_view ignored : kIgnoredOptions) consider(ignored);
+  // One typo in a short name, two in a longer one; more is a guess.
+  size_t allowed = normal.size() <= 4 ? 1 : 2;
+  if (best_distance == 0 || best_distance > allowed) return "";
+  return best;
 }
 
 std::string DefaultFileName(const std::string& image_path) {

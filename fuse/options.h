@@ -10,6 +10,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "qcow2fs/image.h"
@@ -40,6 +41,8 @@ struct MountOptions {
   // match the image's compression type; `create` makes it so by default.
   std::optional<CompressionType> compress;
   bool allow_other = false;
+  // Mount even if the mount point already is one (stacking a mount on it).
+  bool nonempty = false;
   bool lock = true;
   std::optional<std::string> snapshot;
   // Name of the file inside the mount; empty means derive it from the image.
@@ -47,8 +50,18 @@ struct MountOptions {
   // Create the image first if it does not exist, from create_options.
   bool create = false;
   CreateOptions create_options;
+  // Which creation options were given, to warn when `create` finds an
+  // existing image that differs (it is mounted as it is).
+  bool create_size_given = false;
+  bool create_cluster_size_given = false;
+  bool create_compression_given = false;
   // Mount flags handed to libfuse unchanged (nosuid, nodev, noexec, sync...).
   std::vector<std::string> kernel_flags;
+  // -o log=FILE: messages are appended to this file; empty: none.
+  std::string log_file;
+  // Options that were accepted but do not do what they say, one line each
+  // (without the "warning: " prefix), for main() to print.
+  std::vector<std::string> warnings;
 };
 
 struct CommandLine {
@@ -74,6 +87,20 @@ Status ParseMountOptions(const std::string& list, bool sloppy,
 
 // "512", "64K", "20G", "1t": a byte count with an optional binary suffix.
 Result<uint64_t> ParseSize(const std::string& text);
+
+// The reverse of ParseSize, exact: 5 << 30 -> "5G", 1536 -> "1536".
+std::string FormatSize(uint64_t bytes);
+
+// With `create`, for an image that already existed and is mounted as it is:
+// a warning naming the creation options it does not match ("" if it
+// matches them all, or if create was not given).
+std::string ExistingImageWarning(const std::string& image_path,
+                                 const MountOptions& options,
+                                 const ImageInfo& info);
+
+// The known option closest to `name` by edit distance, if one is close
+// enough to be a typo of it ("cach-size" -> "cache-size"); "" if none.
+std::string ClosestOption(std::string_view name);
 
 // The file name shown in the mount: the image's base name with its last
 // extension replaced by ".raw" ("vm.qcow2" -> "vm.raw").

@@ -263,6 +263,117 @@ TEST(ParseCommandLine, RejectedCombinations) {
   ErrorOf({"-o", "create,size=1G,backing_fmt=vmdk", "i", "m"});
 }
 
+TEST(ParseCommandLine, DashAndUnderscoreSpellings) {
+  Result<CommandLine> line = Parse(
+      {"-o",
+       "cache_size=64M,compress_cache_size=1M,write_behind=0,host_cache=on,"
+       "allow-other,create,size=1G,cluster-size=1M,compression-type=zstd,"
+       "backing-fmt=raw,backing=b,default-permissions,_netdev",
+       "i", "m"});
+  ASSERT_TRUE(line.ok()) << line.status().ToString();
+  const MountOptions& o = line->options;
+  EXPECT_EQ(o.cache_bytes, 64u << 20);
+  EXPECT_EQ(o.compress_cache_bytes, 1u << 20);
+  EXPECT_EQ(o.write_behind_bytes, 0u);
+  EXPECT_TRUE(o.host_cache);
+  EXPECT_TRUE(o.allow_other);
+  EXPECT_EQ(o.create_options.cluster_size, 1u << 20);
+  EXPECT_EQ(o.create_options.compression, CompressionType::kZstd);
+  EXPECT_EQ(o.create_options.backing_format, "raw");
+  // Creation-only options are recognised as such in either spelling.
+  EXPECT_NE(ErrorOf({"-o", "cluster-size=64K", "i", "m"}).find("create"),
+            std::string::npos);
+  // Errors name the option by its documented spelling.
+  EXPECT_NE(ErrorOf({"-o", "cache_size=lots", "i", "m"}).find("cache-size="),
+            std::string::npos);
+}
+
+TEST(ParseCommandLine, UnknownOptionSuggestsTheClosest) {
+  EXPECT_EQ(ErrorOf({"-o", "cach-size=64M", "i", "m"}),
+            "unknown option 'cach-size'; did you mean 'cache-size'?");
+  EXPECT_NE(ErrorOf({"-o", "writebehind=0", "i", "m"})
+                .find("did you mean 'write-behind'?"),
+            std::string::npos);
+  EXPECT_NE(ErrorOf({"-o", "snapshto=a", "i", "m"})
+                .find("did you mean 'snapshot'?"),
+            std::string::npos);
+  EXPECT_NE(ErrorOf({"-o", "allow_others", "i", "m"})
+                .find("did you mean 'allow_other'?"),
+            std::string::npos);
+  EXPECT_NE(ErrorOf({"-o", "nosiud", "i", "m"}).find("did you mean 'nosuid'?"),
+            std::string::npos);
+  // Nothing close: no guess.
+  EXPECT_EQ(ErrorOf({"-o", "frobnicate", "i", "m"}),
+            "unknown option 'frobnicate'");
+  EXPECT_EQ(ErrorOf({"-o", "xyz", "i", "m"}), "unknown option 'xyz'");
+  EXPECT_EQ(ClosestOption("threds"), "threads");
+  EXPECT_EQ(ClosestOption("compres"), "compress");
+  EXPECT_EQ(ClosestOption("qwertyuiop"), "");
+}
+
+TEST(ParseCommandLine, SnapshotWithExplicitRwWarns) {
+  Result<CommandLine> line = Parse({"-o", "snapshot=s,rw", "i", "m"});
+  ASSERT_TRUE(line.ok()) << line.status().ToString();
+  EXPECT_TRUE(line->options.read_only);
+  ASSERT_EQ(line->options.warnings.size(), 1u);
+  EXPECT_NE(line->options.warnings[0].find("read-only"), std::string::npos);
+  EXPECT_EQ(line->options.warnings[0].find('\n'), std::string::npos);
+  // rw before ro, or no rw at all: nothing to warn about.
+  EXPECT_TRUE(Parse({"-o", "rw,snapshot=s,ro", "i", "m"})->options.warnings.empty());
+  EXPECT_TRUE(Parse({"-o", "snapshot=s", "i", "m"})->options.warnings.empty());
+  EXPECT_TRUE(Parse({"-o", "snapshot=s,ro", "i", "m"})->options.warnings.empty());
+  // Across -o lists too.
+  EXPECT_EQ(Parse({"-o", "rw", "-o", "snapshot=s", "i", "m"})->options.warnings.size(), 1u);
+}
+
+TEST(ParseCommandLine, LogFile) {
+  EXPECT_EQ(Parse({"-o", "log=/var/log/q.log", "i", "m"})->options.log_file,
+            "/var/log/q.log");
+  EXPECT_TRUE(Parse({"i", "m"})->options.log_file.empty());
+  ErrorOf({"-o", "log=", "i", "m"});
+  ErrorOf({"-o", "log", "i", "m"});
+}
+
+TEST(FormatSize, ExactSuffixes) {
+  EXPECT_EQ(FormatSize(0), "0");
+  EXPECT_EQ(FormatSize(512), "512");
+  EXPECT_EQ(FormatSize(64 << 10), "64K");
+  EXPECT_EQ(FormatSize(100u << 20), "100M");
+  EXPECT_EQ(FormatSize(5ull << 30), "5G");
+  EXPECT_EQ(FormatSize(2ull << 40), "2T");
+  EXPECT_EQ(FormatSize((1ull << 30) + 512), std::to_string((1ull << 30) + 512));
+}
+
+TEST(ExistingImageWarning, NamesWhatDiffers) {
+  Result<CommandLine> line = Parse({"-o", "create,size=5G", "vm.qcow2", "m"});
+  ASSERT_TRUE(line.ok());
+  ImageInfo info;
+  info.virtual_size = 100u << 20;
+  info.cluster_size = 64 << 10;
+  std::string warning = ExistingImageWarning("/x/vm.qcow2", line->options, info);
+  EXPECT_NE(warning.find("/x/vm.qcow2"), std::string::npos) << warning;
+  EXPECT_NE(warning.find("as it is"), std::string::npos) << warning;
+  EXPECT_NE(warning.find("size 100M, not size=5G"), std::string::npos) << warning;
+  // Same size: nothing to say. Options not given are not compared.
+  info.virtual_size = 5ull << 30;
+  info.compression = CompressionType::kZstd;
+  EXPECT_EQ(ExistingImageWarning("vm.qcow2", line->options, info), "");
+  // Without create there is nothing to compare.
+  EXPECT_EQ(ExistingImageWarning("vm.qcow2", Parse({"i", "m"})->options, info), "");
+
+  line = Parse({"-o", "create,size=5G,cluster_size=1M,compression_type=zlib",
+                "vm.qcow2", "m"});
+  ASSERT_TRUE(line.ok());
+  warning = ExistingImageWarning("vm.qcow2", line->options, info);
+  EXPECT_NE(warning.find("cluster size 64K, not cluster_size=1M"), std::string::npos)
+      << warning;
+  EXPECT_NE(warning.find("compression type zstd, not compression_type=zlib"),
+            std::string::npos)
+      << warning;
+  EXPECT_EQ(warning.find("size 5G"), std::string::npos) << warning;
+  EXPECT_EQ(warning.find('\n'), std::string::npos) << warning;
+}
+
 TEST(ParseMountOptions, AddsToExistingOptions) {
   MountOptions options;
   ASSERT_TRUE(ParseMountOptions("ro,threads=2", false, options).ok());

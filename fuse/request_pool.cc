@@ -4,6 +4,7 @@
 #include <linux/fuse.h>
 #include <malloc.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -43,6 +44,27 @@ class ReceiveBuffer {
   fuse_buf buf_{};
 };
 
+// The signal that interrupts a worker's blocking read of /dev/fuse when a
+// stop is requested. Its handler does nothing: installed without
+// SA_RESTART, it only makes read() return EINTR. It is sent to a worker
+// only while that worker is in its receive call (see Work), never while it
+// processes a request, so no other system call sees an EINTR from it.
+int InterruptSignal() { return SIGRTMIN; }
+
+void IgnoreInterrupt(int) {}
+
+void InstallInterruptHandler() {
+  struct sigaction action {};
+  action.sa_handler = IgnoreInterrupt;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = 0;  // no SA_RESTART: read() returns EINTR
+  sigaction(InterruptSignal(), &action, nullptr);
+}
+
+// How often a stop re-sends the interrupt: a worker that was between its
+// check of the stop flag and read() when the signal came blocks again.
+constexpr int kInterruptRetryMs = 20;
+
 }  // namespace
 
 RequestPool::RequestPool(unsigned threads, unsigned other_workers, size_t max_write)
@@ -63,18 +85,43 @@ void RequestPool::Work(fuse_session* session, size_t buffer_bytes) {
     Log(LOG_ERR, "no memory for a %zu-byte request buffer: one worker fewer", buffer_bytes);
     return;
   }
-  while (!fuse_session_exited(session)) {
+  // This thread is in workers_ exactly while it is inside the receive call:
+  // InterruptWorkers() signals it only then, under the same mutex.
+  const pthread_t self = pthread_self();
+  auto set_receiving = [this, self](bool receiving) {
+    std::lock_guard<std::mutex> lock(workers_mutex_);
+    if (receiving) {
+      workers_.push_back(self);
+    } else {
+      workers_.erase(std::find(workers_.begin(), workers_.end(), self));
+    }
+  };
+  // fuse_session_exited: the kernel ended the session (ENODEV).
+  while (!stopping_.load(std::memory_order_acquire) && !fuse_session_exited(session)) {
+    set_receiving(true);
+    if (stopping_.load(std::memory_order_acquire)) {
+      set_receiving(false);
+      break;
+    }
     const int received = fuse_session_receive_buf(session, buffer.get());
+    set_receiving(false);
     if (received == -EINTR || received == -EAGAIN) continue;
     // 0: the session ended (unmounted); negative: the device is gone.
     if (received <= 0) break;
+    // A request read is always answered, even when a stop came meanwhile.
     // The callbacks catch everything; libfuse is C. Nothing throws here.
     fuse_session_process_buf(session, buffer.get());
   }
 }
 
+void RequestPool::InterruptWorkers() {
+  std::lock_guard<std::mutex> lock(workers_mutex_);
+  for (pthread_t thread : workers_) pthread_kill(thread, InterruptSignal());
+}
+
 Status RequestPool::Serve(fuse_session* session, int stop_fd,
-                          const std::function<void()>& unmount) {
+                          const std::function<void()>& detach) {
+  InstallInterruptHandler();
   // The kernel sends INIT first and nothing else until it is answered.
   // Serving it here keeps libfuse's set-up of the connection ahead of the
   // workers. libfuse allocates this first buffer itself, at the size it
@@ -111,28 +158,36 @@ Status RequestPool::Serve(fuse_session* session, int stop_fd,
   }
 
   Status result;
-  bool unmounted = false;
+  auto stop = [&] {
+    if (stopping_.exchange(true)) return;
+    // No worker starts another read from here on; detaching makes the
+    // kernel end the connection if no file is open, else the interrupts
+    // below end the reads. /dev/fuse stays open until the caller destroys
+    // the session, after every worker is out: replies always have a place
+    // to go.
+    detach();
+    InterruptWorkers();
+  };
   while (true) {
-    pollfd fds[2] = {{done_fd, POLLIN, 0}, {stop_fd, unmounted ? short{0} : short{POLLIN}, 0}};
-    if (poll(fds, 2, -1) < 0) {
+    pollfd fds[2] = {{done_fd, POLLIN, 0},
+                     {stop_fd, stopping_.load() ? short{0} : short{POLLIN}, 0}};
+    const int ready = poll(fds, 2, stopping_.load() ? kInterruptRetryMs : -1);
+    if (ready < 0) {
       if (errno == EINTR) continue;
       result = Status::FromErrno(errno, "poll");
+      stop();
       break;
     }
     if (fds[0].revents != 0) break;  // every worker is done
-    if (fds[1].revents != 0 && !unmounted) {
-      // A stop signal: end the session. Workers blocked in read() get
-      // ENODEV once the kernel drops the connection.
-      fuse_session_exit(session);
-      unmount();
-      unmounted = true;
-    }
+    if (fds[1].revents != 0) stop();
+    if (stopping_.load()) InterruptWorkers();
   }
   // Workers hold `running` by reference: wait for all of them.
   while (running.load() != 0) {
+    InterruptWorkers();
     uint64_t count;
     pollfd fd{done_fd, POLLIN, 0};
-    if (poll(&fd, 1, 100) > 0) (void)!read(done_fd, &count, sizeof count);
+    if (poll(&fd, 1, kInterruptRetryMs) > 0) (void)!read(done_fd, &count, sizeof count);
   }
   close(done_fd);
   return result;

@@ -18,8 +18,13 @@
 #include <oneapi/tbb/global_control.h>
 #include <oneapi/tbb/task_arena.h>
 
+#include <pthread.h>
+
+#include <atomic>
 #include <cstddef>
 #include <functional>
+#include <mutex>
+#include <vector>
 
 #include "qcow2fs/status.h"
 
@@ -36,20 +41,39 @@ class RequestPool {
   RequestPool& operator=(const RequestPool&) = delete;
 
   // Serves the session until it is unmounted, or until `stop_fd` becomes
-  // readable: then `unmount` is called, which makes the kernel end the
-  // workers' reads (the caller drains stop_fd). Returns only after every
-  // worker has finished the request it was serving.
-  Status Serve(fuse_session* session, int stop_fd, const std::function<void()>& unmount);
+  // readable (the caller drains stop_fd). Returns only after every worker
+  // has answered the last request it read and left its receive loop; the
+  // caller then destroys the session, which closes /dev/fuse: only then
+  // does the kernel fail what is still queued (ENOTCONN/ECONNABORTED).
+  //
+  // A stop goes like this: the workers are told to receive no more;
+  // `detach` lazily unmounts the mount point, with /dev/fuse still open, so
+  // that no new opens reach the file system and, if nothing holds a file
+  // open, the kernel ends the connection itself (every read() returns
+  // ENODEV); workers still blocked in read() because a file is still open
+  // (a writer, a loop device) are interrupted with a signal. A request a
+  // worker has read is always processed and answered, on an open
+  // descriptor: closing /dev/fuse under the workers, or exiting the session
+  // (libfuse then drops what read() returned), would leave its caller
+  // waiting forever.
+  Status Serve(fuse_session* session, int stop_fd, const std::function<void()>& detach);
 
  private:
-  // One worker's life: receive, process, repeat until the session ends.
-  // `buffer_bytes`: how much libfuse may read into a receive buffer.
+  // One worker's life: receive, process, repeat until the session ends or
+  // a stop is requested. `buffer_bytes`: how much libfuse may read into a
+  // receive buffer.
   void Work(fuse_session* session, size_t buffer_bytes);
+  // Interrupts the read() of every worker still in its loop.
+  void InterruptWorkers();
 
   const unsigned threads_;
   const size_t max_write_;
   oneapi::tbb::global_control parallelism_;
   oneapi::tbb::task_arena arena_;
+
+  std::atomic<bool> stopping_{false};
+  std::mutex workers_mutex_;
+  std::vector<pthread_t> workers_;  // threads inside Work(), to interrupt
 };
 
 }  // namespace qcow2fs::fusefs

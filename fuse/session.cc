@@ -1,9 +1,19 @@
 // libfuse session lifetime. See session.h.
 #include "session.h"
 
+#include <spawn.h>
+#include <sys/mount.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 #include <utility>
 
 #include "log.h"
+#include "mount_state.h"
+
+extern char** environ;
 
 namespace qcow2fs::fusefs {
 namespace {
@@ -61,7 +71,44 @@ Status FuseSession::Mount(const std::string& mountpoint) {
                       (cause.empty() ? std::string() : ": " + cause));
   }
   mounted_ = true;
+  // mount.fuse3 -o drop_privileges passes /dev/fd/N: no path to unmount.
+  if (!mountpoint.starts_with("/dev/fd/")) {
+    mountpoint_ = mountpoint;
+    if (std::optional<MountEntry> entry = FindMount(mountpoint);
+        entry && entry->fstype.starts_with("fuse")) {
+      device_ = entry->dev;
+    }
+  }
   return Status::Ok();
+}
+
+void FuseSession::Detach() {
+  if (!mounted_) return;
+  // Unmount() (and libfuse) must not unmount or close anything after this.
+  mounted_ = false;
+  if (mountpoint_.empty()) return;
+  std::optional<MountEntry> entry = FindMount(mountpoint_);
+  // Already gone, or covered by another mount (which must stay).
+  if (!entry || !entry->fstype.starts_with("fuse") ||
+      (!device_.empty() && entry->dev != device_)) {
+    return;
+  }
+  if (geteuid() == 0) {
+    if (umount2(mountpoint_.c_str(), MNT_DETACH | UMOUNT_NOFOLLOW) != 0) {
+      Log(LOG_WARNING, "cannot detach %s: %s", mountpoint_.c_str(), std::strerror(errno));
+    }
+    return;
+  }
+  // Users unmount through the setuid helper, which needs no descriptor.
+  const char* argv[] = {"fusermount3", "-u", "-q", "-z", "--", mountpoint_.c_str(), nullptr};
+  pid_t pid;
+  if (posix_spawnp(&pid, "fusermount3", nullptr, nullptr, const_cast<char**>(argv), environ) != 0) {
+    Log(LOG_WARNING, "cannot run fusermount3 to detach %s", mountpoint_.c_str());
+    return;
+  }
+  int status;
+  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
 }
 
 void FuseSession::Unmount() {

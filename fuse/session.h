@@ -31,8 +31,19 @@ class FuseSession {
 
   Status Mount(const std::string& mountpoint);
   // Lazily detaches the mount if it is still there and closes /dev/fuse.
-  // Requests still queued in the kernel fail with ENOTCONN.
+  // Requests still queued in the kernel fail with ENOTCONN. Only for when
+  // no worker reads /dev/fuse (start-up failures): a worker would reply to
+  // a closed descriptor.
   void Unmount();
+  // Lazily detaches the mount point, keeping /dev/fuse open: no new opens
+  // reach the file system, and once no file is open the kernel ends the
+  // connection (reads of /dev/fuse return ENODEV). Detaches only this
+  // session's mount, and only if it is still the topmost one there. Safe
+  // while workers serve requests. Destroying the session closes /dev/fuse.
+  void Detach();
+
+  // The mount's device in /proc/self/mountinfo ("major:minor"), once mounted.
+  const std::string& device() const { return device_; }
 
   fuse_session* get() const { return session_; }
 
@@ -41,6 +52,8 @@ class FuseSession {
 
   fuse_session* session_;
   bool mounted_ = false;
+  std::string mountpoint_;
+  std::string device_;
 };
 
 }  // namespace qcow2fs::fusefs

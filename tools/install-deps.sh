@@ -1,15 +1,63 @@
 #!/usr/bin/env bash
-# Installs the Debian 12 packages qcow2fs needs to build and test.
+# Installs the Debian 12 packages qcow2fs needs to build and test, and
+# every program the tests (tests/mount, tests/fuzz, tools/test.sh), the demo
+# and the benchmarks (tools/bench) call, so that a minimal Debian root (no
+# sudo, procps, python3...) runs them all.
 # Idempotent: checks with dpkg-query first and only runs apt-get (with one
-# apt-get update) when something is missing. Must run as root (or via sudo).
+# apt-get update) when something is missing. Must run as root (or, if sudo
+# is installed, as a user who may use it).
 set -euo pipefail
 
 PACKAGES=(
+  # build
   meson ninja-build pkg-config g++ clang libclang-rt-14-dev
-  libfuse3-dev fuse3 zlib1g-dev libzstd-dev libdeflate-dev libtbb-dev
+  libfuse3-dev zlib1g-dev libzstd-dev libdeflate-dev libtbb-dev
   libgtest-dev libbenchmark-dev
-  qemu-utils qemu-system-common fio e2fsprogs util-linux python3
+  # run: fusermount3, mount.fuse3
+  fuse3
+  # tests and demo: qemu-img, qemu-io
+  qemu-utils
+  # mount, umount, losetup
+  mount
+  # findmnt, flock, fallocate, unshare, runuser, blockdev, fstrim, dmesg,
+  # mountpoint
+  util-linux
+  # mkfs.ext4, fsck.ext4, debugfs, chattr
+  e2fsprogs
+  # pgrep
+  procps
+  # timeout, numfmt, sha256sum, truncate, stat, dd...; cmp, diff; find,
+  # xargs; awk; grep; sed; tar (most are always there; listed to be sure)
+  coreutils diffutils findutils mawk grep sed tar
+  # tests, benchmarks and tools/bench/report.py
+  python3
+  # benchmarks: fio, qemu-storage-daemon (QEMU's FUSE export), gnuplot for
+  # the chart, git for the commit named in the results
+  fio qemu-system-common gnuplot-nox git
 )
+
+# Every program the scripts call, checked after installing: a missing one
+# means a package above is missing, or PATH lacks /usr/sbin (as after `su`
+# without `-` on Debian).
+COMMANDS=(
+  meson ninja pkg-config g++ clang fusermount3 mount.fuse3 qemu-img qemu-io
+  mount umount losetup findmnt flock fallocate unshare runuser blockdev
+  fstrim dmesg mountpoint mkfs.ext4 fsck.ext4 debugfs chattr pgrep timeout
+  numfmt sha256sum truncate cmp diff find xargs awk grep sed tar python3
+  fio qemu-storage-daemon gnuplot git
+)
+
+check_commands() {
+  local absent=() cmd
+  for cmd in "${COMMANDS[@]}"; do
+    command -v "$cmd" >/dev/null 2>&1 || absent+=("$cmd")
+  done
+  if [[ ${#absent[@]} -gt 0 ]]; then
+    echo "install-deps: not found in PATH ($PATH): ${absent[*]}" >&2
+    echo "install-deps: (as root, PATH must include /usr/sbin: use 'su -', not 'su')" >&2
+    exit 1
+  fi
+}
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
@@ -20,6 +68,7 @@ for pkg in "${PACKAGES[@]}"; do
 done
 
 if [[ ${#missing[@]} -eq 0 ]]; then
+  check_commands
   echo "install-deps: all ${#PACKAGES[@]} packages present"
   exit 0
 fi
@@ -48,4 +97,5 @@ if [[ ${#still[@]} -gt 0 ]]; then
   echo "install-deps: still missing after apt-get: ${still[*]}" >&2
   exit 1
 fi
+check_commands
 echo "install-deps: done"

@@ -20,6 +20,8 @@ trap 'echo "FAIL: line $LINENO: \"$BASH_COMMAND\" exited with $?" >&2' ERR
 TIMEOUT=${QCOW2FS_TEST_TIMEOUT:-30}   # seconds for one mount or unmount
 LOOPS=()                              # loop devices this test attached
 PIDS=()                               # daemons this test started
+UMOUNT_HELPER=/sbin/umount.fuse.qcow2fs   # where umount(8) looks for it
+HELPER_INSTALLED=false                # this test put it there
 
 fail() {
   echo "FAIL: $*" >&2
@@ -79,6 +81,7 @@ cleanup() {
     for i in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$p" 2>/dev/null
   done
+  if $HELPER_INSTALLED; then rm -f "$UMOUNT_HELPER"; fi
   if [[ -n $(mounts_under_t) ]]; then
     echo "cleanup: still mounted under $T, not removing it:" >&2
     mounts_under_t >&2
@@ -153,6 +156,25 @@ qumount() {
   if [[ -n ${2:-} ]]; then
     timeout "$TIMEOUT" flock "$2" true || fail "$2 still locked ${TIMEOUT}s after umount"
   fi
+}
+
+# use_umount_helper: makes umount(8) run umount.fuse.qcow2fs (which waits
+# for the daemon to close the image) for fuse.qcow2fs mounts. umount looks
+# for it only in /sbin: unless one is installed there already, the build's
+# copy (next to MOUNT_BIN) is put there for the length of the test.
+use_umount_helper() {
+  local built
+  built=$(dirname "$MOUNT_BIN")/umount.fuse.qcow2fs
+  if [[ -e $UMOUNT_HELPER ]]; then
+    if [[ -x $built ]] && ! cmp -s "$built" "$UMOUNT_HELPER"; then
+      echo "   note: testing the installed $UMOUNT_HELPER, not $built"
+    fi
+    return 0
+  fi
+  [[ -x $built ]] || fail "$built is missing (ninja fuse/umount.fuse.qcow2fs)"
+  install -m 0755 "$built" "$UMOUNT_HELPER.$$" && mv "$UMOUNT_HELPER.$$" "$UMOUNT_HELPER" ||
+    fail "cannot install $UMOUNT_HELPER"
+  HELPER_INSTALLED=true
 }
 
 # attach_loop FILE [losetup options]: attaches a loop device, remembered for

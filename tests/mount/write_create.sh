@@ -32,10 +32,16 @@ check_image "$T/new.qcow2"
    "qcow2 $((100 << 20)) 131072 zstd" ]] ||
   fail "qemu-img info: $(info "$T/new.qcow2" format virtual-size cluster-size format-specific.data.compression-type)"
 
-step "create on an existing image mounts it unchanged"
-qmount -o create,size=5G "$T/new.qcow2" "$T/mnt"
+step "create on an existing image mounts it unchanged, with a warning if it differs"
+qmount -o create,size=5G "$T/new.qcow2" "$T/mnt" 2>"$T/err"
+echo "   stderr: $(cat "$T/err")"
+[[ $(wc -l <"$T/err") == 1 ]] && grep -q "warning: .*new.qcow2 already exists and is mounted as it is (size 100M, not size=5G)" "$T/err" ||
+  fail "expected one warning about the kept size, got: $(cat "$T/err")"
 [[ $(stat -c %s "$T/mnt/new.raw") == $((100 << 20)) ]] || fail "existing image was changed by create"
 cmp <(dd if="$T/mnt/new.raw" bs=1M skip=10 count=3 status=none) "$T/chunk" || fail "existing data"
+qumount "$T/mnt" "$T/new.qcow2"
+qmount -o create,size=100M "$T/new.qcow2" "$T/mnt" 2>"$T/err"
+[[ ! -s $T/err ]] || fail "warning although the existing image matches: $(cat "$T/err")"
 qumount "$T/mnt" "$T/new.qcow2"
 
 step "create,backing=...: an overlay"
