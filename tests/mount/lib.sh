@@ -223,3 +223,40 @@ with open(path, "wb") as f:
         left -= n
 PY
 }
+
+# seek_extents FILE: "start end" lines, the data extents of FILE as
+# SEEK_DATA/SEEK_HOLE report them.
+seek_extents() {
+  python3 - "$1" <<'PY'
+import errno, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+size = os.fstat(fd).st_size
+pos = 0
+while pos < size:
+    try:
+        start = os.lseek(fd, pos, os.SEEK_DATA)
+    except OSError as e:
+        assert e.errno == errno.ENXIO, e
+        break
+    end = os.lseek(fd, start, os.SEEK_HOLE)
+    print(start, end)
+    pos = end
+PY
+}
+
+# map_extents IMAGE: "start end" lines, the data extents of IMAGE's guest
+# disk as `qemu-img map` reports them (through its backing chain), merged.
+map_extents() {
+  qemu-img map --output=json "$1" | python3 -c '
+import json, sys
+extents = []
+for e in json.load(sys.stdin):
+    if not e["data"]:
+        continue
+    if extents and extents[-1][1] == e["start"]:
+        extents[-1][1] += e["length"]
+    else:
+        extents.append([e["start"], e["start"] + e["length"]])
+for s, e in extents:
+    print(s, e)'
+}

@@ -13,36 +13,10 @@ qemu-io -f qcow2 -c 'write -P 0xab 0 1M' -c 'write -P 0x11 10M 100k' \
   "$T/vm.qcow2" >/dev/null
 to_raw "$T/vm.qcow2" "$T/ref.raw"
 
-# Data extents from QEMU's point of view, merged: "start end" lines.
-qemu-img map --output=json "$T/vm.qcow2" | python3 -c '
-import json, sys
-extents = []
-for e in json.load(sys.stdin):
-    if not e["data"]:
-        continue
-    if extents and extents[-1][1] == e["start"]:
-        extents[-1][1] += e["length"]
-    else:
-        extents.append([e["start"], e["start"] + e["length"]])
-for s, e in extents:
-    print(s, e)' >"$T/expected"
+map_extents "$T/vm.qcow2" >"$T/expected"
 
 qmount -o ro "$T/vm.qcow2" "$T/mnt"
-python3 - "$T/mnt/vm.raw" >"$T/actual" <<'PY'
-import errno, os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)
-size = os.fstat(fd).st_size
-pos = 0
-while pos < size:
-    try:
-        start = os.lseek(fd, pos, os.SEEK_DATA)
-    except OSError as e:
-        assert e.errno == errno.ENXIO, e
-        break
-    end = os.lseek(fd, start, os.SEEK_HOLE)
-    print(start, end)
-    pos = end
-PY
+seek_extents "$T/mnt/vm.raw" >"$T/actual"
 diff "$T/expected" "$T/actual" || fail "data extents differ from qemu-img map (expected < > actual)"
 
 step "edge cases"

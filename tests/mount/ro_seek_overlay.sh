@@ -18,39 +18,10 @@ qemu-img create -q -f qcow2 -o cluster_size=64k -b mid.qcow2 -F qcow2 "$T/top.qc
 qemu-io -f qcow2 -c 'write -P 0x31 100M 1M' -c 'write -P 0x32 30M 4k' "$T/top.qcow2" >/dev/null
 to_raw "$T/top.qcow2" "$T/ref.raw"
 
-extents() {  # "start end" data extents of the file $1 through SEEK_DATA/HOLE
-  python3 - "$1" <<'PY'
-import errno, os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)
-size = os.fstat(fd).st_size
-pos = 0
-while pos < size:
-    try:
-        start = os.lseek(fd, pos, os.SEEK_DATA)
-    except OSError as e:
-        assert e.errno == errno.ENXIO, e
-        break
-    end = os.lseek(fd, start, os.SEEK_HOLE)
-    print(start, end)
-    pos = end
-PY
-}
-
-qemu-img map --output=json "$T/top.qcow2" | python3 -c '
-import json, sys
-extents = []
-for e in json.load(sys.stdin):
-    if not e["data"]:
-        continue
-    if extents and extents[-1][1] == e["start"]:
-        extents[-1][1] += e["length"]
-    else:
-        extents.append([e["start"], e["start"] + e["length"]])
-for s, e in extents:
-    print(s, e)' >"$T/expected"
+map_extents "$T/top.qcow2" >"$T/expected"
 
 qmount -o ro "$T/top.qcow2" "$T/mnt"
-extents "$T/mnt/top.raw" >"$T/actual"
+seek_extents "$T/mnt/top.raw" >"$T/actual"
 diff "$T/expected" "$T/actual" || fail "data extents differ from qemu-img map (expected < > actual)"
 
 step "cp --sparse=always of the overlay"
