@@ -46,16 +46,6 @@ constexpr uint64_t kMaxOpPoints = 6;
 // losing the race to them.
 constexpr uint64_t kOpsPerFlush = 4;
 
-// Lets the test keep the FaultInjectionFile after the image that owns its
-// File is gone.
-class SharedFile final : public ForwardingFile {
- public:
-  explicit SharedFile(std::shared_ptr<FaultInjectionFile> f) : ForwardingFile(*f), f_(std::move(f)) {}
-
- private:
-  std::shared_ptr<FaultInjectionFile> f_;
-};
-
 enum class Backing { kNone, kRaw, kQcow2 };
 
 struct CrashKind {

@@ -21,16 +21,6 @@
 namespace qcow2fs::test {
 namespace {
 
-// Lets the test keep the FaultInjectionFile after the image that owns its
-// File is gone.
-class SharedFile final : public ForwardingFile {
- public:
-  explicit SharedFile(std::shared_ptr<FaultInjectionFile> f) : ForwardingFile(*f), f_(std::move(f)) {}
-
- private:
-  std::shared_ptr<FaultInjectionFile> f_;
-};
-
 struct Model {
   std::string current;
   std::string flushed;             // content as of the last successful flush

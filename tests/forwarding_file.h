@@ -29,4 +29,14 @@ class ForwardingFile : public File {
   File& target_;
 };
 
+// A File the test keeps a share of, so it can inspect it (a fault-injecting
+// file, say) after the image that owns this handle is gone.
+class SharedFile final : public ForwardingFile {
+ public:
+  explicit SharedFile(std::shared_ptr<File> f) : ForwardingFile(*f), f_(std::move(f)) {}
+
+ private:
+  std::shared_ptr<File> f_;
+};
+
 }  // namespace qcow2fs::test
