@@ -214,5 +214,31 @@ TEST_F(MetadataOverlapTest, CompressedEntryPastTheEndOfTheFileIsNotReleased) {
   EXPECT_EQ(first, std::string(64 * 1024, '\x61'));
 }
 
+// Found by the write fuzzer: an entry without COPIED that names the L1
+// table. A write copies the "shared" cluster away and drops the old
+// reference: the L1 table's refcount fell to zero and the flush wiped it.
+TEST_F(MetadataOverlapTest, SharedLookingEntryOnTheL1TableIsNotReleased) {
+  ASSERT_TRUE(PatchBE64(path_, layout_.l2, layout_.l1));  // COPIED clear
+  ExpectRefused(path_, 0, layout_.l1, "L1 table");
+}
+
+// Found by the write fuzzer: zeroing a cluster whose entry names an
+// unaligned host offset (0x8000) released host cluster 0, and the flush
+// wiped the header.
+TEST_F(MetadataOverlapTest, ZeroingAnUnalignedEntryDoesNotFreeTheHeader) {
+  // COPIED clear: zeroing may not keep the host cluster, so it drops it.
+  ASSERT_TRUE(PatchBE64(path_, layout_.l2 + 8, 0x8000));  // guest cluster 1
+  auto image = OpenWritable(path_);
+  ASSERT_TRUE(image);
+  Status s = image->WriteZeroes(kCluster, kCluster, /*may_unmap=*/false);
+  EXPECT_FALSE(s.ok()) << "zeroing released an unaligned entry";
+  EXPECT_EQ(s.code(), ErrorCode::kCorrupt) << Describe(s);
+  (void)image->Flush();
+  image.reset();
+  std::string head;
+  ASSERT_TRUE(ReadFileRange(path_, 0, 4, &head));
+  EXPECT_EQ(GetBE32(head, 0), hdr::kQcowMagic) << "the header was wiped";
+}
+
 }  // namespace
 }  // namespace qcow2fs::test

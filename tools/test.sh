@@ -96,7 +96,8 @@ stage_tsan() {
   meson_setup build-tsan -Dbuildtype=debugoptimized -Dtests=true -Dfuzzer=false \
     -Db_sanitize=thread -Db_lundef=false -Dwerror=true
   # The tests whose point is concurrency; the rest gain nothing from TSan.
-  local tests=(concurrency_stress_test compressed_write_test image_lock_test model_stress_test)
+  local tests=(concurrency_stress_test compressed_write_test image_lock_test model_stress_test
+               interleaving_test)
   ninja -C build-tsan -j "$JOBS" "${tests[@]/#/tests/}" fuse/fuse_io_pipeline_test
   meson_test build-tsan --no-rebuild --timeout-multiplier 3 "${tests[@]}" fuse_io_pipeline
 }
@@ -113,22 +114,34 @@ stage_fuzz() {
       -Db_sanitize=address,undefined -Db_lundef=false \
       -Dcpp_args=-fno-sanitize-recover=all -Dcpp_link_args=-fno-sanitize-recover=all
   fi
-  # Only the fuzzer: the test binaries are covered by the other stages.
-  ninja -C build-fuzz -j "$JOBS" tests/fuzz/open_read_fuzzer
+  # Only the fuzzers: the test binaries are covered by the other stages.
+  ninja -C build-fuzz -j "$JOBS" tests/fuzz/open_read_fuzzer tests/fuzz/write_fuzzer
+  # FUZZ_SECONDS is split between the two: open+read, then the write path.
+  # tests/fuzz/write_regressions holds inputs that once found bugs; they are
+  # run first, with the seeds.
+  local read_seconds=$(( (FUZZ_SECONDS + 1) / 2 )) write_seconds=$(( FUZZ_SECONDS / 2 ))
   local seeds=build-fuzz/fuzz-seeds corpus=build-fuzz/fuzz-corpus
+  local wseeds=build-fuzz/fuzz-write-seeds wcorpus=build-fuzz/fuzz-write-corpus
   local artifacts=build-fuzz/fuzz-artifacts
-  rm -rf "$seeds" "$artifacts"
-  mkdir -p "$corpus" "$artifacts"
+  rm -rf "$seeds" "$wseeds" "$artifacts"
+  mkdir -p "$corpus" "$wcorpus" "$artifacts/read" "$artifacts/write"
   tests/fuzz/make_seed_corpus.sh "$seeds"
-  local rc=0
+  tests/fuzz/make_write_seed_corpus.sh "$wseeds"
+  local rc=0 wrc=0
   build-fuzz/tests/fuzz/open_read_fuzzer \
-    -max_total_time="$FUZZ_SECONDS" -timeout=20 -rss_limit_mb=2560 \
-    -print_final_stats=1 -artifact_prefix="$artifacts/" \
+    -max_total_time="$read_seconds" -timeout=20 -rss_limit_mb=2560 \
+    -print_final_stats=1 -artifact_prefix="$artifacts/read/" \
     "$corpus" "$seeds" || rc=$?
-  if [[ $rc -ne 0 ]]; then
-    echo "---- fuzzer failed (exit $rc); reproducers:"
-    ls -l "$artifacts" || true
-    return $rc
+  build-fuzz/tests/fuzz/write_fuzzer \
+    -max_total_time="$write_seconds" -timeout=20 -rss_limit_mb=2560 \
+    -print_final_stats=1 -artifact_prefix="$artifacts/write/" \
+    "$wcorpus" "$wseeds" tests/fuzz/write_regressions || wrc=$?
+  if [[ $rc -ne 0 || $wrc -ne 0 ]]; then
+    echo "---- fuzzer failed (open_read_fuzzer exit $rc, write_fuzzer exit $wrc); reproducers:"
+    ls -l "$artifacts/read" "$artifacts/write" || true
+    echo "(rerun one with build-fuzz/tests/fuzz/<fuzzer> FILE; WRITE_FUZZER_TRACE=1 prints the write program)"
+    [[ $rc -ne 0 ]] && return $rc
+    return $wrc
   fi
 }
 

@@ -223,6 +223,9 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   std::unique_ptr<L2Cache> l2_cache_;  // guarded by meta_mutex_
   std::unique_ptr<Refcounts> refcounts_;  // guarded by meta_mutex_
   MetadataMap metadata_;                  // guarded by meta_mutex_
+  // L2 tables (cluster indexes) some snapshot's L1 table names: they stay
+  // metadata when the active L1 copies away from them.
+  std::unordered_set<uint64_t> snapshot_l2_tables_;  // guarded by meta_mutex_
   std::set<uint64_t> l1_dirty_;           // guarded by meta_mutex_
   bool header_dirty_ = false;             // guarded by meta_mutex_
   // Host clusters whose refcount drops by one at the next flush, once the

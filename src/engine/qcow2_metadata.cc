@@ -103,11 +103,13 @@ Status Qcow2Image::BuildMetadataMap() {
     auto [first, count] = clusters_of(offset, bytes);
     metadata_.AddRange(first, count, kind);
   };
-  auto add_l2_tables = [&](const std::vector<uint64_t>& l1) {
+  auto add_l2_tables = [&](const std::vector<uint64_t>& l1, bool of_snapshot) {
     for (uint64_t entry : l1) {
       const uint64_t l2 = L1EntryL2Offset(entry);
       // An unaligned one cannot be used at all (mapping reports it).
-      if (l2 != 0 && l2 % cluster_size_ == 0) metadata_.Add(l2 >> cluster_bits_, MetadataMap::kL2Table);
+      if (l2 == 0 || l2 % cluster_size_ != 0) continue;
+      metadata_.Add(l2 >> cluster_bits_, MetadataMap::kL2Table);
+      if (of_snapshot) snapshot_l2_tables_.insert(l2 >> cluster_bits_);
     }
   };
   add(0, cluster_size_, MetadataMap::kHeader);
@@ -118,7 +120,7 @@ Status Qcow2Image::BuildMetadataMap() {
     if (block != 0) metadata_.Add(block >> cluster_bits_, MetadataMap::kRefcountBlock);
   }
   add(header_.snapshots_offset, snapshot_table_bytes_, MetadataMap::kSnapshotTable);
-  add_l2_tables(l1_);
+  add_l2_tables(l1_, false);
   for (const auto& s : snapshots_) {
     add(s.l1_table_offset, uint64_t{s.l1_size} * 8, MetadataMap::kSnapshotL1Table);
     std::vector<std::byte> raw(uint64_t{s.l1_size} * 8);
@@ -126,7 +128,7 @@ Status Qcow2Image::BuildMetadataMap() {
         "reading the L1 table of snapshot '" + s.name + "'"));
     std::vector<uint64_t> l1(s.l1_size);
     for (size_t i = 0; i < l1.size(); i++) l1[i] = LoadBe64(raw.data() + 8 * i);
-    add_l2_tables(l1);
+    add_l2_tables(l1, true);
   }
   refcounts_->set_metadata_map(&metadata_);
   return Status();
@@ -159,7 +161,10 @@ Status Qcow2Image::WriteBackLocked() {
       header_.refcount_table_clusters = refcounts_->table_clusters();
       QCOW2FS_RETURN_IF_ERROR(WriteHeaderLocked());
       QCOW2FS_RETURN_IF_ERROR(file_->Sync());
-      for (uint64_t c : refcounts_->TakeRetiredTableClusters()) DeferFreeLocked(c);
+      for (uint64_t c : refcounts_->TakeRetiredTableClusters()) {
+        metadata_.RemoveKind(c, MetadataMap::kRefcountTable);
+        DeferFreeLocked(c);
+      }
     }
   }
   // 4: L2 tables. The data their new entries point to goes to disk first:
@@ -255,12 +260,19 @@ Status Qcow2Image::FreeClustersExclusive(std::vector<uint64_t> clusters) {
                                  "freeing cluster " + Hex(c << cluster_bits_) +
                                      " whose refcount is already 0"));
     }
+    if (rc == 1 && metadata_.KindsOf(c) != 0) {
+      // Structures that move away drop their kind first (an old L1 or
+      // refcount table, an L2 table copied away): this is a data reference
+      // to a metadata cluster going, and freeing would wipe the table.
+      return FenceCorrupt(Status(ErrorCode::kCorrupt,
+                                 "freeing cluster " + Hex(c << cluster_bits_) + ", which holds " +
+                                     MetadataMap::Describe(metadata_.KindsOf(c))));
+    }
     if (rc == 1) {
       // Last reference gone: give the space back to the host. Nobody can
       // reach the cluster (its references are gone and the caller holds the
       // discard lock exclusively), and it is not reusable until counted 0.
       l2_cache_->Erase(c << cluster_bits_);
-      metadata_.Remove(c);
       QCOW2FS_RETURN_IF_ERROR(file_->PunchHole(c << cluster_bits_, cluster_size_));
     }
     QCOW2FS_RETURN_IF_ERROR(refcounts_->Add(c, -1));
@@ -357,6 +369,7 @@ Status Qcow2Image::ResizeExclusive(uint64_t new_size) {
       l1_.resize(needed, 0);
       if (old_offset != 0) {
         for (uint64_t c = 0; c < old_clusters; c++) {
+          metadata_.RemoveKind((old_offset >> cluster_bits_) + c, MetadataMap::kL1Table);
           DeferFreeLocked((old_offset >> cluster_bits_) + c);
         }
       }

@@ -126,6 +126,10 @@ Result<std::shared_ptr<L2Table>> Qcow2Image::L2ForWriteLocked(
     table->entries = std::move(old_entries);
     table->suspect_compressed = std::move(old_suspects);
     ReleaseClusterLocked(old_offset);
+    // The old table stays metadata only while a snapshot still uses it.
+    if (!snapshot_l2_tables_.count(old_offset >> cluster_bits_)) {
+      metadata_.RemoveKind(old_offset >> cluster_bits_, MetadataMap::kL2Table);
+    }
   }
   l1_[l1_index] = new_offset | kOflagCopied;
   l1_dirty_.insert(l1_index);
@@ -134,9 +138,22 @@ Result<std::shared_ptr<L2Table>> Qcow2Image::L2ForWriteLocked(
 
 Status Qcow2Image::CheckReleasableLocked(const L2Table& table, uint64_t index, uint64_t word,
                                          uint64_t guest) {
-  if (ClassifyL2Entry(word, extended_l2_, header_.has_data_file()) != ClusterType::kCompressed) {
-    return Status();
+  const ClusterType type = ClassifyL2Entry(word, extended_l2_, header_.has_data_file());
+  if (header_.has_data_file()) return Status();  // data file clusters are not counted
+  if (type == ClusterType::kNormal || type == ClusterType::kZeroAlloc) {
+    // The one host cluster it names: aligned, and not metadata (whose
+    // refcount dropping to zero would wipe it).
+    const uint64_t host = word & kL2OffsetMask;
+    if (host == 0) return Status();
+    const uint8_t kinds = host % cluster_size_ == 0 ? metadata_.KindsOf(host >> cluster_bits_) : 0;
+    if (host % cluster_size_ == 0 && kinds == 0) return Status();
+    return FenceCorrupt(Status(
+        ErrorCode::kCorrupt,
+        "the L2 entry of " + Where(guest) + " names host offset " + Hex(host) +
+            (kinds ? ", which holds " + MetadataMap::Describe(kinds) : ", which is unaligned") +
+            "; dropping its reference would free metadata"));
   }
+  if (type != ClusterType::kCompressed) return Status();
   const CompressedDescriptor d = DecodeCompressed(word, cluster_bits_);
   const auto& suspects = table.suspect_compressed;
   bool bad = std::binary_search(suspects.begin(), suspects.end(), static_cast<uint32_t>(index));
@@ -298,8 +315,9 @@ Status Qcow2Image::WriteShared(uint64_t offset, std::span<const std::byte> data)
                                                      std::size(tail)));
     }
 
-    // The entries this run replaces must be ours to release (a corrupt
-    // compressed entry is refused before anything is allocated).
+    // The entries this run replaces must be ours to release: one naming
+    // metadata, an unaligned one or a corrupt compressed one is refused
+    // before anything is allocated.
     if (!reuse_host) {
       for (uint64_t i = 0; i < clusters; i++) {
         const uint64_t g = c0 + (i << cluster_bits_);
