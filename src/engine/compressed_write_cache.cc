@@ -426,6 +426,7 @@ bool CompressedWriteCache::BeginDirectWrite(uint64_t cluster_index) {
 void CompressedWriteCache::EndDirectWrite(uint64_t cluster_index) {
   std::lock_guard lk(mu_);
   auto it = direct_writers_.find(cluster_index);
+  if (it == direct_writers_.end()) return;  // not admitted: nothing to end
   if (--it->second == 0) {
     direct_writers_.erase(it);
     changed_.notify_all();
