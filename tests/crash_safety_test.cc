@@ -21,6 +21,12 @@
 namespace qcow2fs::test {
 namespace {
 
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr bool kSanitized = true;
+#else
+constexpr bool kSanitized = false;
+#endif
+
 struct Model {
   std::string current;
   std::string flushed;             // content as of the last successful flush
@@ -108,7 +114,10 @@ TEST_P(CrashSafetyTest, CrashAtAnyWriteLeavesAtWorstLeaks) {
     ASSERT_GT(total_ops, 50u);
   }
 
-  const uint64_t step = std::max<uint64_t>(1, total_ops / 70);
+  // About 70 crash points per kind; half as many in the sanitizer builds,
+  // which run every test several times slower (the release stage covers
+  // them all).
+  const uint64_t step = std::max<uint64_t>(1, total_ops / (kSanitized ? 35 : 70));
   int crashes = 0;
   for (uint64_t n = 0; n < total_ops; n += step) {
     SCOPED_TRACE("crash after " + std::to_string(n) + " of " + std::to_string(total_ops) +

@@ -124,7 +124,7 @@ Budget StressBudget() {
     b.seconds = secs_set ? secs : 1e9;
     b.ops = ops_set ? ops : ~uint64_t{0};
   } else if (QCOW2FS_MODEL_SANITIZED) {
-    b.seconds = 2.0;
+    b.seconds = 1.0;
     b.ops = 1000;
   } else {
     b.seconds = 1.0;
