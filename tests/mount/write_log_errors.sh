@@ -24,6 +24,15 @@ fill() {
     status=none 2>"$T/dd.err" || rc=$?
   [[ $rc != 0 ]] || fail "200 MiB fit on a 96 MiB host file system"
   grep -q "No space left on device" "$T/dd.err" || { cat "$T/dd.err"; fail "dd did not report ENOSPC"; }
+  # More writes that cannot fit, each failing the same way (dd stops at its
+  # first error, and write-behind now returns most errors at the write
+  # itself, so the big dd alone may fail only once or twice).
+  local i
+  for i in $(seq 1 40); do
+    dd if=/dev/zero of="$T/mnt/vm.raw" bs=1M count=1 seek=$((300 + i)) oflag=direct \
+      conv=notrunc status=none 2>/dev/null || true
+  done
+  return 0
 }
 
 # check_log FILE: a few lines for the many failures, at least one of them
