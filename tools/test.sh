@@ -24,6 +24,12 @@ cd "$ROOT"
 
 JOBS=${JOBS:-2}
 FUZZ_SECONDS=${FUZZ_SECONDS:-60}
+# The write fuzzer's seed: fixed, so that a run is reproducible (CI runs the
+# same inputs every time); FUZZ_SEED=0 lets libFuzzer pick one.
+FUZZ_SEED=${FUZZ_SEED:-1}
+# At most this many write-fuzzer inputs (-1: until FUZZ_SECONDS runs out);
+# with the fixed seed, CI explores the same inputs on every run.
+FUZZ_WRITE_RUNS=${FUZZ_WRITE_RUNS:-2500}
 CI=${CI:-false}
 
 export ASAN_OPTIONS=${ASAN_OPTIONS:-halt_on_error=1:abort_on_error=1:detect_leaks=1:print_summary=1}
@@ -138,7 +144,7 @@ stage_fuzz() {
     -max_total_time="$read_seconds" -timeout=20 -rss_limit_mb=2560 \
     -print_final_stats=1 -artifact_prefix="$artifacts/read/" \
     "$corpus" "$seeds" || rc=$?
-  build-fuzz/tests/fuzz/write_fuzzer \
+  build-fuzz/tests/fuzz/write_fuzzer -seed="$FUZZ_SEED" -runs="$FUZZ_WRITE_RUNS" \
     -max_total_time="$write_seconds" -timeout=20 -rss_limit_mb=2560 \
     -print_final_stats=1 -artifact_prefix="$artifacts/write/" \
     "$wcorpus" "$wseeds" tests/fuzz/write_regressions || wrc=$?
