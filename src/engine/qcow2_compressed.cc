@@ -101,7 +101,8 @@ Status Qcow2Image::ReadClusterForFill(uint64_t guest_offset, std::span<std::byte
 }
 
 Result<uint64_t> Qcow2Image::AllocateSegment(uint64_t count) {
-  std::lock_guard lk(meta_mutex_);
+  std::unique_lock lk(meta_mutex_);
+  QCOW2FS_RETURN_IF_ERROR(FindFreeSpaceLocked(lk));
   return AllocateClustersLocked(count);
 }
 

@@ -144,6 +144,13 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
       std::unique_lock<std::mutex>& lk, uint64_t l1_index, uint64_t guest);
   // Allocates `count` contiguous host clusters for metadata or data.
   Result<uint64_t> AllocateClustersLocked(uint64_t count);
+  // Before a step that may allocate: moves the free-space search to a free
+  // cluster a few refcount blocks at a time, releasing meta_mutex_ (held
+  // via `lk` on entry and on return) between steps so that reads and other
+  // writers are not kept waiting while it crosses many full blocks. Fails
+  // only when a refcount block cannot be read; finding no free cluster is
+  // left to the allocation, so requests that allocate nothing go on.
+  Status FindFreeSpaceLocked(std::unique_lock<std::mutex>& lk);
   // Drops the image's reference to whatever the L2 entry pointed to; the
   // refcount is decremented at the next flush, after the new entry is on
   // disk (see docs/concurrency.md).

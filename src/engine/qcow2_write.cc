@@ -86,6 +86,21 @@ Result<uint64_t> Qcow2Image::AllocateClustersLocked(uint64_t count) {
   return offset;
 }
 
+Status Qcow2Image::FindFreeSpaceLocked(std::unique_lock<std::mutex>& lk) {
+  // Refcount blocks read per step: a few milliseconds of I/O at most.
+  constexpr size_t kBlockReadsPerStep = 16;
+  while (true) {
+    auto found = refcounts_->AdvanceFreeCursor(kBlockReadsPerStep);
+    // No free cluster: only a request that allocates fails, when it does.
+    if (!found.ok() && found.status().code() == ErrorCode::kNoSpace) return Status();
+    if (!found.ok()) return found.status();
+    if (*found) return Status();
+    lk.unlock();
+    QCOW2FS_SYNC_POINT("Allocate:SearchPaused", 0);
+    lk.lock();
+  }
+}
+
 Result<std::shared_ptr<L2Table>> Qcow2Image::L2ForMappingLocked(
     std::unique_lock<std::mutex>& lk, uint64_t l1_index, uint64_t guest) {
   const uint64_t l2_offset = L1EntryL2Offset(l1_[l1_index]);
@@ -201,6 +216,7 @@ Status Qcow2Image::WriteShared(uint64_t offset, std::span<const std::byte> data)
 
   for (uint64_t pos = offset; pos < end;) {
     std::unique_lock lk(meta_mutex_);
+    QCOW2FS_RETURN_IF_ERROR(FindFreeSpaceLocked(lk));
     const uint64_t l1_index = pos / l2_coverage;
     const uint64_t table_end = std::min(end, (l1_index + 1) * l2_coverage);
     QCOW2FS_ASSIGN_OR_RETURN(auto table, L2ForWriteLocked(lk, l1_index));

@@ -132,7 +132,7 @@ Status Refcounts::Add(uint64_t cluster, int64_t delta) {
 }
 
 Result<uint64_t> Refcounts::FindFree(uint64_t count) {
-  uint64_t run_start = free_cursor_, run_len = 0;
+  uint64_t run_start = free_cursor_, run_len = 0, used_since = free_cursor_;
   bool first_free_seen = false;
   for (uint64_t c = free_cursor_;; c++) {
     if ((c << cluster_bits_) > limits::kMaxHostOffset) {
@@ -153,6 +153,10 @@ Result<uint64_t> Refcounts::FindFree(uint64_t count) {
                         " but its refcount is 0");
     }
     if (used) {
+      if (run_len != 0) used_since = c;
+      if (((c + 1 - used_since) & 0xffff) == 0) {
+        QCOW2FS_RETURN_IF_ERROR(CheckUsedRun(used_since, c + 1));
+      }
       run_start = c + 1;
       run_len = 0;
       continue;
@@ -163,6 +167,54 @@ Result<uint64_t> Refcounts::FindFree(uint64_t count) {
     }
     if (++run_len == count) return run_start;
   }
+}
+
+Result<bool> Refcounts::AdvanceFreeCursor(size_t max_block_reads) {
+  size_t reads = 0;
+  const uint64_t start = std::max<uint64_t>(free_cursor_, 1);
+  for (uint64_t c = start;;) {
+    const uint64_t index = c / block_entries_;
+    const uint64_t block_end = (index + 1) * block_entries_;
+    // No block: every cluster it would count is free.
+    if (index >= table_.size() || table_[index] == 0) {
+      free_cursor_ = c;
+      return true;
+    }
+    if (!blocks_.count(index)) {
+      if (reads == max_block_reads) {
+        free_cursor_ = c;
+        return false;
+      }
+      reads++;
+    }
+    QCOW2FS_ASSIGN_OR_RETURN(auto* block, Block(index, false));
+    for (; c < block_end; c++) {
+      if (GetRefcountEntry(block->data(), order_, c % block_entries_) == 0) {
+        free_cursor_ = c;
+        return true;
+      }
+    }
+    QCOW2FS_RETURN_IF_ERROR(CheckUsedRun(start, c));
+  }
+}
+
+Status Refcounts::CheckUsedRun(uint64_t first, uint64_t end) {
+  if (end < kMaxUsedPastEnd) return Status();
+  // Clusters past the end of the file are only ever in use while this
+  // process allocates them, a few at a time; a long run of them marked in
+  // use is refcounts gone wrong, and searching on would walk every block
+  // the table names.
+  QCOW2FS_ASSIGN_OR_RETURN(uint64_t file_size, file_.Size());
+  const uint64_t file_end = (file_size + cluster_size_ - 1) >> cluster_bits_;
+  if (end <= file_end || end - file_end < kMaxUsedPastEnd) return Status();
+  // Not corruption that endangers data (the clusters are leaked, not
+  // shared), so it does not fence the image: what needs no new cluster
+  // goes on.
+  return Status(ErrorCode::kNoSpace,
+                "refcounts mark every cluster from the end of the image file (" +
+                    Hex(std::max(first, file_end) << cluster_bits_) + ") to " +
+                    Hex(end << cluster_bits_) +
+                    " in use: no free cluster to allocate (the refcounts need a repair)");
 }
 
 Result<uint64_t> Refcounts::Allocate(uint64_t count) {

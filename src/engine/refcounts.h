@@ -59,6 +59,17 @@ class Refcounts {
 
   uint64_t table_offset() const { return table_offset_; }
   uint32_t table_clusters() const { return table_clusters_; }
+  // Moves the free-space search's starting point to the first free cluster,
+  // reading at most `max_block_reads` refcount blocks that are not cached.
+  // Returns true when it stands on a free cluster, false when the budget ran
+  // out first (the progress is kept: call again, possibly after releasing
+  // the metadata mutex, so that a search over many full blocks does not
+  // keep every reader waiting). Fails with kNoSpace when more than
+  // kMaxUsedPastEnd clusters in a row past the end of the file are marked
+  // in use (Allocate fails the same way).
+  Result<bool> AdvanceFreeCursor(size_t max_block_reads);
+  static constexpr uint64_t kMaxUsedPastEnd = uint64_t{1} << 20;
+
   // Lowest cluster worth searching for free space (after a free).
   void HintFree(uint64_t cluster) {
     if (cluster < free_cursor_) free_cursor_ = cluster;
@@ -70,6 +81,10 @@ class Refcounts {
   void EvictCleanBlocks();
   Status GrowTable(uint64_t min_entries);
   Result<uint64_t> FindFree(uint64_t count);
+  // Fails when [first, end), all found in use, ends more than
+  // kMaxUsedPastEnd clusters past the end of the file (asked of the file
+  // only once `end` is that far from cluster 0).
+  Status CheckUsedRun(uint64_t first, uint64_t end);
 
   File& file_;
   const uint32_t cluster_bits_;
