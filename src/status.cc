@@ -17,6 +17,8 @@ const char* ErrorCodeName(ErrorCode code) {
     case ErrorCode::kLocked: return "locked";
     case ErrorCode::kNotFound: return "not found";
     case ErrorCode::kOutOfRange: return "out of range";
+    case ErrorCode::kAlreadyExists: return "already exists";
+    case ErrorCode::kBusy: return "busy";
   }
   return "unknown error";
 }
@@ -57,6 +59,8 @@ int Status::ToErrno() const {
     case ErrorCode::kLocked: return EBUSY;
     case ErrorCode::kNotFound: return ENOENT;
     case ErrorCode::kOutOfRange: return EINVAL;
+    case ErrorCode::kAlreadyExists: return EEXIST;
+    case ErrorCode::kBusy: return EBUSY;
   }
   return EIO;
 }

@@ -174,6 +174,38 @@ class Image {
   // Bytes the image occupies on the host (allocated blocks of its files).
   virtual uint64_t AllocatedBytes() const = 0;
 
+  // Internal snapshots (qcow2 only: a raw image fails with kUnsupported).
+  //
+  // Takes a snapshot of the disk named `name`, online: every write that
+  // completed before the call is in it, no write that starts after it
+  // returns is. Staged and write-back data are written out first; guest
+  // writes wait while the metadata step runs, reads do not. The new
+  // snapshot's ID is one more than the highest numeric ID in the table.
+  // Crash-safe: a crash at any instant leaves either no snapshot or a
+  // complete one, with at worst leaked clusters; a crash between the
+  // refcount and the L2 update (the same window as QEMU's) can also leave
+  // OFLAG_COPIED flags that disagree with refcounts, which a repair
+  // rewrites and which put no data at risk. Fails with kAlreadyExists
+  // when a snapshot has that name (or that ID), kInvalidArgument for an
+  // empty name, kUnsupported for refcount_bits=1 images (no room for a
+  // second reference), kReadOnly on a read-only image.
+  virtual Status CreateSnapshot(const std::string& name) = 0;
+  // Deletes the snapshot with that ID, else that name. The table entry goes
+  // first, then the refcounts drop and clusters nothing else uses are freed,
+  // under the exclusive side of the discard lock. kBusy while a view of it
+  // (OpenSnapshot) is alive; kNotFound when there is none.
+  virtual Status DeleteSnapshot(const std::string& id_or_name) = 0;
+  // A read-only view of a snapshot's disk (its own size, block status and
+  // data), readable while this image is written. It reads the same file
+  // (reopened through this process's descriptor), takes no locks of its
+  // own, and must not outlive this image. kNotFound when there is none.
+  virtual Result<std::unique_ptr<Image>> OpenSnapshot(const std::string& id_or_name) = 0;
+  // Reverts the image at `path` to a snapshot, offline (as `qemu-img
+  // snapshot -a`): the active disk becomes the snapshot's, which stays.
+  // Takes the image locks as a writer; fails with kLocked when the image is
+  // in use.
+  static Status ApplySnapshot(const std::string& path, const std::string& id_or_name);
+
  protected:
   Image() = default;
 };

@@ -25,6 +25,8 @@ enum class ErrorCode {
   kLocked,           // another process holds the image
   kNotFound,         // a named file or snapshot does not exist
   kOutOfRange,       // a guest access past the virtual disk's end
+  kAlreadyExists,    // a snapshot of that name exists
+  kBusy,             // the object is in use (an open snapshot view)
 };
 
 const char* ErrorCodeName(ErrorCode code);

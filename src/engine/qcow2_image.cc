@@ -263,6 +263,9 @@ Status Qcow2Image::OpenBacking(const OpenOptions& options,
 }
 
 ImageInfo Qcow2Image::info() const {
+  // The header and the snapshot table change under meta_mutex_ (snapshots,
+  // resize, the corrupt bit).
+  std::lock_guard lk(meta_mutex_);
   ImageInfo i;
   i.format = "qcow2";
   i.path = path_;

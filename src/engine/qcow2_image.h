@@ -18,6 +18,8 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
+#include <map>
 #include <set>
 #include <unordered_set>
 #include <memory>
@@ -64,6 +66,9 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   uint64_t size() const override { return size_.load(std::memory_order_acquire); }
   bool read_only() const override { return read_only_; }
   ImageInfo info() const override;
+  // Adds a line to info().warnings; only before the image is shared with
+  // other threads (the opener's note on a repaired dirty image).
+  void AddWarning(std::string warning) { warnings_.push_back(std::move(warning)); }
 
   Status Read(uint64_t offset, std::span<std::byte> buf) override;
   Status Write(uint64_t offset, std::span<const std::byte> data) override;
@@ -71,6 +76,11 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   Status Discard(uint64_t offset, uint64_t length) override;
   Status Flush() override;
   Status Resize(uint64_t new_size) override;
+  Status CreateSnapshot(const std::string& name) override;
+  Status DeleteSnapshot(const std::string& id_or_name) override;
+  Result<std::unique_ptr<Image>> OpenSnapshot(const std::string& id_or_name) override;
+  // Makes the active disk the snapshot's (Image::ApplySnapshot; offline use).
+  Status RevertToSnapshot(const std::string& id_or_name);
   Result<BlockStatus> GetBlockStatus(uint64_t offset, uint64_t length) override;
   Result<BlockStatus> GetDataStatus(uint64_t offset, uint64_t length) override;
   uint64_t AllocatedBytes() const override;
@@ -179,6 +189,44 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   // deallocation). Caller holds discard_lock_ exclusively.
   Status ZeroClustersExclusive(uint64_t first_cluster, uint64_t count,
                                bool discard, bool may_unmap);
+  // Snapshots (qcow2_snapshot.cc). Callers hold meta_mutex_ for *Locked;
+  // every one runs with resize_lock_ held exclusively (no guest writes).
+  struct ClusterRun {
+    uint64_t first = 0;
+    uint64_t count = 0;
+  };
+  // The host clusters an L2 entry holds a reference on.
+  ClusterRun ReferencedClusters(uint64_t word) const;
+  // Reads `entries` big-endian words at `offset` (bounds-checked; fences
+  // the image when they lie outside the file).
+  Result<std::vector<uint64_t>> ReadTableLocked(uint64_t offset, uint64_t entries,
+                                                const char* what);
+  // Calls `fn` for every host cluster the tree of L1 table `l1` reaches
+  // (its L2 tables and what they map), once per reference, reading the
+  // tables from the file (written back before).
+  Status ForEachTreeClusterLocked(const std::vector<uint64_t>& l1, const std::string& whose,
+                                  const std::function<Status(uint64_t)>& fn);
+  // Adds `delta` (+1 or -1) to the refcount of every cluster the tree
+  // reaches; +1 fails with kNoSpace, changing nothing, when a refcount is
+  // at its maximum.
+  Status AddTreeReferencesLocked(const std::vector<uint64_t>& l1, int delta,
+                                 const std::string& whose);
+  // One reference more or less; the last one going punches the cluster.
+  // Dropping needs discard_lock_ held exclusively.
+  Status ChangeReferenceLocked(uint64_t cluster, int delta);
+  // Sets OFLAG_COPIED in the active L1 and L2 entries exactly where the
+  // refcount is 1. May drop meta_mutex_ while loading an L2 table.
+  Status SetCopiedFlagsLocked(std::unique_lock<std::mutex>& lk);
+  // Writes `entries` as a new snapshot table, then the header pointing to
+  // it (the commit point); the old table's clusters are freed later.
+  Status WriteSnapshotTableLocked(std::vector<SnapshotEntry> entries);
+  // Writes metadata back and applies the queued frees. Caller holds
+  // discard_lock_ exclusively, not meta_mutex_.
+  Status ApplyDeferredFreesExclusive();
+  Status RebuildSnapshotL2SetLocked();
+  Status CheckSnapshotsPossible() const;
+  const SnapshotEntry* FindSnapshotLocked(const std::string& id_or_name) const;
+
   // Resize with resize_lock_ held exclusively.
   Status ResizeExclusive(uint64_t new_size);
   // Writes dirty metadata in crash-safe order and syncs the image file.
@@ -208,7 +256,6 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   File* data_file_ = nullptr;  // file_ or owned_data_file_
   std::unique_ptr<Image> backing_;
   std::string backing_resolved_;
-  std::vector<SnapshotEntry> snapshots_;
   std::vector<std::string> warnings_;
   bool read_only_ = true;
   CompressionType compression_ = CompressionType::kZlib;
@@ -225,7 +272,7 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
 
   std::shared_mutex resize_lock_;
   mutable std::shared_mutex discard_lock_;
-  std::mutex meta_mutex_;
+  mutable std::mutex meta_mutex_;
   std::vector<uint64_t> l1_;  // guarded by meta_mutex_
   std::unique_ptr<L2Cache> l2_cache_;  // guarded by meta_mutex_
   std::unique_ptr<Refcounts> refcounts_;  // guarded by meta_mutex_
@@ -248,7 +295,12 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   // Set once corruption is found at run time; read without a lock because
   // it only ever goes from false to true and fences writes.
   std::atomic<bool> fenced_{false};
-  uint64_t snapshot_table_bytes_ = 0;
+  // The snapshot table as on disk; changed only by snapshot operations.
+  std::vector<SnapshotEntry> snapshots_;  // guarded by meta_mutex_
+  uint64_t snapshot_table_bytes_ = 0;     // guarded by meta_mutex_
+  // Snapshot views alive (OpenSnapshot), by snapshot ID: such a snapshot
+  // is not deleted.
+  std::map<std::string, int> open_views_;  // guarded by meta_mutex_
   // Present when opened with OpenOptions::compress; thread-safe itself.
   std::unique_ptr<CompressedWriteCache> compressed_cache_;
 };

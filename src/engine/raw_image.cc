@@ -10,6 +10,10 @@ namespace qcow2fs {
 namespace {
 
 class RawImage final : public Image {
+  static Status NoSnapshots() {
+    return Status(ErrorCode::kUnsupported, "raw images have no internal snapshots");
+  }
+
  public:
   RawImage(std::unique_ptr<File> file, uint64_t size, bool read_only)
       : file_(std::move(file)), size_(size), read_only_(read_only) {}
@@ -82,6 +86,11 @@ class RawImage final : public Image {
     return s;
   }
   uint64_t AllocatedBytes() const override { return file_->AllocatedBytes(); }
+  Status CreateSnapshot(const std::string&) override { return NoSnapshots(); }
+  Status DeleteSnapshot(const std::string&) override { return NoSnapshots(); }
+  Result<std::unique_ptr<Image>> OpenSnapshot(const std::string&) override {
+    return NoSnapshots();
+  }
 
  private:
   Status CheckWrite(uint64_t offset, uint64_t length) const {
