@@ -2,14 +2,52 @@
 #include "engine/image_open.h"
 
 #include <cstring>
+#include <optional>
 
 #include "engine/image_lock.h"
+#include "engine/qcow2_check.h"
 #include "engine/qcow2_image.h"
 #include "io/owner_access.h"
 #include "format/endian.h"
 #include "format/header.h"
 
 namespace qcow2fs {
+namespace {
+
+// A writable open of an image left `dirty` (lazy refcounts, not closed
+// cleanly) repairs its refcounts first, as QEMU does on open: the check
+// with RepairMode::kAll, which clears the dirty bit once the image is
+// consistent. Returns the warning to show, or nothing for a clean image.
+// An image also marked corrupt is left alone (it opens read-only and needs
+// an explicit check -r all); a repair that fails leaves the dirty bit, so
+// the image opens read-only, and says why.
+std::optional<std::string> RepairIfDirty(File& file) {
+  std::byte fields[80];
+  if (!file.ReadAt(0, fields).ok() || LoadBe32(fields + 4) < 3) return std::nullopt;
+  const uint64_t incompatible = LoadBe64(fields + 72);
+  if (!(incompatible & kIncompatDirty) || (incompatible & kIncompatCorrupt)) {
+    return std::nullopt;
+  }
+  CheckOptions options;
+  options.repair = RepairMode::kAll;
+  auto report = CheckQcow2File(file, options);
+  if (!report.ok()) {
+    return "image was not closed cleanly (dirty) and repairing its refcounts failed (" +
+           report.status().ToString() + "); opened read-only";
+  }
+  if (report->corruptions != 0 || report->check_errors != 0) {
+    return "image was not closed cleanly (dirty) and its refcounts could not be fully "
+           "repaired (" +
+           std::to_string(report->corruptions) + " corruptions, " +
+           std::to_string(report->check_errors) +
+           " check errors remain); opened read-only: run 'qcow2fs-img check -r all'";
+  }
+  return "image was not closed cleanly (dirty); refcounts repaired: " +
+         std::to_string(report->leaks_fixed) + " leaks, " +
+         std::to_string(report->corruptions_fixed) + " corruptions fixed";
+}
+
+}  // namespace
 
 FileOpener HostFileOpener(bool direct_io) {
   return [direct_io](const std::string& path, bool writable) {
@@ -38,7 +76,13 @@ Result<std::unique_ptr<Image>> OpenImageFile(std::unique_ptr<File> file,
         file->fd(), path, !options.read_only && !options.snapshot));
   }
   if (is_qcow2 && options.format != "raw") {
-    return Qcow2Image::Open(std::move(file), path, options, opener, chain_depth);
+    std::optional<std::string> repaired;
+    if (!options.read_only && !options.snapshot) repaired = RepairIfDirty(*file);
+    auto image = Qcow2Image::Open(std::move(file), path, options, opener, chain_depth);
+    if (image.ok() && repaired) {
+      static_cast<Qcow2Image*>(image->get())->AddWarning(std::move(*repaired));
+    }
+    return image;
   }
   return OpenRaw(std::move(file), options);
 }
