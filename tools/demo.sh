@@ -9,7 +9,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 "$ROOT/tools/install-deps.sh"
 [[ -f build/meson-private/coredata.dat ]] || meson setup build >/dev/null
-ninja -C build -j2 fuse/mount.qcow2fs tools/qcow2fs-inspect >/dev/null
+ninja -C build -j2 fuse/mount.qcow2fs tools/qcow2fs-img >/dev/null
 MOUNT="$ROOT/build/fuse/mount.qcow2fs"
 
 work=$(mktemp -d /tmp/qcow2fs-demo.XXXXXX)

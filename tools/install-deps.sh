@@ -31,6 +31,8 @@ PACKAGES=(
   coreutils diffutils findutils mawk grep sed tar
   # tests, benchmarks and tools/bench/report.py
   python3
+  # tests/tool/img_cli.sh: compares qcow2fs-img's JSON with qemu-img's
+  jq
   # benchmarks: fio, qemu-storage-daemon (QEMU's FUSE export), gnuplot for
   # the chart, git for the commit named in the results
   fio qemu-system-common gnuplot-nox git
@@ -44,7 +46,7 @@ COMMANDS=(
   mount umount losetup findmnt flock fallocate unshare runuser blockdev
   fstrim dmesg mountpoint mkfs.ext4 fsck.ext4 debugfs chattr pgrep timeout
   numfmt sha256sum truncate cmp diff find xargs awk grep sed tar python3
-  fio qemu-storage-daemon gnuplot git
+  fio qemu-storage-daemon gnuplot git jq
 )
 
 check_commands() {

@@ -94,10 +94,12 @@ stage_asan() {
   meson_setup build-asan -Dbuildtype=debugoptimized -Dtests=true -Dfuzzer=false \
     -Db_sanitize=address,undefined -Db_lundef=false -Dwerror=true \
     -Dcpp_args=-fno-sanitize-recover=all -Dcpp_link_args=-fno-sanitize-recover=all
-  # Only the test programs: the daemon and tools run from the release
-  # build in the mount stage, so compiling them again here buys nothing.
+  # Only the test programs: the daemon runs from the release build in the
+  # mount stage, so compiling it again here buys nothing. qcow2fs-img is
+  # what the img_cli test runs, so it is built (and checked) here too.
   local targets
-  targets=$(ninja -C build-asan -t targets all | awk -F: '/^(tests|fuse)\/[a-z_]+_test:/ { print $1 }')
+  targets=$(ninja -C build-asan -t targets all |
+            awk -F: '/^((tests|fuse)\/[a-z_]+_test|tools\/qcow2fs-img):/ { print $1 }')
   [[ -n $targets ]] || { echo "no test targets found in build-asan"; return 1; }
   # shellcheck disable=SC2086
   ninja -C build-asan -j "$JOBS" $targets
