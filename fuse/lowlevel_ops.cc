@@ -26,13 +26,6 @@
 namespace qcow2fs::fusefs {
 namespace {
 
-// The kernel may cache the one name forever: it never changes. Attributes
-// are cached briefly so that st_blocks follows the image as it fills up;
-// sizes the kernel cannot know about do not exist, since every resize goes
-// through this daemon and is answered with fresh attributes.
-constexpr double kEntryTimeout = 86400.0;
-constexpr double kAttrTimeout = 1.0;
-
 RawFileFs& Fs(fuse_req_t req) {
   return *static_cast<RawFileFs*>(fuse_req_userdata(req));
 }
@@ -83,56 +76,89 @@ void OnDestroy(void* userdata) noexcept {
   });
 }
 
+// An Entry as libfuse sends it.
+fuse_entry_param EntryParam(const Entry& entry) {
+  fuse_entry_param param{};
+  param.ino = entry.ino;
+  param.generation = entry.generation;
+  param.attr = entry.attr;
+  param.attr_timeout = entry.attr_timeout;
+  param.entry_timeout = entry.entry_timeout;
+  return param;
+}
+
 void OnLookup(fuse_req_t req, fuse_ino_t parent, const char* name) noexcept {
-  fuse_entry_param entry{};
-  int err = Guarded(
-      [&] { return Fs(req).Lookup(parent, name, entry.attr, entry.ino); });
+  Entry entry;
+  int err = Guarded([&] { return Fs(req).Lookup(parent, name, entry); });
   Trace(req, "LOOKUP", err, "parent=%" PRIu64 " name=%s", Ino(parent), name);
   if (err != 0) {
     fuse_reply_err(req, err);
     return;
   }
-  entry.attr_timeout = kAttrTimeout;
-  entry.entry_timeout = kEntryTimeout;
-  fuse_reply_entry(req, &entry);
+  fuse_entry_param param = EntryParam(entry);
+  fuse_reply_entry(req, &param);
 }
 
 void OnGetAttr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) noexcept {
   struct stat attr;
-  int err = Guarded([&] { return Fs(req).GetAttr(ino, attr); });
+  double timeout = 0;
+  int err = Guarded([&] { return Fs(req).GetAttr(ino, attr, timeout); });
   Trace(req, "GETATTR", err, "ino=%" PRIu64, Ino(ino));
   if (err != 0) {
     fuse_reply_err(req, err);
     return;
   }
-  fuse_reply_attr(req, &attr, kAttrTimeout);
+  fuse_reply_attr(req, &attr, timeout);
 }
 
 void OnSetAttr(fuse_req_t req, fuse_ino_t ino, struct stat* wanted, int to_set,
                fuse_file_info*) noexcept {
   struct stat attr;
-  int err =
-      Guarded([&] { return Fs(req).SetAttr(ino, *wanted, to_set, attr); });
+  double timeout = 0;
+  int err = Guarded(
+      [&] { return Fs(req).SetAttr(ino, *wanted, to_set, attr, timeout); });
   Trace(req, "SETATTR", err, "ino=%" PRIu64 " to_set=0x%x size=%jd", Ino(ino),
         static_cast<unsigned>(to_set), Off(wanted->st_size));
   if (err != 0) {
     fuse_reply_err(req, err);
     return;
   }
-  fuse_reply_attr(req, &attr, kAttrTimeout);
+  fuse_reply_attr(req, &attr, timeout);
+}
+
+// mkdir .snapshots/NAME takes a snapshot, answered like a LOOKUP of it.
+void OnMkdir(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode) noexcept {
+  Entry entry;
+  int err = Guarded([&] { return Fs(req).Mkdir(parent, name, entry); });
+  Trace(req, "MKDIR", err, "parent=%" PRIu64 " name=%s mode=0%o", Ino(parent), name,
+        static_cast<unsigned>(mode));
+  if (err != 0) {
+    fuse_reply_err(req, err);
+    return;
+  }
+  fuse_entry_param param = EntryParam(entry);
+  fuse_reply_entry(req, &param);
+}
+
+void OnRmdir(fuse_req_t req, fuse_ino_t parent, const char* name) noexcept {
+  int err = Guarded([&] { return Fs(req).Rmdir(parent, name); });
+  Trace(req, "RMDIR", err, "parent=%" PRIu64 " name=%s", Ino(parent), name);
+  fuse_reply_err(req, err);
 }
 
 void OnOpen(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) noexcept {
-  int err = Guarded([&] { return Fs(req).Open(ino, fi->flags); });
+  uint64_t handle = 0;
+  int err = Guarded([&] { return Fs(req).Open(ino, fi->flags, handle); });
   Trace(req, "OPEN", err, "ino=%" PRIu64 " flags=0%o", Ino(ino),
         static_cast<unsigned>(fi->flags));
   if (err != 0) {
     fuse_reply_err(req, err);
     return;
   }
+  fi->fh = handle;
   // Only this daemon changes the image, and the kernel drops the pages
   // that a direct write, hole punch or truncate makes stale; what is cached
-  // from an earlier open is still right.
+  // from an earlier open is still right. A snapshot's pages never go stale.
   fi->keep_cache = 1;
   // Closing needs no round trip, unless FLUSH may have a failed queued
   // write or background commit to report to a writer.
@@ -141,11 +167,11 @@ void OnOpen(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) noexcept {
 }
 
 void OnRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
-            fuse_file_info*) noexcept {
+            fuse_file_info* fi) noexcept {
   ReadBuffer data;
   int err = Guarded([&] {
     return off < 0 ? EINVAL
-                   : Fs(req).Read(ino, static_cast<uint64_t>(off), size, data);
+                   : Fs(req).Read(ino, fi->fh, static_cast<uint64_t>(off), size, data);
   });
   Trace(req, "READ", err, "off=%jd size=%zu got=%zu", Off(off), size,
         data.size);
@@ -180,17 +206,21 @@ void OnWrite(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size,
 // durability; fsync() does. It waits for the write-behind queue and reports
 // a queued write or background commit that failed, so that a writer that
 // never fsyncs (cp) learns of it, as NFS reports write-back errors at
-// close. RELEASE and RELEASEDIR have nothing to do: there is no per-open
-// state.
+// close. RELEASE closes a snapshot's view with its last handle;
+// RELEASEDIR has nothing to do.
 void OnFlush(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) noexcept {
   int err = Guarded([&] { return Fs(req).Flush(ino); });
   Trace(req, "FLUSH", err, "ino=%" PRIu64, Ino(ino));
   fuse_reply_err(req, err);
 }
 
-void OnRelease(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) noexcept {
-  Trace(req, "RELEASE", 0, "ino=%" PRIu64, Ino(ino));
-  fuse_reply_err(req, 0);
+void OnRelease(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) noexcept {
+  int err = Guarded([&] {
+    Fs(req).Release(ino, fi->fh);
+    return 0;
+  });
+  Trace(req, "RELEASE", err, "ino=%" PRIu64, Ino(ino));
+  fuse_reply_err(req, err);
 }
 
 void OnFsync(fuse_req_t req, fuse_ino_t ino, int datasync,
@@ -203,13 +233,14 @@ void OnFsync(fuse_req_t req, fuse_ino_t ino, int datasync,
 }
 
 void OnOpenDir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) noexcept {
-  int err = Guarded([&] { return Fs(req).OpenDir(ino); });
+  bool cache_listing = false;
+  int err = Guarded([&] { return Fs(req).OpenDir(ino, cache_listing); });
   Trace(req, "OPENDIR", err, "ino=%" PRIu64, Ino(ino));
   if (err != 0) {
     fuse_reply_err(req, err);
     return;
   }
-  fi->cache_readdir = 1;  // the listing never changes
+  fi->cache_readdir = cache_listing ? 1 : 0;
   fuse_reply_open(req, fi);
 }
 
@@ -222,14 +253,14 @@ void OnReadDir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     if (int e = Fs(req).ReadDir(ino, entries)) return e;
     if (off < 0) return EINVAL;
     buf.resize(size);
-    // An entry's offset is the cookie of the entry after it.
-    for (size_t i = static_cast<size_t>(off); i < entries.size(); ++i) {
+    // Resumes after the last entry sent (see DirEntry).
+    for (const DirEntry& entry : entries) {
+      if (entry.cookie <= static_cast<uint64_t>(off)) continue;
       struct stat attr {};
-      attr.st_ino = entries[i].ino;
-      attr.st_mode = entries[i].type;
-      size_t needed =
-          fuse_add_direntry(req, buf.data() + used, size - used,
-                            entries[i].name, &attr, static_cast<off_t>(i + 1));
+      attr.st_ino = entry.ino;
+      attr.st_mode = entry.type;
+      size_t needed = fuse_add_direntry(req, buf.data() + used, size - used, entry.name.c_str(),
+                                        &attr, static_cast<off_t>(entry.cookie));
       if (needed > size - used) break;
       used += needed;
     }
@@ -249,9 +280,12 @@ void OnReleaseDir(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) noexcept {
   fuse_reply_err(req, 0);
 }
 
+// Commits on .snapshots (a snapshot just taken or dropped reaches the
+// disk); the other directories have no state to write.
 void OnFsyncDir(fuse_req_t req, fuse_ino_t ino, int, fuse_file_info*) noexcept {
-  Trace(req, "FSYNCDIR", 0, "ino=%" PRIu64, Ino(ino));
-  fuse_reply_err(req, 0);  // the directory has no state to write
+  int err = Guarded([&] { return Fs(req).FsyncDir(ino); });
+  Trace(req, "FSYNCDIR", err, "ino=%" PRIu64, Ino(ino));
+  fuse_reply_err(req, err);
 }
 
 void OnStatFs(fuse_req_t req, fuse_ino_t ino) noexcept {
@@ -278,12 +312,11 @@ void OnFallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
 }
 
 void OnLseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
-             fuse_file_info*) noexcept {
+             fuse_file_info* fi) noexcept {
   uint64_t result = 0;
   int err = Guarded([&] {
-    return off < 0
-               ? ENXIO
-               : Fs(req).Lseek(ino, static_cast<uint64_t>(off), whence, result);
+    return off < 0 ? ENXIO
+                   : Fs(req).Lseek(ino, fi->fh, static_cast<uint64_t>(off), whence, result);
   });
   Trace(req, "LSEEK", err, "off=%jd whence=%s -> %" PRIu64, Off(off),
         whence == SEEK_DATA   ? "DATA"
@@ -307,6 +340,8 @@ const fuse_lowlevel_ops& LowLevelOps() {
     table.lookup = OnLookup;
     table.getattr = OnGetAttr;
     table.setattr = OnSetAttr;
+    table.mkdir = OnMkdir;
+    table.rmdir = OnRmdir;
     table.open = OnOpen;
     table.read = OnRead;
     table.write = OnWrite;

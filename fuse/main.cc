@@ -397,6 +397,7 @@ int Run(const CommandLine& line) {
   // Compressed writes are staged by the core already.
   config.write_behind_bytes = options.compress ? 0 : options.write_behind_bytes;
   config.commit_interval = std::chrono::seconds(options.commit_seconds);
+  config.snapshot_dir = !options.snapshot.has_value();
   RawFileFs fs(*image, image_path_fd.get(), config);
 
   Result<std::unique_ptr<FuseSession>> created = FuseSession::Create(

@@ -1,5 +1,6 @@
 // The semantics of the one-file file system: sizes, permissions, holes and
-// what each write-like operation means for the image. See raw_file_fs.h.
+// what each write-like operation means for the image, and which requests go
+// to .snapshots/ (snapshot_dir.h). See raw_file_fs.h.
 #include "raw_file_fs.h"
 
 #include <fcntl.h>
@@ -80,6 +81,57 @@ std::unique_ptr<SpaceBank> MakeSpaceBank(const Image& image, const FsConfig& con
   return std::move(bank).value();
 }
 
+// SEEK_DATA or SEEK_HOLE from `offset` on, through the image's block status.
+int SeekDataOrHole(Image& image, uint64_t offset, int whence, uint64_t& result) {
+  const uint64_t disk_size = image.size();
+  if (offset >= disk_size) return ENXIO;
+  uint64_t position = offset;
+  while (position < disk_size) {
+    Result<BlockStatus> status = image.GetDataStatus(position, disk_size - position);
+    if (!status.ok()) return ErrnoFrom(status.status(), "block status", position);
+    // Through the backing chain: a hole is where every layer reads zeros,
+    // as qemu-img map shows, so that cp --sparse keeps a copy sparse.
+    bool hole = status->kind == BlockKind::kZero;
+    bool found = whence == SEEK_DATA ? !hole : hole;
+    if (found) {
+      result = position;
+      return 0;
+    }
+    if (status->length == 0) {
+      Log(LOG_ERR, "block status at guest offset %" PRIu64 " returned an empty extent",
+          position);
+      return EIO;
+    }
+    position += std::min(status->length, disk_size - position);
+  }
+  // No data after offset; the end of the file counts as a hole.
+  if (whence == SEEK_DATA) return ENXIO;
+  result = disk_size;
+  return 0;
+}
+
+// The .snapshots directory, unless the mount is a snapshot itself or the
+// disk's own file is named like the directory (then it wins, said once).
+std::unique_ptr<SnapshotDir> MakeSnapshotDir(Image& image, int image_path_fd,
+                                             const FsConfig& config, uint32_t block_size) {
+  if (!config.snapshot_dir) return nullptr;
+  if (config.file_name == SnapshotDir::kDirName) {
+    Log(LOG_WARNING, "the disk is named %s: snapshots are not shown",
+        config.file_name.c_str());
+    return nullptr;
+  }
+  return std::make_unique<SnapshotDir>(image, image_path_fd, config.file_name,
+                                       config.read_only, block_size);
+}
+
+// Kernel cache lifetimes of the live disk and the root (seconds). The one
+// name may be cached forever: it never changes. Attributes briefly, so that
+// st_blocks follows the image as it fills up; sizes the kernel cannot know
+// about do not exist, since every resize goes through this daemon and is
+// answered with fresh attributes.
+constexpr double kEntryTimeout = 86400.0;
+constexpr double kAttrTimeout = 1.0;
+
 }  // namespace
 
 RawFileFs::RawFileFs(Image& image, int image_path_fd, FsConfig config)
@@ -105,6 +157,7 @@ RawFileFs::RawFileFs(Image& image, int image_path_fd, FsConfig config)
                                    });
                                  },
                                  config_.write_behind_bytes, kMaxWrite, 2, bank_.get())),
+      snapshots_(MakeSnapshotDir(image, image_path_fd, config_, block_size_)),
       commits_(!config_.read_only && config_.commit_interval.count() > 0) {
   if (commits_) {
     committer_ = std::thread([this] { CommitLoop(); });
@@ -259,6 +312,9 @@ void RawFileFs::ConfigureConnection(fuse_conn_info& conn) const noexcept {
 }
 
 void RawFileFs::Shutdown() {
+  // No request runs any more: views left open (files still open at a lazy
+  // unmount) close now, before the image does.
+  if (snapshots_) snapshots_->CloseAll();
   // First, so that no commit runs during or after the last one.
   StopCommits();
   if (config_.read_only) return;
@@ -280,15 +336,21 @@ void RawFileFs::Shutdown() {
   }
 }
 
-int RawFileFs::Lookup(fuse_ino_t parent, std::string_view name,
-                      struct stat& attr, fuse_ino_t& ino) const {
+int RawFileFs::Lookup(fuse_ino_t parent, std::string_view name, Entry& out) {
+  if (InSnapshots(parent)) return snapshots_->Lookup(parent, name, out);
   if (parent != kRootIno) return parent == kFileIno ? ENOTDIR : ENOENT;
+  if (snapshots_ && name == SnapshotDir::kDirName) return snapshots_->RootEntry(out);
   if (name != config_.file_name) return ENOENT;
-  ino = kFileIno;
-  return FileAttr(attr);
+  out = Entry{};
+  out.ino = kFileIno;
+  out.entry_timeout = kEntryTimeout;
+  out.attr_timeout = kAttrTimeout;
+  return FileAttr(out.attr);
 }
 
-int RawFileFs::GetAttr(fuse_ino_t ino, struct stat& attr) const {
+int RawFileFs::GetAttr(fuse_ino_t ino, struct stat& attr, double& attr_timeout) {
+  if (InSnapshots(ino)) return snapshots_->GetAttr(ino, attr, attr_timeout);
+  attr_timeout = kAttrTimeout;
   if (ino == kRootIno) return RootAttr(attr);
   if (ino == kFileIno) return FileAttr(attr);
   return ENOENT;
@@ -323,7 +385,7 @@ int RawFileFs::RootAttr(struct stat& attr) const {
   attr.st_ino = kRootIno;
   // Nobody can create entries here, so the directory is never writable.
   attr.st_mode = S_IFDIR | 0555;
-  attr.st_nlink = 2;
+  attr.st_nlink = snapshots_ ? 3 : 2;
   attr.st_uid = host.st_uid;
   attr.st_gid = host.st_gid;
   attr.st_atim = host.st_atim;
@@ -333,13 +395,21 @@ int RawFileFs::RootAttr(struct stat& attr) const {
 }
 
 int RawFileFs::CheckWritable(fuse_ino_t ino) const {
+  if (InSnapshots(ino)) return SnapshotDir::IsFile(ino) ? EROFS : EISDIR;
   if (ino == kRootIno) return EISDIR;
   if (ino != kFileIno) return ENOENT;
   return config_.read_only ? EROFS : 0;
 }
 
 int RawFileFs::SetAttr(fuse_ino_t ino, const struct stat& wanted, int to_set,
-                       struct stat& attr) {
+                       struct stat& attr, double& attr_timeout) {
+  if (InSnapshots(ino)) {
+    if (to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) return EPERM;
+    if (to_set & FUSE_SET_ATTR_SIZE) return CheckWritable(ino);
+    // Times: accepted without effect, as on the live disk.
+    return snapshots_->GetAttr(ino, attr, attr_timeout);
+  }
+  attr_timeout = kAttrTimeout;
   if (ino != kFileIno) return ino == kRootIno ? EPERM : ENOENT;
   // Owner and mode mirror the image file; change them there.
   if (to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) {
@@ -368,7 +438,9 @@ int RawFileFs::Resize(uint64_t new_size) {
                    new_size);
 }
 
-int RawFileFs::Open(fuse_ino_t ino, int flags) const {
+int RawFileFs::Open(fuse_ino_t ino, int flags, uint64_t& handle) {
+  handle = 0;
+  if (InSnapshots(ino)) return snapshots_->Open(ino, flags, handle);
   if (ino == kRootIno) return EISDIR;
   if (ino != kFileIno) return ENOENT;
   if ((flags & O_ACCMODE) != O_RDONLY && config_.read_only) return EROFS;
@@ -377,25 +449,56 @@ int RawFileFs::Open(fuse_ino_t ino, int flags) const {
   return 0;
 }
 
-int RawFileFs::OpenDir(fuse_ino_t ino) const {
+void RawFileFs::Release(fuse_ino_t ino, uint64_t handle) {
+  if (InSnapshots(ino) && SnapshotDir::IsFile(ino)) snapshots_->Release(handle);
+}
+
+int RawFileFs::OpenDir(fuse_ino_t ino, bool& cache_listing) const {
+  // The root's listing never changes; .snapshots' does, and is cheap to
+  // make again; a snapshot's own directory never changes either.
+  cache_listing = ino != SnapshotDir::kDirIno;
+  if (InSnapshots(ino)) return snapshots_->OpenDir(ino);
   if (ino == kFileIno) return ENOTDIR;
   return ino == kRootIno ? 0 : ENOENT;
 }
 
-int RawFileFs::ReadDir(fuse_ino_t ino, std::vector<DirEntry>& entries) const {
-  if (int err = OpenDir(ino)) return err;
+int RawFileFs::ReadDir(fuse_ino_t ino, std::vector<DirEntry>& entries) {
+  if (InSnapshots(ino)) return snapshots_->ReadDir(ino, entries);
+  bool cache_listing;
+  if (int err = OpenDir(ino, cache_listing)) return err;
   entries = {
-      {".", kRootIno, S_IFDIR},
-      {"..", kRootIno, S_IFDIR},
-      {config_.file_name.c_str(), kFileIno, S_IFREG},
+      {".", kRootIno, S_IFDIR, 1},
+      {"..", kRootIno, S_IFDIR, 2},
+      {config_.file_name, kFileIno, S_IFREG, 3},
   };
+  if (snapshots_) {
+    entries.push_back({std::string(SnapshotDir::kDirName), SnapshotDir::kDirIno, S_IFDIR, 4});
+  }
   return 0;
 }
 
-int RawFileFs::Read(fuse_ino_t ino, uint64_t offset, size_t size,
+int RawFileFs::Read(fuse_ino_t ino, uint64_t handle, uint64_t offset, size_t size,
                     ReadBuffer& out) {
-  if (ino != kFileIno) return ino == kRootIno ? EISDIR : ENOENT;
   out.size = 0;
+  if (InSnapshots(ino)) {
+    if (!SnapshotDir::IsFile(ino)) return EISDIR;
+    // A snapshot never changes: no queue to wait for, and the kernel's
+    // page cache and read-ahead serve repeated and sequential reads.
+    Image& view = SnapshotDir::ViewOf(handle);
+    const uint64_t view_size = view.size();
+    if (offset >= view_size || size == 0) return 0;
+    const size_t length =
+        static_cast<size_t>(std::min<uint64_t>({size, view_size - offset, kMaxWrite}));
+    std::byte* buffer = ThreadReadBuffer();
+    if (buffer == nullptr) return ENOMEM;
+    if (Status status = view.Read(offset, std::span(buffer, length)); !status.ok()) {
+      return ErrnoFrom(status, "snapshot read", offset);
+    }
+    out.data = buffer;
+    out.size = length;
+    return 0;
+  }
+  if (ino != kFileIno) return ino == kRootIno ? EISDIR : ENOENT;
   uint64_t disk_size = image_.size();
   if (offset >= disk_size || size == 0) return 0;  // EOF
   // The kernel never asks for more than max_write (it is also the read
@@ -443,6 +546,7 @@ int RawFileFs::Write(fuse_ino_t ino, uint64_t offset,
 }
 
 int RawFileFs::Fsync(fuse_ino_t ino) {
+  if (InSnapshots(ino)) return 0;  // nothing of a snapshot is ever dirty
   if (ino != kFileIno) return ino == kRootIno ? 0 : ENOENT;
   if (config_.read_only) return 0;
   // A queued write that failed is reported here, as the page cache reports
@@ -515,44 +619,64 @@ int RawFileFs::Fallocate(fuse_ino_t ino, int mode, uint64_t offset,
   return 0;
 }
 
-int RawFileFs::Lseek(fuse_ino_t ino, uint64_t offset, int whence,
+int RawFileFs::Lseek(fuse_ino_t ino, uint64_t handle, uint64_t offset, int whence,
                      uint64_t& result) {
-  if (ino != kFileIno) return ino == kRootIno ? EISDIR : ENOENT;
   if (whence != SEEK_DATA && whence != SEEK_HOLE) return EINVAL;
-  uint64_t disk_size = image_.size();
+  if (InSnapshots(ino)) {
+    if (!SnapshotDir::IsFile(ino)) return EISDIR;
+    return SeekDataOrHole(SnapshotDir::ViewOf(handle), offset, whence, result);
+  }
+  if (ino != kFileIno) return ino == kRootIno ? EISDIR : ENOENT;
+  const uint64_t disk_size = image_.size();
   if (offset >= disk_size) return ENXIO;
   WaitForQueued(offset, disk_size - offset);
-  uint64_t position = offset;
-  while (position < disk_size) {
-    Result<BlockStatus> status =
-        image_.GetDataStatus(position, disk_size - position);
-    if (!status.ok())
-      return ErrnoFrom(status.status(), "block status", position);
-    // Through the backing chain: a hole is where every layer reads zeros,
-    // as qemu-img map shows, so that cp --sparse keeps a copy sparse.
-    bool hole = status->kind == BlockKind::kZero;
-    bool found = whence == SEEK_DATA ? !hole : hole;
-    if (found) {
-      result = position;
-      return 0;
-    }
-    if (status->length == 0) {
-      Log(LOG_ERR,
-          "block status at guest offset %" PRIu64 " returned an empty extent",
-          position);
-      return EIO;
-    }
-    position += std::min(status->length, disk_size - position);
-  }
-  // No data after offset; the end of the file counts as a hole.
-  if (whence == SEEK_DATA) return ENXIO;
-  result = disk_size;
-  return 0;
+  return SeekDataOrHole(image_, offset, whence, result);
 }
 
 int RawFileFs::StatFs(struct statvfs& out) const {
   // The space that matters is the host's, where the image grows.
   if (fstatvfs(image_path_fd_, &out) != 0) return errno;
+  return 0;
+}
+
+int RawFileFs::Mkdir(fuse_ino_t parent, std::string_view name, Entry& out) {
+  if (parent == kFileIno || (InSnapshots(parent) && SnapshotDir::IsFile(parent))) return ENOTDIR;
+  // Only snapshots can be made, and only in .snapshots.
+  if (!snapshots_ || parent != SnapshotDir::kDirIno) return EPERM;
+  if (config_.read_only) return EROFS;
+  // Before any work: taking a snapshot flushes the image.
+  if (snapshots_->Shows(name)) return EEXIST;
+  // Every write acknowledged before this mkdir is in the image or queued;
+  // draining the queue and flushing puts it all in the image, and on disk.
+  // Writes that arrive meanwhile may or may not make it into the snapshot:
+  // they were not acknowledged when mkdir started.
+  Status committed = Commit();
+  if (!committed.ok()) return ErrnoFrom(committed, "writing out before a snapshot", 0);
+  int err = snapshots_->Take(name, out);
+  Changed();  // the snapshot table and refcounts: the next commit covers them
+  return err;
+}
+
+int RawFileFs::Rmdir(fuse_ino_t parent, std::string_view name) {
+  if (parent == kRootIno) {
+    if (name == config_.file_name) return ENOTDIR;
+    return snapshots_ && name == SnapshotDir::kDirName ? EPERM : ENOENT;
+  }
+  if (!InSnapshots(parent)) return parent == kFileIno ? ENOTDIR : ENOENT;
+  if (SnapshotDir::IsFile(parent)) return ENOTDIR;
+  // Inside a snapshot's directory: only its file is there.
+  if (parent != SnapshotDir::kDirIno) return name == config_.file_name ? ENOTDIR : ENOENT;
+  if (config_.read_only) return EROFS;
+  int err = snapshots_->Drop(name);
+  if (err == 0) Changed();
+  return err;
+}
+
+int RawFileFs::FsyncDir(fuse_ino_t ino) {
+  if (ino != SnapshotDir::kDirIno || !snapshots_ || config_.read_only) return 0;
+  Status status = Commit();
+  if (int background = TakeCommitError(fsync_error_)) return background;
+  if (!status.ok()) return ErrnoFrom(status, "fsync", 0);
   return 0;
 }
 

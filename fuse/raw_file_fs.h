@@ -1,5 +1,6 @@
 // The file system a mount shows: a root directory holding one regular file
-// whose bytes are the image's guest disk.
+// whose bytes are the image's guest disk, and the hidden directory
+// .snapshots/ with each internal snapshot's disk (snapshot_dir.h).
 //
 // This is the "what", free of the FUSE wire protocol: every operation is a
 // work function that returns 0 or an errno and fills plain outputs. The
@@ -42,8 +43,10 @@
 #include <thread>
 #include <vector>
 
+#include "fs_types.h"
 #include "qcow2fs/image.h"
 #include "read_ahead.h"
+#include "snapshot_dir.h"
 #include "write_behind.h"
 
 namespace qcow2fs::fusefs {
@@ -63,12 +66,10 @@ struct FsConfig {
   // async direct I/O) it may have outstanding. Matches the request pool's
   // capacity so the kernel queues what the pool could not take anyway.
   unsigned max_background = 16;
-};
-
-struct DirEntry {
-  const char* name;
-  fuse_ino_t ino;
-  mode_t type;  // S_IFDIR or S_IFREG
+  // Whether the root shows .snapshots/. Not when the mount is a snapshot
+  // itself (-o snapshot=): its image is that snapshot's read-only view,
+  // which has no snapshots of its own to show or take.
+  bool snapshot_dir = true;
 };
 
 // A read's result: the bytes to send, valid until the ReadBuffer dies and
@@ -119,16 +120,19 @@ class RawFileFs {
   // commits.
   bool WantsFlush(int flags) const;
 
-  int Lookup(fuse_ino_t parent, std::string_view name, struct stat& attr,
-             fuse_ino_t& ino) const;
-  int GetAttr(fuse_ino_t ino, struct stat& attr) const;
+  // Attributes come with how long the kernel may cache them (seconds).
+  int Lookup(fuse_ino_t parent, std::string_view name, Entry& out);
+  int GetAttr(fuse_ino_t ino, struct stat& attr, double& attr_timeout);
   // Applies the parts of a setattr named by `to_set` (FUSE_SET_ATTR_*).
   int SetAttr(fuse_ino_t ino, const struct stat& wanted, int to_set,
-              struct stat& attr);
-  int Open(fuse_ino_t ino, int flags) const;
-  int OpenDir(fuse_ino_t ino) const;
-  int ReadDir(fuse_ino_t ino, std::vector<DirEntry>& entries) const;
-  int Read(fuse_ino_t ino, uint64_t offset, size_t size, ReadBuffer& out);
+              struct stat& attr, double& attr_timeout);
+  // `handle` is what Read, Lseek and Release get back for this open.
+  int Open(fuse_ino_t ino, int flags, uint64_t& handle);
+  void Release(fuse_ino_t ino, uint64_t handle);
+  // `cache_listing`: whether the kernel may keep the listing it read.
+  int OpenDir(fuse_ino_t ino, bool& cache_listing) const;
+  int ReadDir(fuse_ino_t ino, std::vector<DirEntry>& entries);
+  int Read(fuse_ino_t ino, uint64_t handle, uint64_t offset, size_t size, ReadBuffer& out);
   int Write(fuse_ino_t ino, uint64_t offset, std::span<const std::byte> data,
             size_t& written);
   int Fsync(fuse_ino_t ino);
@@ -138,12 +142,23 @@ class RawFileFs {
   // durability; fsync does).
   int Flush(fuse_ino_t ino);
   int Fallocate(fuse_ino_t ino, int mode, uint64_t offset, uint64_t length);
-  int Lseek(fuse_ino_t ino, uint64_t offset, int whence, uint64_t& result);
+  int Lseek(fuse_ino_t ino, uint64_t handle, uint64_t offset, int whence, uint64_t& result);
   int StatFs(struct statvfs& out) const;
+  // mkdir .snapshots/NAME takes a snapshot: after the write-behind queue is
+  // drained and the image flushed, so that every write acknowledged before
+  // the mkdir is in it. mkdir anywhere else: EPERM.
+  int Mkdir(fuse_ino_t parent, std::string_view name, Entry& out);
+  // rmdir .snapshots/NAME drops a snapshot (EBUSY while its file is open).
+  int Rmdir(fuse_ino_t parent, std::string_view name);
+  // fsync of a directory: on .snapshots, what fsync of the disk does, so
+  // that a snapshot just taken or dropped is on disk when it returns.
+  int FsyncDir(fuse_ino_t ino);
 
  private:
   int FileAttr(struct stat& attr) const;
   int RootAttr(struct stat& attr) const;
+  // Whether `ino` belongs to .snapshots/ (which then exists).
+  bool InSnapshots(fuse_ino_t ino) const { return snapshots_ && SnapshotDir::Owns(ino); }
   int CheckWritable(fuse_ino_t ino) const;
   int Resize(uint64_t new_size);
   // Waits for queued writes overlapping the range (everything: length 0).
@@ -187,6 +202,8 @@ class RawFileFs {
   // compressed writes, write-behind=0, images with an external data file,
   // hosts where no space bank can be made).
   const std::unique_ptr<WriteBehind> write_behind_;
+  // Null when the root shows no .snapshots/ (FsConfig::snapshot_dir).
+  const std::unique_ptr<SnapshotDir> snapshots_;
 
   // Changes counted by Changed(), and how many of them the last successful
   // commit or fsync covered: equal means there is nothing to commit.
