@@ -49,39 +49,6 @@ namespace {
 constexpr int kUsageError = 1;
 constexpr int kMountFailure = 32;
 
-constexpr const char kUsage[] =
-    "usage: mount.qcow2fs [-f] [-d] [-o OPTION[,OPTION...]] IMAGE MOUNTDIR\n"
-    "\n"
-    "Mounts the qcow2 image IMAGE on MOUNTDIR as a file system holding one\n"
-    "file, the image's guest disk (IMAGE's name with the extension .raw).\n"
-    "\n"
-    "  -f            stay in the foreground, log to stderr\n"
-    "  -d            log every request\n"
-    "  -o OPTIONS    comma-separated options:\n"
-    "     ro, rw                read-only or read-write (default rw)\n"
-    "     cache-size=SIZE       L2 table cache (K, M, G suffixes)\n"
-    "     compress-cache-size=SIZE  memory for staging compressed writes\n"
-    "     write-behind=SIZE     large writes queued ahead of the image (0: off)\n"
-    "     commit=SECONDS        commit what fsync would at least this often\n"
-    "                           (default 5; 0: only at fsync and unmount)\n"
-    "     threads=N             worker threads\n"
-    "     discard=on|off        let hole punching free image space\n"
-    "     host-cache=on|off     large transfers through the host page cache\n"
-    "                           (default off: O_DIRECT where aligned)\n"
-    "     compress=zlib|zstd    store newly written clusters compressed\n"
-    "     lock=on|off           lock the image (off needs ro)\n"
-    "     snapshot=ID|NAME      mount an internal snapshot (read-only)\n"
-    "     filename=NAME         name of the file in the mount\n"
-    "     log=FILE              append messages to FILE (instead of syslog)\n"
-    "     allow_other           let other users in (file mode still applies)\n"
-    "     nonempty              mount even if MOUNTDIR already is a mount point\n"
-    "     create,size=SIZE[,cluster_size=SIZE][,compression_type=zlib|zstd]\n"
-    "       [,backing=FILE][,backing_fmt=qcow2|raw]\n"
-    "                           create IMAGE first if it does not exist\n"
-    "     and the usual mount options (nosuid, nodev, noexec, noatime, ...)\n"
-    "\n"
-    "See mount.qcow2fs(8).\n";
-
 // A file descriptor closed on scope exit.
 class UniqueFd {
  public:
@@ -459,7 +426,7 @@ int Main(int argc, char** argv) {
     return kUsageError;
   }
   if (parsed->help) {
-    std::fputs(kUsage, stdout);
+    std::fputs(UsageText().c_str(), stdout);
     return 0;
   }
   if (parsed->version) {

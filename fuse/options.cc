@@ -79,10 +79,29 @@ struct ParseState {
 using Handler = std::function<Status(std::string_view value,
                                      MountOptions& options, ParseState& state)>;
 
+// Whether an option is for every mount or only describes the image that
+// `create` makes (refused without create); a required one is listed
+// without brackets in the usage text.
+enum class Use { kMount, kCreateRequired, kCreateOptional };
+
+// One -o option: how it is spelled, parsed and described. The table below
+// is the only list of options: parsing, the create-only check, the usage
+// text and the typo suggestions all read it.
 struct OptionSpec {
   std::string_view name;
-  bool takes_value;
+  // Placeholder of the value in the usage text ("SIZE", "on|off"); empty
+  // for an option that takes no value.
+  std::string_view value;
+  Use use;
+  // The usage line (continuation lines after '\n'); empty for an option
+  // described together with another (rw with ro, the create options with
+  // create).
+  std::string_view help;
   Handler handle;
+  // The usage line's left column when it is not NAME or NAME=VALUE.
+  std::string_view label = {};
+
+  bool takes_value() const { return !value.empty(); }
 };
 
 Status SetSize(std::string_view name, std::string_view value, uint64_t& out) {
@@ -95,30 +114,22 @@ Status SetSize(std::string_view name, std::string_view value, uint64_t& out) {
 }
 
 const std::vector<OptionSpec>& OptionTable() {
+  // In the order of the usage text.
   static const std::vector<OptionSpec> table = {
-      {"ro", false,
+      {"ro", "", Use::kMount, "read-only or read-write (default rw)",
        [](std::string_view, MountOptions& o, ParseState& s) {
          s.rw_last = false;
          o.read_only = true;
          return Status::Ok();
-       }},
-      {"rw", false,
+       },
+       "ro, rw"},
+      {"rw", "", Use::kMount, "",
        [](std::string_view, MountOptions& o, ParseState& s) {
          s.rw_last = true;
          o.read_only = false;
          return Status::Ok();
        }},
-      {"allow_other", false,
-       [](std::string_view, MountOptions& o, ParseState&) {
-         o.allow_other = true;
-         return Status::Ok();
-       }},
-      {"nonempty", false,
-       [](std::string_view, MountOptions& o, ParseState&) {
-         o.nonempty = true;
-         return Status::Ok();
-       }},
-      {"cache-size", true,
+      {"cache-size", "SIZE", Use::kMount, "L2 table cache (K, M, G suffixes)",
        [](std::string_view v, MountOptions& o, ParseState&) {
          uint64_t bytes = 0;
          QCOW2FS_RETURN_IF_ERROR(SetSize("cache-size", v, bytes));
@@ -128,7 +139,7 @@ const std::vector<OptionSpec>& OptionTable() {
          o.cache_bytes = static_cast<size_t>(bytes);
          return Status::Ok();
        }},
-      {"compress-cache-size", true,
+      {"compress-cache-size", "SIZE", Use::kMount, "memory for staging compressed writes",
        [](std::string_view v, MountOptions& o, ParseState&) {
          uint64_t bytes = 0;
          QCOW2FS_RETURN_IF_ERROR(SetSize("compress-cache-size", v, bytes));
@@ -138,7 +149,7 @@ const std::vector<OptionSpec>& OptionTable() {
          o.compress_cache_bytes = static_cast<size_t>(bytes);
          return Status::Ok();
        }},
-      {"write-behind", true,
+      {"write-behind", "SIZE", Use::kMount, "large writes queued ahead of the image (0: off)",
        [](std::string_view v, MountOptions& o, ParseState&) {
          uint64_t bytes = 0;
          QCOW2FS_RETURN_IF_ERROR(SetSize("write-behind", v, bytes));
@@ -146,20 +157,9 @@ const std::vector<OptionSpec>& OptionTable() {
          o.write_behind_bytes = static_cast<size_t>(bytes);
          return Status::Ok();
        }},
-      {"threads", true,
-       [](std::string_view v, MountOptions& o, ParseState&) {
-         unsigned threads = 0;
-         auto [end, error] =
-             std::from_chars(v.data(), v.data() + v.size(), threads);
-         if (error != std::errc() || end != v.data() + v.size() ||
-             threads < 1 || threads > 256) {
-           return Invalid("threads= must be a number from 1 to 256, not '" +
-                          std::string(v) + "'");
-         }
-         o.threads = threads;
-         return Status::Ok();
-       }},
-      {"commit", true,
+      {"commit", "SECONDS", Use::kMount,
+       "commit what fsync would at least this often\n"
+       "(default 5; 0: only at fsync and unmount)",
        [](std::string_view v, MountOptions& o, ParseState&) {
          unsigned seconds = 0;
          auto [end, error] =
@@ -173,33 +173,48 @@ const std::vector<OptionSpec>& OptionTable() {
          o.commit_seconds = seconds;
          return Status::Ok();
        }},
-      {"discard", true,
+      {"threads", "N", Use::kMount, "worker threads",
+       [](std::string_view v, MountOptions& o, ParseState&) {
+         unsigned threads = 0;
+         auto [end, error] =
+             std::from_chars(v.data(), v.data() + v.size(), threads);
+         if (error != std::errc() || end != v.data() + v.size() ||
+             threads < 1 || threads > 256) {
+           return Invalid("threads= must be a number from 1 to 256, not '" +
+                          std::string(v) + "'");
+         }
+         o.threads = threads;
+         return Status::Ok();
+       }},
+      {"discard", "on|off", Use::kMount, "let hole punching free image space",
        [](std::string_view v, MountOptions& o, ParseState&) {
          QCOW2FS_ASSIGN_OR_RETURN(o.discard, ParseOnOff("discard", v));
          return Status::Ok();
        }},
-      {"host-cache", true,
+      {"host-cache", "on|off", Use::kMount,
+       "large transfers through the host page cache\n"
+       "(default off: O_DIRECT where aligned)",
        [](std::string_view v, MountOptions& o, ParseState&) {
          QCOW2FS_ASSIGN_OR_RETURN(o.host_cache, ParseOnOff("host-cache", v));
          return Status::Ok();
        }},
-      {"lock", true,
-       [](std::string_view v, MountOptions& o, ParseState&) {
-         QCOW2FS_ASSIGN_OR_RETURN(o.lock, ParseOnOff("lock", v));
-         return Status::Ok();
-       }},
-      {"compress", true,
+      {"compress", "zlib|zstd", Use::kMount, "store newly written clusters compressed",
        [](std::string_view v, MountOptions& o, ParseState&) {
          QCOW2FS_ASSIGN_OR_RETURN(o.compress, ParseCompression("compress", v));
          return Status::Ok();
        }},
-      {"snapshot", true,
+      {"lock", "on|off", Use::kMount, "lock the image (off needs ro)",
+       [](std::string_view v, MountOptions& o, ParseState&) {
+         QCOW2FS_ASSIGN_OR_RETURN(o.lock, ParseOnOff("lock", v));
+         return Status::Ok();
+       }},
+      {"snapshot", "ID|NAME", Use::kMount, "mount an internal snapshot (read-only)",
        [](std::string_view v, MountOptions& o, ParseState&) {
          if (v.empty()) return Invalid("snapshot= needs a snapshot ID or name");
          o.snapshot = std::string(v);
          return Status::Ok();
        }},
-      {"filename", true,
+      {"filename", "NAME", Use::kMount, "name of the file in the mount",
        [](std::string_view v, MountOptions& o, ParseState&) {
          if (!IsValidFileName(std::string(v))) {
            return Invalid("filename= must be a plain file name, not '" +
@@ -208,25 +223,35 @@ const std::vector<OptionSpec>& OptionTable() {
          o.filename = std::string(v);
          return Status::Ok();
        }},
-      {"log", true,
+      {"log", "FILE", Use::kMount, "append messages to FILE (instead of syslog)",
        [](std::string_view v, MountOptions& o, ParseState&) {
          if (v.empty()) return Invalid("log= needs a file name");
          o.log_file = std::string(v);
          return Status::Ok();
        }},
-      {"create", false,
+      {"allow_other", "", Use::kMount, "let other users in (file mode still applies)",
+       [](std::string_view, MountOptions& o, ParseState&) {
+         o.allow_other = true;
+         return Status::Ok();
+       }},
+      {"nonempty", "", Use::kMount, "mount even if MOUNTDIR already is a mount point",
+       [](std::string_view, MountOptions& o, ParseState&) {
+         o.nonempty = true;
+         return Status::Ok();
+       }},
+      {"create", "", Use::kMount, "create IMAGE first if it does not exist",
        [](std::string_view, MountOptions& o, ParseState&) {
          o.create = true;
          return Status::Ok();
        }},
       // The rest only describe the image that `create` makes.
-      {"size", true,
+      {"size", "SIZE", Use::kCreateRequired, "",
        [](std::string_view v, MountOptions& o, ParseState& s) {
          s.has_size = true;
          o.create_size_given = true;
          return SetSize("size", v, o.create_options.size);
        }},
-      {"cluster_size", true,
+      {"cluster_size", "SIZE", Use::kCreateOptional, "",
        [](std::string_view v, MountOptions& o, ParseState&) {
          uint64_t bytes = 0;
          QCOW2FS_RETURN_IF_ERROR(SetSize("cluster_size", v, bytes));
@@ -238,7 +263,7 @@ const std::vector<OptionSpec>& OptionTable() {
          o.create_options.cluster_size = static_cast<uint32_t>(bytes);
          return Status::Ok();
        }},
-      {"compression_type", true,
+      {"compression_type", "zlib|zstd", Use::kCreateOptional, "",
        [](std::string_view v, MountOptions& o, ParseState& s) {
          s.has_compression_type = true;
          o.create_compression_given = true;
@@ -246,13 +271,13 @@ const std::vector<OptionSpec>& OptionTable() {
                                   ParseCompression("compression_type", v));
          return Status::Ok();
        }},
-      {"backing", true,
+      {"backing", "FILE", Use::kCreateOptional, "",
        [](std::string_view v, MountOptions& o, ParseState&) {
          if (v.empty()) return Invalid("backing= needs a file name");
          o.create_options.backing_file = std::string(v);
          return Status::Ok();
        }},
-      {"backing_fmt", true,
+      {"backing_fmt", "qcow2|raw", Use::kCreateOptional, "",
        [](std::string_view v, MountOptions& o, ParseState&) {
          if (v != "qcow2" && v != "raw") {
            return Invalid("backing_fmt= must be qcow2 or raw");
@@ -264,10 +289,71 @@ const std::vector<OptionSpec>& OptionTable() {
   return table;
 }
 
-bool IsCreateOnly(std::string_view name) {
-  return name == "size" || name == "cluster_size" ||
-         name == "compression_type" || name == "backing" ||
-         name == "backing_fmt";
+// The usage text around the option list.
+constexpr std::string_view kUsageHead =
+    "usage: mount.qcow2fs [-f] [-d] [-o OPTION[,OPTION...]] IMAGE MOUNTDIR\n"
+    "\n"
+    "Mounts the qcow2 image IMAGE on MOUNTDIR as a file system holding one\n"
+    "file, the image's guest disk (IMAGE's name with the extension .raw).\n"
+    "\n"
+    "  -f            stay in the foreground, log to stderr\n"
+    "  -d            log every request\n"
+    "  -o OPTIONS    comma-separated options:\n";
+constexpr std::string_view kUsageTail =
+    "     and the usual mount options (nosuid, nodev, noexec, noatime, ...)\n"
+    "\n"
+    "See mount.qcow2fs(8).\n";
+// Option lines start at kUsageIndent; their help at kUsageHelpColumn, or
+// two spaces after a longer left column; the usage text fits in
+// kUsageWidth columns.
+constexpr size_t kUsageIndent = 5;
+constexpr size_t kUsageHelpColumn = 27;
+constexpr size_t kUsageWidth = 79;
+
+// "name=VALUE", or "name" for an option without a value.
+std::string NameAndValue(const OptionSpec& spec) {
+  std::string text(spec.name);
+  if (spec.takes_value()) text += "=" + std::string(spec.value);
+  return text;
+}
+
+// The start of the last line of `text`.
+size_t LastLineStart(const std::string& text) {
+  const size_t newline = text.rfind('\n');
+  return newline == std::string::npos ? 0 : newline + 1;
+}
+
+// One option's lines: its left column (the create line lists every
+// creation option, wrapped), then its help, on the same line where it fits.
+std::string UsageLines(const OptionSpec& spec) {
+  std::string out(kUsageIndent, ' ');
+  out += spec.label.empty() ? NameAndValue(spec) : std::string(spec.label);
+  if (spec.name == "create") {
+    for (const OptionSpec& other : OptionTable()) {
+      if (other.use == Use::kMount) continue;
+      std::string piece = "," + NameAndValue(other);
+      if (other.use == Use::kCreateOptional) piece = "[" + piece + "]";
+      if (out.size() - LastLineStart(out) + piece.size() > kUsageWidth) {
+        out += "\n" + std::string(kUsageIndent + 2, ' ');
+      }
+      out += piece;
+    }
+  }
+  std::string_view help = spec.help;
+  size_t eol = help.find('\n');
+  const size_t used = out.size() - LastLineStart(out);
+  if (used + 2 + help.substr(0, eol).size() > kUsageWidth) {
+    out += "\n" + std::string(kUsageHelpColumn, ' ');
+  } else {
+    out += std::string(used + 2 > kUsageHelpColumn ? 2 : kUsageHelpColumn - used, ' ');
+  }
+  out += help.substr(0, eol);
+  while (eol != std::string_view::npos) {
+    help = help.substr(eol + 1);
+    eol = help.find('\n');
+    out += "\n" + std::string(kUsageHelpColumn, ' ') + std::string(help.substr(0, eol));
+  }
+  return out + "\n";
 }
 
 // Option names may be spelled with '-' or '_' (cache-size, cache_size).
@@ -330,13 +416,13 @@ Status ParseOne(std::string_view option, MountOptions& options,
   for (const OptionSpec& spec : OptionTable()) {
     if (Normalize(spec.name) != normal_name) continue;
     name = spec.name;  // the canonical spelling, for messages
-    if (spec.takes_value != has_value) {
-      return Invalid(spec.takes_value
+    if (spec.takes_value() != has_value) {
+      return Invalid(spec.takes_value()
                          ? "option " + std::string(name) + " needs a value (" +
                                std::string(name) + "=...)"
                          : "option " + std::string(name) + " takes no value");
     }
-    if (IsCreateOnly(name) && state.create_only_option.empty()) {
+    if (spec.use != Use::kMount && state.create_only_option.empty()) {
       state.create_only_option = std::string(name);
     }
     return spec.handle(value, options, state);
@@ -527,6 +613,22 @@ bool IsValidFileName(const std::string& name) {
   return !name.empty() && name.size() <= 255 && name != "." && name != ".." &&
          name.find('/') == std::string::npos &&
          name.find('\0') == std::string::npos;
+}
+
+std::string UsageText() {
+  std::string text(kUsageHead);
+  for (const OptionSpec& spec : OptionTable()) {
+    if (!spec.help.empty()) text += UsageLines(spec);
+  }
+  return text + std::string(kUsageTail);
+}
+
+std::vector<OptionDescription> KnownOptions() {
+  std::vector<OptionDescription> known;
+  for (const OptionSpec& spec : OptionTable()) {
+    known.push_back({spec.name, spec.takes_value(), spec.use != Use::kMount});
+  }
+  return known;
 }
 
 Status ParseMountOptions(const std::string& list, bool sloppy,

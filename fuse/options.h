@@ -98,6 +98,19 @@ std::string ExistingImageWarning(const std::string& image_path,
                                  const MountOptions& options,
                                  const ImageInfo& info);
 
+// The text of --help: the command line, then every -o option.
+std::string UsageText();
+
+// One -o option as the parser knows it (spelled canonically).
+struct OptionDescription {
+  std::string_view name;
+  bool takes_value;
+  bool create_only;  // refused without `create`
+};
+// Every -o option the parser accepts, besides the kernel flags and the
+// options it ignores, in the order of the usage text.
+std::vector<OptionDescription> KnownOptions();
+
 // The known option closest to `name` by edit distance, if one is close
 // enough to be a typo of it ("cach-size" -> "cache-size"); "" if none.
 std::string ClosestOption(std::string_view name);

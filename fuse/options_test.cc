@@ -4,6 +4,9 @@
 #include <gtest/gtest.h>
 
 #include <initializer_list>
+#include <map>
+#include <string>
+#include <string_view>
 #include <vector>
 
 namespace qcow2fs::fusefs {
@@ -381,6 +384,108 @@ TEST(ParseMountOptions, AddsToExistingOptions) {
   EXPECT_EQ(options.threads, 2u);
   EXPECT_FALSE(ParseMountOptions("bogus", false, options).ok());
   EXPECT_TRUE(ParseMountOptions("bogus", true, options).ok());
+}
+
+// ---- What the one option table makes checkable.
+
+// A valid value for each option that takes one; the test below fails when
+// an option is added without one here.
+const std::map<std::string_view, const char*>& SampleValues() {
+  static const std::map<std::string_view, const char*> values = {
+      {"cache-size", "4M"},     {"compress-cache-size", "16M"}, {"write-behind", "1M"},
+      {"commit", "10"},         {"threads", "8"},               {"discard", "off"},
+      {"host-cache", "on"},     {"compress", "zstd"},           {"lock", "on"},
+      {"snapshot", "s1"},       {"filename", "disk.img"},       {"log", "/tmp/q.log"},
+      {"size", "1G"},           {"cluster_size", "64K"},        {"compression_type", "zstd"},
+      {"backing", "base.qcow2"}, {"backing_fmt", "qcow2"},
+  };
+  return values;
+}
+
+std::string WithValue(const OptionDescription& option) {
+  std::string text(option.name);
+  if (option.takes_value) text += std::string("=") + SampleValues().at(option.name);
+  return text;
+}
+
+TEST(OptionTable, EveryOptionIsInTheUsageText) {
+  const std::string usage = UsageText();
+  ASSERT_FALSE(KnownOptions().empty());
+  for (const OptionDescription& option : KnownOptions()) {
+    const std::string shown = std::string(option.name) + (option.takes_value ? "=" : "");
+    EXPECT_NE(usage.find(shown), std::string::npos) << shown << " is missing from:\n" << usage;
+  }
+}
+
+TEST(OptionTable, TheUsageTextFitsATerminal) {
+  const std::string usage = UsageText();
+  EXPECT_EQ(usage.rfind("usage: mount.qcow2fs ", 0), 0u);
+  size_t start = 0;
+  while (start < usage.size()) {
+    size_t end = usage.find('\n', start);
+    ASSERT_NE(end, std::string::npos) << "the text ends with a newline";
+    EXPECT_LE(end - start, 79u) << usage.substr(start, end - start);
+    start = end + 1;
+  }
+}
+
+TEST(OptionTable, EveryOptionParsesInBothSpellings) {
+  for (const OptionDescription& option : KnownOptions()) {
+    if (option.takes_value) {
+      ASSERT_TRUE(SampleValues().count(option.name)) << option.name;
+    }
+    // ro and snapshot= make a mount read-only; create needs rw and size.
+    std::string list = option.create_only || option.name == "create" ? "create,size=1G," : "";
+    list += option.name == "lock" || option.name == "snapshot" ? "ro," : "";
+    for (char from : {'-', '_'}) {
+      std::string spelled = WithValue(option);
+      const size_t name_end = option.name.size();
+      for (size_t i = 0; i < name_end; i++) {
+        if (spelled[i] == from) spelled[i] = from == '-' ? '_' : '-';
+      }
+      MountOptions options;
+      Status s = ParseMountOptions(list + spelled, false, options);
+      EXPECT_TRUE(s.ok()) << list + spelled << ": " << s.ToString();
+    }
+  }
+}
+
+TEST(OptionTable, CreateOptionsAreRefusedWithoutCreate) {
+  int create_only = 0;
+  for (const OptionDescription& option : KnownOptions()) {
+    MountOptions options;
+    Status s = ParseMountOptions(WithValue(option), false, options);
+    if (!option.create_only) continue;
+    create_only++;
+    ASSERT_FALSE(s.ok()) << option.name << " was accepted without create";
+    EXPECT_EQ(s.message(),
+              std::string(option.name) + "= only applies together with the create option");
+  }
+  EXPECT_EQ(create_only, 5) << "size, cluster_size, compression_type, backing, backing_fmt";
+}
+
+TEST(OptionTable, ValuesAreRequiredExactlyWhereTheTableSays) {
+  for (const OptionDescription& option : KnownOptions()) {
+    MountOptions options;
+    const std::string name(option.name);
+    Status s = ParseMountOptions(option.takes_value ? name : name + "=x", false, options);
+    ASSERT_FALSE(s.ok()) << name;
+    EXPECT_EQ(s.message(), option.takes_value
+                               ? "option " + name + " needs a value (" + name + "=...)"
+                               : "option " + name + " takes no value");
+  }
+}
+
+TEST(OptionTable, TyposOfEveryOptionAreRecognised) {
+  for (const OptionDescription& option : KnownOptions()) {
+    if (option.name.size() < 5) continue;  // one typo in a short name may be another name
+    // Two neighbouring letters swapped (where they differ).
+    std::string typo(option.name);
+    size_t at = 1;
+    while (typo[at] == typo[at + 1]) at++;
+    std::swap(typo[at], typo[at + 1]);
+    EXPECT_EQ(ClosestOption(typo), option.name) << typo;
+  }
 }
 
 }  // namespace
