@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "engine/sync_point.h"
 #include "read_ahead.h"
 #include "write_behind.h"
 
@@ -32,7 +33,7 @@ class Disk {
     WaitWhileHeld();
     std::lock_guard lk(mu_);
     writes_++;
-    if (fail_writes_) return Status(ErrorCode::kIoError, "disk full", 28);
+    if (fail_writes_) return Status(ErrorCode::kIoError, "disk full", ENOSPC);
     if (no_space_ > 0) {
       no_space_--;
       return Status::FromErrno(ENOSPC, "pwrite");
@@ -125,6 +126,7 @@ WriteBehind::Apply ApplyTo(Disk& disk) {
 }
 
 TEST(WriteBehind, SubmitReturnsBeforeTheDiskIsWrittenAndDrainWaits) {
+  ScopedSyncPoints sync_points;
   Disk disk(1 << 20);
   WriteBehind wb(ApplyTo(disk), 4 * kPiece, kPiece, 2);
   disk.Hold();
@@ -133,30 +135,50 @@ TEST(WriteBehind, SubmitReturnsBeforeTheDiskIsWrittenAndDrainWaits) {
   data.assign(kPiece, std::byte{0});  // the queue has its own copy
   disk.WaitForBlocked(1);
   EXPECT_EQ(disk.at(0), std::byte{0});
-  auto drained = std::async(std::launch::async, [&] { return wb.Drain(); });
-  EXPECT_EQ(drained.wait_for(50ms), std::future_status::timeout);
+  std::byte on_disk_at_return{0};
+  auto drained = std::async(std::launch::async, [&] {
+    Status s = wb.Drain();
+    on_disk_at_return = disk.at(kPiece - 1);
+    SyncPoints::Reached("Test:DrainReturned", 0);
+    return s;
+  });
+  // Drain finds the write pending and waits (it passes WriteBehind:DrainWaits
+  // only then); when it returns, the write is on the disk.
+  EXPECT_EQ(SyncPoints::WaitUntilAnyReached({"WriteBehind:DrainWaits", "Test:DrainReturned"}), 0);
   disk.Release();
   EXPECT_TRUE(drained.get().ok());
   EXPECT_EQ(disk.at(kPiece - 1), std::byte{7});
+  EXPECT_EQ(on_disk_at_return, std::byte{7}) << "Drain returned before the write was applied";
 }
 
 TEST(WriteBehind, OverlappingRequestsWaitAndApplyInOrder) {
+  ScopedSyncPoints sync_points;
   Disk disk(1 << 20);
   WriteBehind wb(ApplyTo(disk), 8 * kPiece, kPiece, 2);
   disk.Hold();
   ASSERT_TRUE(wb.Submit(0, Filled(kPiece, 1)));
   disk.WaitForBlocked(1);
   // A second write to the same bytes must not pass the first.
-  auto second =
-      std::async(std::launch::async, [&] { return wb.Submit(kPiece / 2, Filled(kPiece, 2)); });
-  EXPECT_EQ(second.wait_for(50ms), std::future_status::timeout);
+  auto second = std::async(std::launch::async, [&] {
+    bool queued = wb.Submit(kPiece / 2, Filled(kPiece, 2));
+    SyncPoints::Reached("Test:SecondReturned", 0);
+    return queued;
+  });
+  EXPECT_EQ(SyncPoints::WaitUntilAnyReached({"WriteBehind:SubmitWaits", "Test:SecondReturned"}),
+            0);
   // A reader of those bytes waits too; one elsewhere does not.
-  auto reader = std::async(std::launch::async, [&] { wb.WaitFor(100, 10); });
-  EXPECT_EQ(reader.wait_for(20ms), std::future_status::timeout);
+  std::byte on_disk_for_reader{0};
+  auto reader = std::async(std::launch::async, [&] {
+    wb.WaitFor(100, 10);
+    on_disk_for_reader = disk.at(100);
+    SyncPoints::Reached("Test:ReaderReturned", 0);
+  });
+  EXPECT_EQ(SyncPoints::WaitUntilAnyReached({"WriteBehind:ReadWaits", "Test:ReaderReturned"}), 0);
   wb.WaitFor(4 * kPiece, kPiece);
   disk.Release();
   EXPECT_TRUE(second.get());
   reader.get();
+  EXPECT_EQ(on_disk_for_reader, std::byte{1}) << "the reader went on before the write it waits for";
   ASSERT_TRUE(wb.Drain().ok());
   EXPECT_EQ(disk.at(0), std::byte{1});
   EXPECT_EQ(disk.at(kPiece / 2), std::byte{2});
@@ -164,14 +186,18 @@ TEST(WriteBehind, OverlappingRequestsWaitAndApplyInOrder) {
 }
 
 TEST(WriteBehind, MemoryIsBoundedSubmitWaitsForRoom) {
+  ScopedSyncPoints sync_points;
   Disk disk(1 << 20);
   WriteBehind wb(ApplyTo(disk), 2 * kPiece, kPiece, 1);
   disk.Hold();
   ASSERT_TRUE(wb.Submit(0, Filled(kPiece, 1)));
   ASSERT_TRUE(wb.Submit(kPiece, Filled(kPiece, 2)));
-  auto third =
-      std::async(std::launch::async, [&] { return wb.Submit(2 * kPiece, Filled(kPiece, 3)); });
-  EXPECT_EQ(third.wait_for(50ms), std::future_status::timeout);
+  auto third = std::async(std::launch::async, [&] {
+    bool queued = wb.Submit(2 * kPiece, Filled(kPiece, 3));
+    SyncPoints::Reached("Test:ThirdReturned", 0);
+    return queued;
+  });
+  EXPECT_EQ(SyncPoints::WaitUntilAnyReached({"WriteBehind:SubmitWaits", "Test:ThirdReturned"}), 0);
   disk.Release();
   EXPECT_TRUE(third.get());
   ASSERT_TRUE(wb.Drain().ok());
@@ -185,7 +211,7 @@ TEST(WriteBehind, BackgroundErrorsAreReportedOnceByTheNextDrain) {
   ASSERT_TRUE(wb.Submit(0, Filled(kPiece, 1)));
   Status first = wb.Drain();
   EXPECT_FALSE(first.ok());
-  EXPECT_EQ(first.ToErrno(), 28);
+  EXPECT_EQ(first.ToErrno(), ENOSPC);
   disk.FailWrites(false);
   ASSERT_TRUE(wb.Submit(0, Filled(kPiece, 1)));
   EXPECT_TRUE(wb.Drain().ok());

@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "engine/sync_point.h"
 #include "log.h"
 
 namespace qcow2fs::fusefs {
@@ -176,10 +177,12 @@ bool WriteBehind::Submit(uint64_t offset, std::span<const std::byte> data) {
   const uint64_t reserved = bank_ ? bank_->Need(offset, data.size()) : 0;
   if (bank_ && bank_->Reserve(reserved) != 0) return false;
   std::unique_lock lk(mu_);
-  done_.wait(lk, [&] {
+  auto admitted = [&] {
     return !OverlapsLocked(offset, data.size()) &&
            (!spare_.empty() || buffers_ < max_buffers_);
-  });
+  };
+  if (!admitted()) QCOW2FS_SYNC_POINT("WriteBehind:SubmitWaits", offset);
+  done_.wait(lk, admitted);
   AlignedBuffer buffer;
   if (!spare_.empty()) {
     buffer = std::move(spare_.back());
@@ -205,15 +208,17 @@ bool WriteBehind::Submit(uint64_t offset, std::span<const std::byte> data) {
 
 void WriteBehind::WaitFor(uint64_t offset, uint64_t length) {
   std::unique_lock lk(mu_);
-  done_.wait(lk, [&] { return !OverlapsLocked(offset, length); });
+  auto clear = [&] { return !OverlapsLocked(offset, length); };
+  if (!clear()) QCOW2FS_SYNC_POINT("WriteBehind:ReadWaits", offset);
+  done_.wait(lk, clear);
 }
 
 Status WriteBehind::Drain() {
   std::unique_lock lk(mu_);
   const uint64_t last = next_sequence_;
-  done_.wait(lk, [&] {
-    return queue_.empty() || queue_.front().sequence >= last;
-  });
+  auto drained = [&] { return queue_.empty() || queue_.front().sequence >= last; };
+  if (!drained()) QCOW2FS_SYNC_POINT("WriteBehind:DrainWaits", last);
+  done_.wait(lk, drained);
   Status error = std::move(error_);
   error_ = Status();
   return error;

@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 #include <thread>
 
+#include "engine/sync_point.h"
 #include "qcow2fs/image.h"
 #include "test_support.h"
 
@@ -30,8 +31,9 @@ class CompressedWriteTest : public ::testing::TestWithParam<CompressCase> {
                         ShellQuote(path_) + " 16M"));
   }
   // With `background`, compression runs on other threads, as in the daemon;
-  // with `lagging`, those threads start late, so a flush finds clusters still
-  // waiting to be compressed (as at unmount after a fast cp).
+  // with `lagging`, those threads start only once a flush waits for them, so
+  // it finds every cluster still waiting to be compressed (as at unmount
+  // after a fast cp). A test that lags holds a ScopedSyncPoints.
   std::unique_ptr<Image> OpenCompressed(size_t cache_bytes = 0, bool background = false,
                                         bool lagging = false) {
     OpenOptions o;
@@ -41,7 +43,7 @@ class CompressedWriteTest : public ::testing::TestWithParam<CompressCase> {
     if (background) {
       o.compress_executor = [lagging](std::function<void()> job) {
         std::thread([lagging, job = std::move(job)] {
-          if (lagging) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+          if (lagging) SyncPoints::WaitUntilPassed("CompressCache:FlushWaiting", 1);
           job();
         }).detach();
       };
@@ -145,9 +147,10 @@ TEST_P(CompressedWriteTest, SequentialCopyIsAsSmallAsQemuImgConvert) {
   const uint64_t size = 16 << 20, chunk = 128 << 10;
   const std::string source = SemiCompressible(size, 31);
   {
-    // Compression lags behind the writers: the flush finds most clusters
+    // Compression lags behind the writers: the flush finds the clusters
     // still queued, and must pack them densely, not seal a segment per
     // cluster as they trickle in.
+    ScopedSyncPoints sync_points;
     auto image = OpenCompressed(0, /*background=*/true, /*lagging=*/true);
     ASSERT_TRUE(image);
     std::atomic<uint64_t> next{0};

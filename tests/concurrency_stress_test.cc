@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "engine/image_open.h"
+#include "engine/sync_point.h"
 #include "forwarding_file.h"
 #include "qcow2fs/image.h"
 #include "test_support.h"
@@ -68,7 +69,8 @@ std::string CheckSectors(const std::string& buf, uint64_t offset) {
 // Stalls some reads so that requests sit between mapping and I/O for a
 // while: the window in which a wrongly freed cluster could be reused.
 // A read of the gated host range also stops at the gate until it opens
-// (or a timeout passes), so a test can act while a request is in flight.
+// (or, as a guard against a hung test, two minutes pass), so a test can act
+// while a request is in flight.
 class SlowReadFile final : public ForwardingFile {
  public:
   explicit SlowReadFile(std::unique_ptr<File> f) : ForwardingFile(*f), f_(std::move(f)) {}
@@ -79,7 +81,7 @@ class SlowReadFile final : public ForwardingFile {
       if (gated_ && o < gate_offset_ + gate_length_ && gate_offset_ < o + b.size()) {
         in_gate_ = true;
         cv_.notify_all();
-        cv_.wait_for(lock, std::chrono::seconds(2), [&] { return !gated_; });
+        cv_.wait_for(lock, std::chrono::seconds(120), [&] { return !gated_; });
       }
     }
     return f_->ReadAt(o, b);
@@ -255,7 +257,9 @@ TEST_P(ConcurrencyStressTest, NoRequestSeesAFreedClusterReused) {
 // flushes (which frees it) and writes elsewhere (which would reuse it). The
 // read must still return the data it was mapped to.
 TEST(DiscardDuringReadTest, InFlightReadKeepsItsCluster) {
+  ASSERT_TRUE(SyncPoints::compiled_in()) << "tests must link the core built with sync points";
   ASSERT_TRUE(RequireProgram("qemu-img"));
+  ScopedSyncPoints sync_points;
   TempDir dir;
   const std::string path = dir.Join("gate.qcow2");
   ASSERT_TRUE(QemuImg("create -q -f qcow2 -o cluster_size=64k " + ShellQuote(path) + " 4M"));
@@ -285,9 +289,13 @@ TEST(DiscardDuringReadTest, InFlightReadKeepsItsCluster) {
     EXPECT_TRUE(image->Discard(a, cs).ok());
     EXPECT_TRUE(image->Flush().ok());
     EXPECT_TRUE(image->Write(b, AsBytes(data_b)).ok());
+    SyncPoints::Reached("Test:ChurnDone", 0);
   });
-  // Give a wrong implementation time to free and reuse the cluster.
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  // Open the gate once the discard waits for the read (the core passes
+  // Discard:WaitingForRequests only then), or once a wrong implementation
+  // has freed and reused the cluster under it.
+  EXPECT_GE(SyncPoints::WaitUntilAnyReached({"Discard:WaitingForRequests", "Test:ChurnDone"}), 0)
+      << "neither the discard nor the churn got anywhere";
   gate->OpenGate();
   reader.join();
   churn.join();

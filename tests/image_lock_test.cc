@@ -2,6 +2,8 @@
 // (its byte-range permission locks), in both directions.
 #include <gtest/gtest.h>
 
+#include <atomic>
+
 #include <chrono>
 #include <thread>
 
@@ -71,12 +73,15 @@ TEST_F(ImageLockTest, QemuCannotWriteWhileWeHoldTheImage) {
 
 TEST_F(ImageLockTest, WeRefuseAnImageQemuHasOpenForWriting) {
   // qemu-io keeps the image open while its 'sleep' command runs.
+  std::atomic<bool> qemu_done{false};
   std::thread qemu([&] {
     RunCommand("qemu-io -c 'write 0 512' -c 'sleep 3000' " + ShellQuote(path_));
+    qemu_done = true;
   });
-  // Wait until QEMU holds its locks (its write has happened).
+  // Probe until QEMU holds its locks, for as long as it runs: however slow
+  // it is to start, it holds them for the three seconds of its sleep.
   bool locked = false;
-  for (int i = 0; i < 100 && !locked; i++) {
+  while (!locked && !qemu_done) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
     auto probe = Open(false);
     locked = !probe.ok();

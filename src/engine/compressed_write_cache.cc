@@ -521,6 +521,7 @@ Status CompressedWriteCache::Flush() {
     if (!compressing && !sealing_ && !segment_.placed.empty()) {
       QCOW2FS_RETURN_IF_ERROR(SealSegment(lk));
     } else {
+      QCOW2FS_SYNC_POINT("CompressCache:FlushWaiting", compressing);
       changed_.wait(lk);
     }
   }
