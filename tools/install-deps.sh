@@ -36,6 +36,10 @@ PACKAGES=(
   # benchmarks: fio, qemu-storage-daemon (QEMU's FUSE export), gnuplot for
   # the chart, git for the commit named in the results
   fio qemu-system-common gnuplot-nox git
+  # the Debian package (tools/test.sh package stage, debian/): dpkg-buildpackage,
+  # dh with the meson build system, lintian; bash-completion for its
+  # pkg-config file (where completions go) and for the completion test
+  build-essential dpkg-dev debhelper lintian bash-completion
 )
 
 # Every program the scripts call, checked after installing: a missing one
@@ -46,7 +50,7 @@ COMMANDS=(
   mount umount losetup findmnt flock fallocate unshare runuser blockdev
   fstrim dmesg mountpoint mkfs.ext4 fsck.ext4 debugfs chattr pgrep timeout
   numfmt sha256sum truncate cmp diff find xargs awk grep sed tar python3
-  fio qemu-storage-daemon gnuplot git jq
+  fio qemu-storage-daemon gnuplot git dpkg-buildpackage dh lintian jq
 )
 
 check_commands() {
