@@ -12,6 +12,11 @@
 #                         qemu-img, FUZZ_SECONDS (default 60) of fuzzing
 #   mount    tests/mount/run_all.sh against the release build
 #   tsan     build-tsan/  ThreadSanitizer build of the concurrency tests
+#   package  the Debian package (debian/), built by dpkg-buildpackage from a
+#            copy of the tree in /tmp, checked by lintian, installed with
+#            dpkg -i, used from the installed files only (mount -t
+#            fuse.qcow2fs, an fstab line, umount, qcow2fs-img, man pages,
+#            bash completion), then purged
 #
 # Every stage runs even if an earlier one failed (except deps, which stops
 # everything); the script exits non-zero if any stage failed and ends with
@@ -168,9 +173,164 @@ stage_mount() {
   bash tests/mount/run_all.sh "$ROOT/build"
 }
 
+# The Debian package, built from a copy of the tree (dpkg-buildpackage puts
+# its output next to the source, so nothing lands in the tree), then
+# installed on this machine, used from the installed files alone and purged.
+# A trap purges and unmounts even when a step fails.
+stage_package() {
+  local state
+  state=$(dpkg-query -W -f='${db:Status-Status}' qcow2fs 2>/dev/null || true)
+  if [[ -n $state && $state != not-installed ]]; then
+    echo "the qcow2fs package is on this machine already ($state); this stage installs"
+    echo "and purges it: remove it first (apt-get purge qcow2fs)"
+    return 1
+  fi
+  local work src version arch deb changes t
+  work=$(mktemp -d /tmp/qcow2fs-package.XXXXXX)
+  src=$work/qcow2fs
+  PKG_WORK=$work PKG_INSTALLED=false
+  trap package_cleanup EXIT
+
+  # The tree as git sees it (committed or not, without what .gitignore
+  # names: build directories); a tree that is no git checkout, without them.
+  mkdir "$src"
+  if git -C "$ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    git -C "$ROOT" ls-files -z --cached --others --exclude-standard |
+      while IFS= read -r -d '' f; do [[ -e $f ]] && printf '%s\0' "$f"; done |
+      tar -C "$ROOT" --null -T - -cf - | tar -C "$src" -xf -
+  else
+    tar -C "$ROOT" --exclude='./build*' --exclude=./debian/.debhelper -cf - . | tar -C "$src" -xf -
+  fi
+
+  version=$(dpkg-parsechangelog -l "$src/debian/changelog" -S Version)
+  local project_version
+  project_version=$(sed -n "s/^  version : '\(.*\)',$/\1/p" "$src/meson.build")
+  if [[ $version != "$project_version" ]]; then
+    echo "debian/changelog has version $version, meson.build $project_version"
+    return 1
+  fi
+  arch=$(dpkg --print-architecture)
+  deb=$work/qcow2fs_${version}_${arch}.deb
+  changes=$work/qcow2fs_${version}_${arch}.changes
+
+  echo "-- dpkg-buildpackage -b -us -uc (log: $work/build.log)"
+  t=$(date +%s)
+  if ! (cd "$src" && DEB_BUILD_OPTIONS="parallel=$JOBS nocheck" \
+          dpkg-buildpackage -b -us -uc) >"$work/build.log" 2>&1; then
+    tail -n 60 "$work/build.log"
+    echo "dpkg-buildpackage failed"
+    return 1
+  fi
+  echo "   built $(basename "$deb") in $(( $(date +%s) - t )) s"
+  dpkg-deb -f "$deb" Package Version Architecture Depends
+  dpkg-deb -c "$deb" | awk '{ print "   " $1, $6, $7, $8 }'
+
+  echo "-- lintian (fails on errors; warnings listed)"
+  t=$(date +%s)
+  lintian --fail-on error --display-info "$changes"
+  echo "   lintian: no errors ($(( $(date +%s) - t )) s)"
+
+  echo "-- dpkg -i, apt-get -f install"
+  PKG_INSTALLED=true
+  dpkg -i "$deb" || echo "   (dpkg -i left dependencies to apt-get -f install)"
+  DEBIAN_FRONTEND=noninteractive apt-get -f install -y
+  state=$(dpkg-query -W -f='${db:Status-Abbrev}' qcow2fs)
+  [[ $state == "ii " ]] || { echo "qcow2fs is not installed after apt-get -f install: '$state'"; return 1; }
+  dpkg -L qcow2fs >"$work/files"
+
+  # From here on, only the installed files: no build tree on PATH.
+  export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+  local prog where
+  for prog in mount.qcow2fs mount.fuse.qcow2fs umount.fuse.qcow2fs qcow2fs qcow2fs-img; do
+    where=$(command -v "$prog") || { echo "$prog is not installed"; return 1; }
+    [[ $where == /usr/* ]] || { echo "$prog found at $where, not under /usr"; return 1; }
+  done
+  # mount(8) and umount(8) run helpers from /sbin only.
+  [[ -x /sbin/mount.fuse.qcow2fs && -x /sbin/umount.fuse.qcow2fs ]] ||
+    { echo "/sbin/mount.fuse.qcow2fs or /sbin/umount.fuse.qcow2fs is missing"; return 1; }
+  qcow2fs-img --version
+  mount.qcow2fs --version
+
+  echo "-- mount -t fuse.qcow2fs, write and read 8 MiB, umount, qemu-img check and compare"
+  local img=$work/vm.qcow2 mnt=$work/mnt expected=$work/expected.raw pid
+  mkdir "$mnt"
+  PKG_MNT=$mnt
+  qemu-img create -q -f qcow2 "$img" 64M
+  head -c 8M /dev/urandom >"$work/data"
+  truncate -s 64M "$expected"
+  dd if="$work/data" of="$expected" bs=1M seek=3 conv=notrunc status=none
+  mount -t fuse.qcow2fs "$img" "$mnt"
+  findmnt -n -o FSTYPE,OPTIONS "$mnt"
+  [[ $(findmnt -n -o FSTYPE "$mnt") == fuse.qcow2fs ]] || { echo "not a fuse.qcow2fs mount"; return 1; }
+  pid=$(pgrep -f -n -- "$img") || { echo "no daemon serving $img"; return 1; }
+  [[ $(readlink "/proc/$pid/exe") == /usr/sbin/mount.qcow2fs ]] ||
+    { echo "the daemon runs $(readlink "/proc/$pid/exe"), not the installed one"; return 1; }
+  dd if="$work/data" of="$mnt/vm.raw" bs=1M seek=3 conv=notrunc,fsync status=none
+  cmp -n $((8 << 20)) "$work/data" <(dd if="$mnt/vm.raw" bs=1M skip=3 count=8 status=none)
+  umount "$mnt"
+  # umount ran the helper, which waits until the image is closed: the lock
+  # is free at once.
+  qemu-img check "$img"
+  qemu-img compare -f qcow2 -F raw "$img" "$expected"
+
+  echo "-- an fstab line (mount -T FILE: a file in fstab format), read-only"
+  printf '%s %s fuse.qcow2fs ro,noauto,nofail 0 0\n' "$img" "$mnt" >"$work/fstab"
+  mount -T "$work/fstab" "$mnt"
+  findmnt -n -o FSTYPE,OPTIONS "$mnt"
+  [[ ,$(findmnt -n -o OPTIONS "$mnt"), == *,ro,* ]] || { echo "the fstab mount is not read-only"; return 1; }
+  cmp "$expected" "$mnt/vm.raw"
+  umount "$mnt"
+  qemu-img compare -f qcow2 -F raw "$img" "$expected"
+
+  echo "-- manual pages and bash completion"
+  if command -v man >/dev/null; then
+    for prog in mount.qcow2fs mount.fuse.qcow2fs umount.fuse.qcow2fs qcow2fs qcow2fs-img; do
+      man -w "$prog"
+    done
+  else
+    echo "   (no man-db: manual pages not looked up)"
+  fi
+  bash "$ROOT/tests/completion/completion_test.sh" \
+    --completions /usr/share/bash-completion/completions \
+    --daemon /usr/sbin/mount.qcow2fs --img /usr/bin/qcow2fs-img
+
+  echo "-- apt-get purge qcow2fs"
+  DEBIAN_FRONTEND=noninteractive apt-get purge -y qcow2fs
+  PKG_INSTALLED=false
+  state=$(dpkg-query -W -f='${db:Status-Status}' qcow2fs 2>/dev/null || true)
+  [[ -z $state || $state == not-installed ]] || { echo "qcow2fs is still $state after purge"; return 1; }
+  local left=()
+  while IFS= read -r f; do
+    [[ -d $f && ! -L $f ]] && continue
+    [[ -e $f || -L $f ]] && left+=("$f")
+  done <"$work/files"
+  [[ -e /usr/share/doc/qcow2fs ]] && left+=(/usr/share/doc/qcow2fs)
+  if [[ ${#left[@]} -gt 0 ]]; then
+    echo "left after purge: ${left[*]}"
+    return 1
+  fi
+  echo "   purged: none of its $(wc -l <"$work/files") paths is left"
+}
+
+# The package stage's trap: unmount, purge what it installed, remove its
+# files; keeps the stage's exit status.
+package_cleanup() {
+  local rc=$?
+  if [[ -n ${PKG_MNT:-} ]] && mountpoint -q "$PKG_MNT"; then
+    timeout 60 umount "$PKG_MNT" || fusermount3 -uz "$PKG_MNT" || true
+  fi
+  if [[ ${PKG_INSTALLED:-false} == true ]] &&
+     [[ -n $(dpkg-query -W -f='${db:Status-Status}' qcow2fs 2>/dev/null | grep -v not-installed) ]]; then
+    echo "-- cleanup: apt-get purge qcow2fs"
+    DEBIAN_FRONTEND=noninteractive apt-get purge -y qcow2fs >/dev/null || dpkg --purge qcow2fs || true
+  fi
+  [[ -n ${PKG_WORK:-} ]] && rm -rf "$PKG_WORK"
+  exit $rc
+}
+
 # ------------------------------------------------------------------ driver
 
-DEFAULT_STAGES=(release asan tsan fuzz mount)
+DEFAULT_STAGES=(release asan tsan fuzz mount package)
 
 if [[ $# -gt 0 ]]; then
   STAGES=("$@")
@@ -179,7 +339,7 @@ else
 fi
 for s in "${STAGES[@]}"; do
   if ! declare -F "stage_$s" >/dev/null; then
-    echo "unknown stage: $s (known: deps release asan fuzz mount tsan)" >&2
+    echo "unknown stage: $s (known: deps release asan fuzz mount tsan package)" >&2
     exit 2
   fi
 done
