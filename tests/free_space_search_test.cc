@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "engine/sync_point.h"
+#include "format/header.h"
 #include "qcow2fs/image.h"
 #include "test_support.h"
 
@@ -19,8 +20,8 @@ namespace qcow2fs::test {
 namespace {
 
 constexpr uint64_t kCluster = 512;
-constexpr uint64_t kHeaderRefcountTableOffset = 48;
-constexpr uint64_t kHeaderRefcountTableClusters = 56;
+constexpr uint64_t kHeaderRefcountTableOffset = header_field::kRefcountTableOffset;
+constexpr uint64_t kHeaderRefcountTableClusters = header_field::kRefcountTableClusters;
 
 // Appends `blocks` refcount blocks whose every entry is non-zero (each
 // block a repetition of `entry`), marks every cluster of the first block in

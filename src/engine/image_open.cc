@@ -23,8 +23,10 @@ namespace {
 // the image opens read-only, and says why.
 std::optional<std::string> RepairIfDirty(File& file) {
   std::byte fields[80];
-  if (!file.ReadAt(0, fields).ok() || LoadBe32(fields + 4) < 3) return std::nullopt;
-  const uint64_t incompatible = LoadBe64(fields + 72);
+  if (!file.ReadAt(0, fields).ok() || LoadBe32(fields + header_field::kVersion) < 3) {
+    return std::nullopt;
+  }
+  const uint64_t incompatible = LoadBe64(fields + header_field::kIncompatibleFeatures);
   if (!(incompatible & kIncompatDirty) || (incompatible & kIncompatCorrupt)) {
     return std::nullopt;
   }

@@ -115,33 +115,34 @@ Result<Header> DecodeHeader(std::span<const std::byte> b, uint64_t file_size) {
                   "not a qcow2 image: file is shorter than a qcow2 header");
   }
   const std::byte* p = b.data();
-  if (LoadBe32(p) != kQcow2Magic) {
+  if (LoadBe32(p + header_field::kMagic) != kQcow2Magic) {
     return Status(ErrorCode::kInvalidArgument,
                   "not a qcow2 image: bad magic number");
   }
   Header h;
-  h.version = LoadBe32(p + 4);
+  h.version = LoadBe32(p + header_field::kVersion);
   if (h.version != 2 && h.version != 3) {
     return Status(ErrorCode::kUnsupported,
                   "qcow2 version " + std::to_string(h.version) +
                       " is not supported (only 2 and 3)");
   }
-  h.backing_file_offset = LoadBe64(p + 8);
-  h.backing_file_size = LoadBe32(p + 16);
-  h.cluster_bits = LoadBe32(p + 20);
-  h.size = LoadBe64(p + 24);
-  h.crypt_method = LoadBe32(p + 32);
-  h.l1_size = LoadBe32(p + 36);
-  h.l1_table_offset = LoadBe64(p + 40);
-  h.refcount_table_offset = LoadBe64(p + 48);
-  h.refcount_table_clusters = LoadBe32(p + 56);
-  h.nb_snapshots = LoadBe32(p + 60);
-  h.snapshots_offset = LoadBe64(p + 64);
+  h.backing_file_offset = LoadBe64(p + header_field::kBackingFileOffset);
+  h.backing_file_size = LoadBe32(p + header_field::kBackingFileSize);
+  h.cluster_bits = LoadBe32(p + header_field::kClusterBits);
+  h.size = LoadBe64(p + header_field::kSize);
+  h.crypt_method = LoadBe32(p + header_field::kCryptMethod);
+  h.l1_size = LoadBe32(p + header_field::kL1Size);
+  h.l1_table_offset = LoadBe64(p + header_field::kL1TableOffset);
+  h.refcount_table_offset = LoadBe64(p + header_field::kRefcountTableOffset);
+  h.refcount_table_clusters = LoadBe32(p + header_field::kRefcountTableClusters);
+  h.nb_snapshots = LoadBe32(p + header_field::kNbSnapshots);
+  h.snapshots_offset = LoadBe64(p + header_field::kSnapshotsOffset);
 
   if (h.cluster_bits < limits::kMinClusterBits ||
       h.cluster_bits > limits::kMaxClusterBits) {
-    return Corrupt("cluster_bits " + std::to_string(h.cluster_bits) +
-                   " is outside 9..21 (512 B to 2 MiB clusters)");
+    return Corrupt("cluster_bits " + std::to_string(h.cluster_bits) + " is outside " +
+                   std::to_string(limits::kMinClusterBits) + ".." +
+                   std::to_string(limits::kMaxClusterBits) + " (512 B to 2 MiB clusters)");
   }
   const uint64_t cs = h.cluster_size();
 
@@ -152,18 +153,20 @@ Result<Header> DecodeHeader(std::span<const std::byte> b, uint64_t file_size) {
     if (b.size() < kHeaderV3MinLength) {
       return Corrupt("file too short for a version 3 header");
     }
-    h.incompatible_features = LoadBe64(p + 72);
-    h.compatible_features = LoadBe64(p + 80);
-    h.autoclear_features = LoadBe64(p + 88);
-    h.refcount_order = LoadBe32(p + 96);
-    h.header_length = LoadBe32(p + 100);
+    h.incompatible_features = LoadBe64(p + header_field::kIncompatibleFeatures);
+    h.compatible_features = LoadBe64(p + header_field::kCompatibleFeatures);
+    h.autoclear_features = LoadBe64(p + header_field::kAutoclearFeatures);
+    h.refcount_order = LoadBe32(p + header_field::kRefcountOrder);
+    h.header_length = LoadBe32(p + header_field::kHeaderLength);
     if (h.header_length < kHeaderV3MinLength || h.header_length % 8 != 0 ||
         h.header_length > cs || h.header_length > b.size()) {
       return Corrupt("header_length " + std::to_string(h.header_length) +
-                     " must be a multiple of 8 between 104 and the cluster "
-                     "size");
+                     " must be a multiple of 8 between " + std::to_string(kHeaderV3MinLength) +
+                     " and the cluster size");
     }
-    if (h.header_length > 104) h.compression_type = static_cast<uint8_t>(p[104]);
+    if (h.header_length > header_field::kCompressionType) {
+      h.compression_type = static_cast<uint8_t>(p[header_field::kCompressionType]);
+    }
     if (h.header_length > kHeaderV3Length) {
       h.unknown_fields.assign(p + kHeaderV3Length, p + h.header_length);
     }
@@ -189,7 +192,7 @@ Result<Header> DecodeHeader(std::span<const std::byte> b, uint64_t file_size) {
                    " exceeds 6 (64-bit refcounts)");
   }
   if (h.incompatible_features & kIncompatCompression) {
-    if (h.header_length <= 104 || h.compression_type == 0) {
+    if (h.header_length <= header_field::kCompressionType || h.compression_type == 0) {
       return Corrupt("compression type bit set but compression_type is zlib");
     }
   } else if (h.compression_type != 0) {
@@ -210,8 +213,8 @@ Result<Header> DecodeHeader(std::span<const std::byte> b, uint64_t file_size) {
 
   // L1 table: big enough for the disk, small enough to be sane.
   if (uint64_t{h.l1_size} * 8 > limits::kMaxL1Bytes) {
-    return Corrupt("L1 table of " + std::to_string(h.l1_size) +
-                   " entries exceeds the 32 MiB limit");
+    return Corrupt("L1 table of " + std::to_string(h.l1_size) + " entries exceeds the " +
+                   std::to_string(limits::kMaxL1Bytes >> 20) + " MiB limit");
   }
   if (h.l1_size < h.l1_entries_for(h.size)) {
     return Corrupt("L1 table of " + std::to_string(h.l1_size) +
@@ -224,9 +227,9 @@ Result<Header> DecodeHeader(std::span<const std::byte> b, uint64_t file_size) {
   // Refcount table.
   if (uint64_t{h.refcount_table_clusters} * cs >
       limits::kMaxRefcountTableBytes) {
-    return Corrupt("refcount table of " +
-                   std::to_string(h.refcount_table_clusters) +
-                   " clusters exceeds the 8 MiB limit");
+    return Corrupt("refcount table of " + std::to_string(h.refcount_table_clusters) +
+                   " clusters exceeds the " +
+                   std::to_string(limits::kMaxRefcountTableBytes >> 20) + " MiB limit");
   }
   if (h.refcount_table_clusters == 0) {
     return Corrupt("refcount table has no clusters");
@@ -237,8 +240,8 @@ Result<Header> DecodeHeader(std::span<const std::byte> b, uint64_t file_size) {
 
   // Snapshot table location; entries are decoded by snapshot_table.cc.
   if (h.nb_snapshots > limits::kMaxSnapshots) {
-    return Corrupt(std::to_string(h.nb_snapshots) +
-                   " snapshots exceed the limit of 65536");
+    return Corrupt(std::to_string(h.nb_snapshots) + " snapshots exceed the limit of " +
+                   std::to_string(limits::kMaxSnapshots));
   }
   if (h.nb_snapshots > 0) {
     // Each entry is at least 40 bytes.
@@ -252,9 +255,9 @@ Result<Header> DecodeHeader(std::span<const std::byte> b, uint64_t file_size) {
   uint64_t area_end = std::min<uint64_t>(cs, b.size());
   if (h.backing_file_offset != 0) {
     if (h.backing_file_size > limits::kMaxBackingFileNameBytes) {
-      return Corrupt("backing file name of " +
-                     std::to_string(h.backing_file_size) +
-                     " bytes exceeds 1023 bytes");
+      return Corrupt("backing file name of " + std::to_string(h.backing_file_size) +
+                     " bytes exceeds " + std::to_string(limits::kMaxBackingFileNameBytes) +
+                     " bytes");
     }
     if (h.backing_file_offset < h.header_length ||
         h.backing_file_offset > b.size() ||
@@ -285,24 +288,24 @@ Result<std::vector<std::byte>> EncodeHeader(const Header& h) {
   const uint32_t header_length =
       h.version == 2 ? kHeaderV2Length
                      : std::max<uint32_t>(h.header_length, kHeaderV3Length);
-  StoreBe32(p, kQcow2Magic);
-  StoreBe32(p + 4, h.version);
-  StoreBe32(p + 20, h.cluster_bits);
-  StoreBe64(p + 24, h.size);
-  StoreBe32(p + 32, h.crypt_method);
-  StoreBe32(p + 36, h.l1_size);
-  StoreBe64(p + 40, h.l1_table_offset);
-  StoreBe64(p + 48, h.refcount_table_offset);
-  StoreBe32(p + 56, h.refcount_table_clusters);
-  StoreBe32(p + 60, h.nb_snapshots);
-  StoreBe64(p + 64, h.snapshots_offset);
+  StoreBe32(p + header_field::kMagic, kQcow2Magic);
+  StoreBe32(p + header_field::kVersion, h.version);
+  StoreBe32(p + header_field::kClusterBits, h.cluster_bits);
+  StoreBe64(p + header_field::kSize, h.size);
+  StoreBe32(p + header_field::kCryptMethod, h.crypt_method);
+  StoreBe32(p + header_field::kL1Size, h.l1_size);
+  StoreBe64(p + header_field::kL1TableOffset, h.l1_table_offset);
+  StoreBe64(p + header_field::kRefcountTableOffset, h.refcount_table_offset);
+  StoreBe32(p + header_field::kRefcountTableClusters, h.refcount_table_clusters);
+  StoreBe32(p + header_field::kNbSnapshots, h.nb_snapshots);
+  StoreBe64(p + header_field::kSnapshotsOffset, h.snapshots_offset);
   if (h.version >= 3) {
-    StoreBe64(p + 72, h.incompatible_features);
-    StoreBe64(p + 80, h.compatible_features);
-    StoreBe64(p + 88, h.autoclear_features);
-    StoreBe32(p + 96, h.refcount_order);
-    StoreBe32(p + 100, header_length);
-    p[104] = static_cast<std::byte>(h.compression_type);
+    StoreBe64(p + header_field::kIncompatibleFeatures, h.incompatible_features);
+    StoreBe64(p + header_field::kCompatibleFeatures, h.compatible_features);
+    StoreBe64(p + header_field::kAutoclearFeatures, h.autoclear_features);
+    StoreBe32(p + header_field::kRefcountOrder, h.refcount_order);
+    StoreBe32(p + header_field::kHeaderLength, header_length);
+    p[header_field::kCompressionType] = static_cast<std::byte>(h.compression_type);
     if (!h.unknown_fields.empty()) {
       if (kHeaderV3Length + h.unknown_fields.size() > cs) {
         return Status(ErrorCode::kInvalidArgument, "header does not fit");
@@ -337,8 +340,8 @@ Result<std::vector<std::byte>> EncodeHeader(const Header& h) {
       return Status(ErrorCode::kInvalidArgument,
                     "backing file name does not fit in the first cluster");
     }
-    StoreBe64(p + 8, pos);
-    StoreBe32(p + 16, static_cast<uint32_t>(h.backing_file.size()));
+    StoreBe64(p + header_field::kBackingFileOffset, pos);
+    StoreBe32(p + header_field::kBackingFileSize, static_cast<uint32_t>(h.backing_file.size()));
     std::copy_n(reinterpret_cast<const std::byte*>(h.backing_file.data()),
                 h.backing_file.size(), p + pos);
   }

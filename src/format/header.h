@@ -21,6 +21,30 @@ inline constexpr uint32_t kHeaderV3MinLength = 104;
 // compression_type byte plus padding).
 inline constexpr uint32_t kHeaderV3Length = 112;
 
+// Byte offsets of the header fields (spec "Header"), shared by decoding
+// and encoding. Fields from kIncompatibleFeatures on exist in version 3.
+namespace header_field {
+inline constexpr size_t kMagic = 0;
+inline constexpr size_t kVersion = 4;
+inline constexpr size_t kBackingFileOffset = 8;
+inline constexpr size_t kBackingFileSize = 16;
+inline constexpr size_t kClusterBits = 20;
+inline constexpr size_t kSize = 24;
+inline constexpr size_t kCryptMethod = 32;
+inline constexpr size_t kL1Size = 36;
+inline constexpr size_t kL1TableOffset = 40;
+inline constexpr size_t kRefcountTableOffset = 48;
+inline constexpr size_t kRefcountTableClusters = 56;
+inline constexpr size_t kNbSnapshots = 60;
+inline constexpr size_t kSnapshotsOffset = 64;
+inline constexpr size_t kIncompatibleFeatures = 72;
+inline constexpr size_t kCompatibleFeatures = 80;
+inline constexpr size_t kAutoclearFeatures = 88;
+inline constexpr size_t kRefcountOrder = 96;
+inline constexpr size_t kHeaderLength = 100;
+inline constexpr size_t kCompressionType = 104;  // one byte, when header_length > 104
+}  // namespace header_field
+
 // incompatible_features bits.
 inline constexpr uint64_t kIncompatDirty = 1ull << 0;
 inline constexpr uint64_t kIncompatCorrupt = 1ull << 1;
