@@ -69,8 +69,8 @@ struct FakeFile {
 
 FakeFile FileWith(const std::vector<std::byte>& table, uint64_t file_size = 16 * kCluster) {
   FakeFile f;
-  f.bytes.resize(std::max<uint64_t>(file_size, kTableAt + table.size()));
-  std::memcpy(f.bytes.data() + kTableAt, table.data(), table.size());
+  f.bytes.assign(kTableAt, std::byte{0});
+  f.bytes.insert(f.bytes.end(), table.begin(), table.end());
   f.bytes.resize(file_size);
   return f;
 }
