@@ -8,7 +8,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 "$ROOT/tools/install-deps.sh"
-[[ -f build/meson-private/coredata.dat ]] || meson setup build >/dev/null
+[[ -f build/meson-private/coredata.dat ]] || meson setup build -Dbuildtype=release >/dev/null
 ninja -C build -j2 fuse/mount.qcow2fs tools/qcow2fs-img >/dev/null
 # The programs run by the names they are installed under (README,
 # "Install"), from the build tree: the demo installs nothing, so it leaves

@@ -95,6 +95,10 @@ done
 for tool in fio qemu-img qemu-storage-daemon python3 timeout findmnt flock; do
   command -v "$tool" >/dev/null || die "$tool is not installed"
 done
+source "$BENCH_DIR/common.sh"
+if [[ ",$TARGETS," == *,qcow2fs,* && $MOUNT_BIN == "$BUILD/fuse/mount.qcow2fs" ]]; then
+  require_release_build "$BUILD"
+fi
 if [[ ",$TARGETS," == *,qcow2fs,* ]]; then
   if [[ ! -x $MOUNT_BIN && $MOUNT_BIN == "$BUILD/fuse/mount.qcow2fs" ]]; then
     log "building $MOUNT_BIN"

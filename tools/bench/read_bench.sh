@@ -53,6 +53,8 @@ for tool in qemu-img fio python3; do
   command -v "$tool" >/dev/null || die "$tool is not installed"
 done
 
+source "$BENCH_DIR/common.sh"
+[[ -n ${READ_BENCH:-} ]] || require_release_build "$BUILD"
 BIN=${READ_BENCH:-$BUILD/tools/bench/qcow2fs-read-bench}
 if [[ ! -x $BIN && -z ${READ_BENCH:-} ]]; then
   log "building $BIN"
