@@ -48,12 +48,12 @@ CompressedWriteCache::CompressedWriteCache(CompressedClusterSink& sink, Compress
 
 CompressedWriteCache::~CompressedWriteCache() {
   // Background jobs reference this object: let them finish.
-  std::unique_lock lk(mu_);
-  changed_.wait(lk, [this] { return background_jobs_ == 0; });
+  MutexLock lk(mu_);
+  while (background_jobs_ != 0) changed_.Wait(mu_);
 }
 
-Status CompressedWriteCache::Complete(std::unique_lock<std::mutex>& lk, Entry& e) {
-  if (!executor_) return Finish(lk, e);
+Status CompressedWriteCache::Complete(Entry& e) {
+  if (!executor_) return Finish(e);
   Job job = Start(e);
   background_jobs_++;
   try {
@@ -62,7 +62,7 @@ Status CompressedWriteCache::Complete(std::unique_lock<std::mutex>& lk, Entry& e
     // No room for a task: do the work here instead.
     background_jobs_--;
     Requeue(e);
-    return Finish(lk, e);
+    return Finish(e);
   }
   return Status();
 }
@@ -71,23 +71,23 @@ void CompressedWriteCache::RunJob(Job job) {
   // A failure leaves the cluster staged (Requeue); the next Flush() retries
   // it on its own thread and reports the error to its caller.
   auto prepared = Prepare(job);
-  std::unique_lock lk(mu_);
+  MutexLock lk(mu_);
   if (prepared.ok()) {
-    (void)Place(lk, job, std::move(prepared).value());
+    (void)Place(job, std::move(prepared).value());
   } else {
     Requeue(*job.entry);
   }
   background_jobs_--;
-  changed_.notify_all();
+  changed_.NotifyAll();
 }
 
 void CompressedWriteCache::set_disk_size(uint64_t size) {
-  std::lock_guard lk(mu_);
+  MutexLock lk(mu_);
   disk_size_ = size;
 }
 
 size_t CompressedWriteCache::staged_bytes() const {
-  std::lock_guard lk(mu_);
+  MutexLock lk(mu_);
   return entries_.size() * cluster_size_;
 }
 
@@ -107,22 +107,22 @@ void CompressedWriteCache::Erase(uint64_t index) {
   if (it == entries_.end()) return;
   if (it->second->state == State::kFilling) lru_.erase(it->second->lru);
   entries_.erase(it);
-  changed_.notify_all();
+  changed_.NotifyAll();
 }
 
-Status CompressedWriteCache::WaitForCommit(std::unique_lock<std::mutex>& lk, const Entry& e) {
+Status CompressedWriteCache::WaitForCommit(const Entry& e) {
   QCOW2FS_SYNC_POINT("CompressCache:WaitingForCommit", e.guest_offset);
   // A packed entry would wait for the segment to fill up: write it out now.
   if (e.state == State::kPacked && !sealing_ && !segment_.placed.empty()) {
-    return SealSegment(lk);
+    return SealSegment();
   }
-  changed_.wait(lk);
+  changed_.Wait(mu_);
   return Status();
 }
 
 Status CompressedWriteCache::Write(uint64_t offset, std::span<const std::byte> data) {
   const uint64_t end = offset + data.size();
-  std::unique_lock lk(mu_);
+  MutexLock lk(mu_);
   for (uint64_t pos = offset; pos < end;) {
     const uint64_t index = pos >> cluster_bits_;
     const uint64_t cluster_start = index << cluster_bits_;
@@ -131,17 +131,17 @@ Status CompressedWriteCache::Write(uint64_t offset, std::span<const std::byte> d
     if (it != entries_.end() && it->second->state != State::kFilling) {
       // Being compressed or waiting in the segment: let it reach the image
       // first, then stage the new data on top.
-      QCOW2FS_RETURN_IF_ERROR(WaitForCommit(lk, *it->second));
+      QCOW2FS_RETURN_IF_ERROR(WaitForCommit(*it->second));
       continue;
     }
     if (it == entries_.end()) {
       if (direct_writers_.count(index)) {
         // A direct write to this cluster is under way: stage after it.
-        changed_.wait(lk);
+        changed_.Wait(mu_);
         continue;
       }
       if (entries_.size() >= max_entries_) {
-        QCOW2FS_RETURN_IF_ERROR(MakeRoom(lk));
+        QCOW2FS_RETURN_IF_ERROR(MakeRoom());
         continue;
       }
       auto entry = std::make_unique<Entry>();
@@ -162,7 +162,7 @@ Status CompressedWriteCache::Write(uint64_t offset, std::span<const std::byte> d
                 piece_end - pos);
     MarkValid(e, pos - cluster_start, piece_end - cluster_start);
     pos = piece_end;
-    if (IsComplete(e)) QCOW2FS_RETURN_IF_ERROR(Complete(lk, e));
+    if (IsComplete(e)) QCOW2FS_RETURN_IF_ERROR(Complete(e));
   }
   return Status();
 }
@@ -179,19 +179,20 @@ void CompressedWriteCache::Requeue(Entry& e) {
   e.state = State::kFilling;
   lru_.push_front(e.guest_offset >> cluster_bits_);
   e.lru = lru_.begin();
-  changed_.notify_all();
+  changed_.NotifyAll();
 }
 
-Status CompressedWriteCache::Finish(std::unique_lock<std::mutex>& lk, Entry& e) {
+Status CompressedWriteCache::Finish(Entry& e) {
   Job job = Start(e);
-  lk.unlock();
-  auto prepared = Prepare(job);
-  lk.lock();
+  auto prepared = [&]() REQUIRES(mu_) {
+    MutexUnlock unlocked(mu_);
+    return Prepare(job);
+  }();
   if (!prepared.ok()) {
     Requeue(e);
     return prepared.status();
   }
-  return Place(lk, job, std::move(prepared).value());
+  return Place(job, std::move(prepared).value());
 }
 
 Result<CompressedWriteCache::Prepared> CompressedWriteCache::Prepare(Job& job) {
@@ -222,8 +223,7 @@ Result<CompressedWriteCache::Prepared> CompressedWriteCache::Prepare(Job& job) {
   return p;
 }
 
-Status CompressedWriteCache::Place(std::unique_lock<std::mutex>& lk, Job& job,
-                                   Prepared prepared) {
+Status CompressedWriteCache::Place(Job& job, Prepared prepared) {
   Entry& e = *job.entry;
   if (!job.filled.empty()) {
     e.data = std::move(job.filled);
@@ -232,12 +232,14 @@ Status CompressedWriteCache::Place(std::unique_lock<std::mutex>& lk, Job& job,
   }
   const uint64_t index = e.guest_offset >> cluster_bits_;
   if (prepared.action != Prepared::Action::kCompressed) {
-    lk.unlock();
-    QCOW2FS_SYNC_POINT("CompressCache:BeforePlainCommit", e.guest_offset);
-    Status s = prepared.action == Prepared::Action::kZero
-                   ? sink_.ZeroCluster(e.guest_offset)
-                   : sink_.WriteUncompressedCluster(e.guest_offset, e.data);
-    lk.lock();
+    Status s;
+    {
+      MutexUnlock unlocked(mu_);
+      QCOW2FS_SYNC_POINT("CompressCache:BeforePlainCommit", e.guest_offset);
+      s = prepared.action == Prepared::Action::kZero
+              ? sink_.ZeroCluster(e.guest_offset)
+              : sink_.WriteUncompressedCluster(e.guest_offset, e.data);
+    }
     if (!s.ok()) {
       Requeue(e);
       return s;
@@ -250,11 +252,11 @@ Status CompressedWriteCache::Place(std::unique_lock<std::mutex>& lk, Job& job,
   while (!TryPack(n, &at)) {
     Status s;
     if (sealing_) {
-      changed_.wait(lk);
+      changed_.Wait(mu_);
       continue;
     }
     if (!segment_.placed.empty()) {
-      s = SealSegment(lk);  // full: write it out
+      s = SealSegment();  // full: write it out
     } else {
       // Host clusters are allocated when the segment is sealed, exactly as
       // many as it fills: no cluster is allocated and then left free.
@@ -278,9 +280,9 @@ Status CompressedWriteCache::Place(std::unique_lock<std::mutex>& lk, Job& job,
   // Relative to the segment until SealSegment knows where it goes.
   segment_.placed.push_back({e.guest_offset, at, n});
   e.state = State::kPacked;
-  changed_.notify_all();
+  changed_.NotifyAll();
   // A full segment goes out now: one large aligned write.
-  if (segment_.data.size() - segment_.used < kSectorSize) return SealSegment(lk);
+  if (segment_.data.size() - segment_.used < kSectorSize) return SealSegment();
   return Status();
 }
 
@@ -304,34 +306,35 @@ bool CompressedWriteCache::TryPack(uint64_t n, uint64_t* at) {
   return false;
 }
 
-Status CompressedWriteCache::SealSegment(std::unique_lock<std::mutex>& lk) {
+Status CompressedWriteCache::SealSegment() {
   sealing_ = true;
   Segment s = std::move(segment_);
   segment_ = Segment{};
-  lk.unlock();
-  // Allocate the clusters the packed data fills (every one of them holds
-  // compressed data: packing only skips the rest of a cluster that is at
-  // its refcount limit), place the clusters there, write the used part
-  // once, padded to 4 KiB where the clusters allow so it can go O_DIRECT,
-  // and only then let L2 entries point into it.
   Status st;
-  if (!s.placed.empty()) {
-    const uint64_t clusters = AlignUp(s.used, cluster_size_) >> cluster_bits_;
-    auto base = sink_.AllocateSegment(clusters);
-    st = base.status();
-    if (st.ok()) {
-      for (auto& p : s.placed) p.host_offset += *base;
-      const uint64_t bytes = std::min(clusters << cluster_bits_,
-                                      AlignUp(s.used, AlignedBuffer::kAlignment));
-      st = sink_.WriteSegment(*base, {s.data.data(), bytes});
+  {
+    MutexUnlock unlocked(mu_);
+    // Allocate the clusters the packed data fills (every one of them holds
+    // compressed data: packing only skips the rest of a cluster that is at
+    // its refcount limit), place the clusters there, write the used part
+    // once, padded to 4 KiB where the clusters allow so it can go O_DIRECT,
+    // and only then let L2 entries point into it.
+    if (!s.placed.empty()) {
+      const uint64_t clusters = AlignUp(s.used, cluster_size_) >> cluster_bits_;
+      auto base = sink_.AllocateSegment(clusters);
+      st = base.status();
       if (st.ok()) {
-        st = sink_.CommitSegment(s.placed, *base, clusters);
-      } else {
-        sink_.ReleaseSegment(*base, clusters);
+        for (auto& p : s.placed) p.host_offset += *base;
+        const uint64_t bytes = std::min(clusters << cluster_bits_,
+                                        AlignUp(s.used, AlignedBuffer::kAlignment));
+        st = sink_.WriteSegment(*base, {s.data.data(), bytes});
+        if (st.ok()) {
+          st = sink_.CommitSegment(s.placed, *base, clusters);
+        } else {
+          sink_.ReleaseSegment(*base, clusters);
+        }
       }
     }
   }
-  lk.lock();
   if (spare_segment_.empty()) spare_segment_ = std::move(s.data);
   for (const auto& p : s.placed) {
     const uint64_t index = p.guest_offset >> cluster_bits_;
@@ -344,24 +347,24 @@ Status CompressedWriteCache::SealSegment(std::unique_lock<std::mutex>& lk) {
     }
   }
   sealing_ = false;
-  changed_.notify_all();
+  changed_.NotifyAll();
   return st;
 }
 
-Status CompressedWriteCache::MakeRoom(std::unique_lock<std::mutex>& lk) {
+Status CompressedWriteCache::MakeRoom() {
   // Complete clusters being compressed in the background will free room:
   // wait for them rather than force out a cluster that is still filling
   // (which would be compressed twice and fragment the image).
   if (background_jobs_ > 0) {
-    changed_.wait(lk);
+    changed_.Wait(mu_);
     return Status();
   }
   if (!lru_.empty()) {
     Entry& e = *entries_.at(lru_.front());
-    return Finish(lk, e);
+    return Finish(e);
   }
-  if (!sealing_ && !segment_.placed.empty()) return SealSegment(lk);
-  changed_.wait(lk);
+  if (!sealing_ && !segment_.placed.empty()) return SealSegment();
+  changed_.Wait(mu_);
   return Status();
 }
 
@@ -369,7 +372,7 @@ CompressedWriteCache::Snapshot CompressedWriteCache::Capture(uint64_t offset,
                                                              uint64_t length) const {
   Snapshot snap;
   const uint64_t end = offset + length;
-  std::lock_guard lk(mu_);
+  MutexLock lk(mu_);
   if (entries_.empty()) return snap;
   for (uint64_t pos = offset; pos < end;) {
     const uint64_t index = pos >> cluster_bits_;
@@ -405,7 +408,7 @@ void CompressedWriteCache::Apply(const Snapshot& snapshot, uint64_t offset,
 }
 
 std::optional<uint64_t> CompressedWriteCache::FirstStaged(uint64_t offset, uint64_t end) const {
-  std::lock_guard lk(mu_);
+  MutexLock lk(mu_);
   std::optional<uint64_t> first;
   for (const auto& [index, e] : entries_) {
     const uint64_t start = index << cluster_bits_;
@@ -417,25 +420,25 @@ std::optional<uint64_t> CompressedWriteCache::FirstStaged(uint64_t offset, uint6
 }
 
 bool CompressedWriteCache::BeginDirectWrite(uint64_t cluster_index) {
-  std::lock_guard lk(mu_);
+  MutexLock lk(mu_);
   if (entries_.count(cluster_index)) return false;
   direct_writers_[cluster_index]++;
   return true;
 }
 
 void CompressedWriteCache::EndDirectWrite(uint64_t cluster_index) {
-  std::lock_guard lk(mu_);
+  MutexLock lk(mu_);
   auto it = direct_writers_.find(cluster_index);
   if (it == direct_writers_.end()) return;  // not admitted: nothing to end
   if (--it->second == 0) {
     direct_writers_.erase(it);
-    changed_.notify_all();
+    changed_.NotifyAll();
   }
 }
 
 Status CompressedWriteCache::SettleRange(uint64_t offset, uint64_t length) {
   const uint64_t end = offset + length;
-  std::unique_lock lk(mu_);
+  MutexLock lk(mu_);
   while (true) {
     const Entry* busy = nullptr;
     for (const auto& [index, e] : entries_) {
@@ -447,13 +450,13 @@ Status CompressedWriteCache::SettleRange(uint64_t offset, uint64_t length) {
     }
     if (!busy) return Status();
     // Let it reach the image; the caller's change then applies to it.
-    QCOW2FS_RETURN_IF_ERROR(WaitForCommit(lk, *busy));
+    QCOW2FS_RETURN_IF_ERROR(WaitForCommit(*busy));
   }
 }
 
 bool CompressedWriteCache::DropStaged(uint64_t offset, uint64_t length) {
   const uint64_t end = offset + length;
-  std::lock_guard lk(mu_);
+  MutexLock lk(mu_);
   std::vector<uint64_t> doomed;
   for (const auto& [index, e] : entries_) {
     const uint64_t start = index << cluster_bits_;
@@ -466,7 +469,7 @@ bool CompressedWriteCache::DropStaged(uint64_t offset, uint64_t length) {
 }
 
 Status CompressedWriteCache::Flush() {
-  std::unique_lock lk(mu_);
+  MutexLock lk(mu_);
 
   std::vector<uint64_t> pending;
   std::vector<Job> jobs;
@@ -480,12 +483,12 @@ Status CompressedWriteCache::Flush() {
   // the few clusters that were still incomplete.
   Status first_error;
   for (Job& job : jobs) {
-    lk.unlock();
+    lk.Unlock();
     auto prepared = Prepare(job);
-    lk.lock();
+    lk.Lock();
     Status s;
     if (prepared.ok()) {
-      s = Place(lk, job, std::move(prepared).value());
+      s = Place(job, std::move(prepared).value());
     } else {
       s = prepared.status();
       Requeue(*job.entry);
@@ -510,7 +513,7 @@ Status CompressedWriteCache::Flush() {
       if (it->second->state == State::kCompressing) compressing = true;
     }
     if (filling) {
-      QCOW2FS_RETURN_IF_ERROR(Finish(lk, *filling));
+      QCOW2FS_RETURN_IF_ERROR(Finish(*filling));
       continue;
     }
     if (!busy) break;
@@ -519,13 +522,13 @@ Status CompressedWriteCache::Flush() {
     // them rather than seal it around each one as it arrives, which wasted
     // the rest of a host cluster (and released clusters) per cluster.
     if (!compressing && !sealing_ && !segment_.placed.empty()) {
-      QCOW2FS_RETURN_IF_ERROR(SealSegment(lk));
+      QCOW2FS_RETURN_IF_ERROR(SealSegment());
     } else {
       QCOW2FS_SYNC_POINT("CompressCache:FlushWaiting", compressing);
-      changed_.wait(lk);
+      changed_.Wait(mu_);
     }
   }
-  if (!sealing_ && !segment_.placed.empty()) QCOW2FS_RETURN_IF_ERROR(SealSegment(lk));
+  if (!sealing_ && !segment_.placed.empty()) QCOW2FS_RETURN_IF_ERROR(SealSegment());
   return Status();
 }
 

@@ -21,8 +21,12 @@
 // A cluster that does not compress is written as a normal cluster, an
 // all-zero one becomes a zero cluster.
 //
-// Threading: every method may be called from any thread. One mutex guards
-// the staging map and the segment; compression and host I/O run outside it.
+// Threading: every method may be called from any thread. One mutex (mu_)
+// guards the staging map and the segment; compression and host I/O run
+// outside it, and so does every call into the sink, which takes the image's
+// locks. The image calls in with its discard lock held (reads capture staged
+// bytes under its shared side, DropStaged runs under its exclusive side),
+// never with its metadata mutex held: mu_ comes after the discard lock.
 // A writer that finds a cluster past "filling" waits for it to be committed
 // (forcing the segment out if needed); a writer that finds the cache full
 // first commits the oldest incomplete clusters itself, then waits for
@@ -32,17 +36,17 @@
 // bytes into the caller's buffer; no buffer is retained past a call.
 #pragma once
 
-#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <list>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <span>
 #include <unordered_map>
 #include <vector>
 
+#include "base/mutex.h"
+#include "base/thread_annotations.h"
 #include "qcow2fs/aligned_buffer.h"
 #include "qcow2fs/image.h"
 #include "qcow2fs/status.h"
@@ -93,7 +97,7 @@ class CompressedWriteCache {
   ~CompressedWriteCache();
 
   // Stages `data` at guest `offset` (any size and alignment).
-  Status Write(uint64_t offset, std::span<const std::byte> data);
+  Status Write(uint64_t offset, std::span<const std::byte> data) EXCLUDES(mu_);
   // Readers take a snapshot of the staged bytes overlapping their range
   // *before* reading the image, and apply it over what they read: a cluster
   // committed in between is then right either way (the image has it, and the
@@ -105,10 +109,10 @@ class CompressedWriteCache {
     };
     std::vector<Piece> pieces;
   };
-  Snapshot Capture(uint64_t offset, uint64_t length) const;
+  Snapshot Capture(uint64_t offset, uint64_t length) const EXCLUDES(mu_);
   static void Apply(const Snapshot& snapshot, uint64_t offset, std::span<std::byte> buf);
   // Guest offset of the first staged cluster overlapping [offset, end).
-  std::optional<uint64_t> FirstStaged(uint64_t offset, uint64_t end) const;
+  std::optional<uint64_t> FirstStaged(uint64_t offset, uint64_t end) const EXCLUDES(mu_);
   // Direct writes in compress mode (a cluster that is a normal cluster of
   // the image is overwritten in place). BeginDirectWrite admits one unless
   // the cluster is staged (then the caller stages instead, on top of the
@@ -116,8 +120,8 @@ class CompressedWriteCache {
   // is admitted, nothing is staged for its cluster: a staged cluster is
   // filled from the image, and must not read a write half done. Every
   // admitted write ends with EndDirectWrite.
-  bool BeginDirectWrite(uint64_t cluster_index);
-  void EndDirectWrite(uint64_t cluster_index);
+  bool BeginDirectWrite(uint64_t cluster_index) EXCLUDES(mu_);
+  void EndDirectWrite(uint64_t cluster_index) EXCLUDES(mu_);
   // Discard and zeroing of whole clusters. SettleRange waits until no
   // cluster in the range is being compressed or committed. DropStaged then
   // forgets the staged bytes of the range, with the image's discard lock
@@ -126,17 +130,20 @@ class CompressedWriteCache {
   // nothing, if a cluster got past filling meanwhile (settle again).
   // Partial clusters need neither: zeros written to them are staged over
   // the staged bytes like any write.
-  Status SettleRange(uint64_t offset, uint64_t length);
-  bool DropStaged(uint64_t offset, uint64_t length);
+  Status SettleRange(uint64_t offset, uint64_t length) EXCLUDES(mu_);
+  bool DropStaged(uint64_t offset, uint64_t length) EXCLUDES(mu_);
   // Commits everything staged. On return all data written before the call
   // is in the image (not yet synced).
-  Status Flush();
+  Status Flush() EXCLUDES(mu_);
   // The disk grew or shrank.
-  void set_disk_size(uint64_t size);
-  size_t staged_bytes() const;
+  void set_disk_size(uint64_t size) EXCLUDES(mu_);
+  size_t staged_bytes() const EXCLUDES(mu_);
 
  private:
   enum class State { kFilling, kCompressing, kPacked };
+  // An Entry belongs to entries_ and is guarded by mu_ like it, except that
+  // while it is kCompressing the thread preparing it reads its data without
+  // the lock (nobody else changes an entry in that state).
   struct Entry {
     uint64_t guest_offset;
     State state = State::kFilling;
@@ -174,31 +181,33 @@ class CompressedWriteCache {
     std::vector<std::byte> filled;
   };
   // With the lock: moves a filling entry to kCompressing.
-  Job Start(Entry& e);
+  Job Start(Entry& e) REQUIRES(mu_);
   // Puts an entry whose commit failed back to filling, for a later retry.
-  void Requeue(Entry& e);
+  void Requeue(Entry& e) REQUIRES(mu_);
   // Without the lock: fills unknown bytes from the image, then compresses.
   // Entries in kCompressing are not modified by anyone else.
-  Result<Prepared> Prepare(Job& job);
+  Result<Prepared> Prepare(Job& job) EXCLUDES(mu_);
+  // The methods below that hold mu_ drop it for a while (for compression,
+  // for calls into the sink, or to wait) and hold it again on return.
   // With the lock: stores the prepared cluster (packs it into the segment,
   // or writes it uncompressed/zero with the lock dropped).
-  Status Place(std::unique_lock<std::mutex>& lk, Job& job, Prepared prepared);
+  Status Place(Job& job, Prepared prepared) REQUIRES(mu_);
   // Takes a filling entry through Prepare and Place.
-  Status Finish(std::unique_lock<std::mutex>& lk, Entry& e);
+  Status Finish(Entry& e) REQUIRES(mu_);
   // Hands a complete entry to the executor (or finishes it inline).
-  Status Complete(std::unique_lock<std::mutex>& lk, Entry& e);
+  Status Complete(Entry& e) REQUIRES(mu_);
   // Runs on the executor: Prepare and Place one job.
-  void RunJob(Job job);
+  void RunJob(Job job) EXCLUDES(mu_);
   // Reserves n bytes in the current segment; false if there is no room.
-  bool TryPack(uint64_t n, uint64_t* at);
+  bool TryPack(uint64_t n, uint64_t* at) REQUIRES(mu_);
   // Writes the current segment and commits its clusters.
-  Status SealSegment(std::unique_lock<std::mutex>& lk);
-  Status MakeRoom(std::unique_lock<std::mutex>& lk);
+  Status SealSegment() REQUIRES(mu_);
+  Status MakeRoom() REQUIRES(mu_);
   // Makes progress towards committing an entry past kFilling (sealing the
   // segment it waits in, or waiting for the thread handling it); the caller
   // looks the entry up again afterwards.
-  Status WaitForCommit(std::unique_lock<std::mutex>& lk, const Entry& e);
-  void Erase(uint64_t cluster_index);
+  Status WaitForCommit(const Entry& e) REQUIRES(mu_);
+  void Erase(uint64_t cluster_index) REQUIRES(mu_);
 
   CompressedClusterSink& sink_;
   const CompressionType type_;
@@ -207,19 +216,22 @@ class CompressedWriteCache {
   const size_t max_entries_;
   const uint64_t max_users_;
   const uint64_t segment_clusters_;
-  uint64_t disk_size_;
 
-  mutable std::mutex mu_;
-  std::condition_variable changed_;  // an entry was committed or erased
-  std::unordered_map<uint64_t, std::unique_ptr<Entry>> entries_;  // by cluster index
+  mutable Mutex mu_;
+  CondVar changed_;  // an entry was committed or erased
+  uint64_t disk_size_ GUARDED_BY(mu_);
+  // By cluster index.
+  std::unordered_map<uint64_t, std::unique_ptr<Entry>> entries_ GUARDED_BY(mu_);
   // Direct writes in progress, by cluster index (see BeginDirectWrite).
-  std::unordered_map<uint64_t, uint32_t> direct_writers_;
-  std::list<uint64_t> lru_;  // filling entries, oldest first
-  Segment segment_;
-  AlignedBuffer spare_segment_;  // a sealed segment's buffer, for the next one
-  bool sealing_ = false;  // a thread is writing out a segment
+  std::unordered_map<uint64_t, uint32_t> direct_writers_ GUARDED_BY(mu_);
+  std::list<uint64_t> lru_ GUARDED_BY(mu_);  // filling entries, oldest first
+  Segment segment_ GUARDED_BY(mu_);
+  // A sealed segment's buffer, for the next one.
+  AlignedBuffer spare_segment_ GUARDED_BY(mu_);
+  bool sealing_ GUARDED_BY(mu_) = false;  // a thread is writing out a segment
   const Executor executor_;
-  size_t background_jobs_ = 0;  // handed to the executor, not yet placed
+  // Handed to the executor, not yet placed.
+  size_t background_jobs_ GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace qcow2fs

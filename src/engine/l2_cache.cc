@@ -8,15 +8,14 @@ namespace qcow2fs {
 L2Cache::L2Cache(size_t capacity_tables, size_t words_per_table)
     : capacity_(std::max<size_t>(capacity_tables, 2)), words_(words_per_table) {}
 
-Result<std::shared_ptr<L2Table>> L2Cache::Get(std::unique_lock<std::mutex>& lk,
-                                              uint64_t offset,
+Result<std::shared_ptr<L2Table>> L2Cache::Get(Mutex& mu, uint64_t offset,
                                               const Loader& load) {
   while (true) {
     auto it = map_.find(offset);
     if (it == map_.end()) break;
     std::shared_ptr<L2Table> table = *it->second;
     if (table->loading) {
-      loaded_.wait(lk);
+      loaded_.Wait(mu);
       continue;  // the entry may have been dropped after a failed load
     }
     lru_.splice(lru_.begin(), lru_, it->second);
@@ -29,12 +28,14 @@ Result<std::shared_ptr<L2Table>> L2Cache::Get(std::unique_lock<std::mutex>& lk,
   map_[offset] = lru_.begin();
   Trim();
 
-  lk.unlock();
-  Status status = load(offset, *table);
-  lk.lock();
+  Status status;
+  {
+    MutexUnlock unlocked(mu);
+    status = load(offset, *table);
+  }
 
   table->loading = false;
-  loaded_.notify_all();
+  loaded_.NotifyAll();
   if (!status.ok()) {
     // Do not cache failures: a transient I/O error must not stick.
     auto it = map_.find(offset);

@@ -1,9 +1,10 @@
 // L2Cache: an LRU cache of L2 tables, keyed by their host offset.
 //
 // Invariants:
-//  - The cache is guarded by the image's metadata mutex; every method takes
-//    the caller's lock on it. Get() drops that lock only while a miss is
-//    read from disk, with a "loading" placeholder in the map so that a second
+//  - The cache is not thread-safe: its owner's metadata mutex guards it,
+//    held by the caller of every method (the owner's pointer to the cache
+//    is PT_GUARDED_BY that mutex, so a Clang build checks every call). Get()
+//    is handed that mutex and drops it only while a miss is read from disk, with a "loading" placeholder in the map so that a second
 //    thread asking for the same table waits for the first instead of
 //    reading it again (and no stale copy can ever be inserted).
 //  - A table handed out is pinned for as long as the caller keeps its
@@ -16,16 +17,16 @@
 //    consecutive words form one entry.
 #pragma once
 
-#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <list>
 #include <memory>
-#include <mutex>
 #include <span>
 #include <unordered_map>
 #include <vector>
 
+#include "base/mutex.h"
+#include "base/thread_annotations.h"
 #include "qcow2fs/status.h"
 
 namespace qcow2fs {
@@ -53,10 +54,11 @@ class L2Cache {
 
   L2Cache(size_t capacity_tables, size_t words_per_table);
 
-  // Returns the table at `offset`, loading it on a miss. `lk` must hold the
-  // metadata mutex; it is released during the load and re-acquired.
-  Result<std::shared_ptr<L2Table>> Get(std::unique_lock<std::mutex>& lk,
-                                       uint64_t offset, const Loader& load);
+  // Returns the table at `offset`, loading it on a miss. `mu` is the
+  // owner's metadata mutex, which guards the cache; it is released during
+  // the load (and while waiting for another thread's load) and re-acquired.
+  Result<std::shared_ptr<L2Table>> Get(Mutex& mu, uint64_t offset, const Loader& load)
+      REQUIRES(mu);
   // Inserts a new all-zero table for a freshly allocated cluster, dirty.
   std::shared_ptr<L2Table> InsertNew(uint64_t offset);
   // Drops the table at `offset` (after its cluster was freed).
@@ -75,7 +77,7 @@ class L2Cache {
   const size_t words_;
   Lru lru_;  // front = most recently used
   std::unordered_map<uint64_t, Lru::iterator> map_;
-  std::condition_variable loaded_;  // signalled when a load finishes
+  CondVar loaded_;  // signalled when a load finishes
 };
 
 }  // namespace qcow2fs

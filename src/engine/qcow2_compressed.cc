@@ -23,11 +23,11 @@ Status Qcow2Image::SetUpCompressedWrites(const OpenOptions& options) {
                   std::string("compress=") + want + " does not match the image's compression type " +
                       have + " (create the image with compression_type=" + want + ")");
   }
-  if (header_.has_data_file()) {
+  if (has_data_file_) {
     return Status(ErrorCode::kUnsupported,
                   "images with an external data file cannot hold compressed clusters");
   }
-  if (MaxRefcount(header_.refcount_order) < 3) {
+  if (MaxRefcount(refcount_order_) < 3) {
     return Status(ErrorCode::kUnsupported,
                   "compressed writes need refcounts of at least 2 bits (several compressed "
                   "clusters share a host cluster)");
@@ -39,12 +39,12 @@ Status Qcow2Image::SetUpCompressedWrites(const OpenOptions& options) {
 }
 
 bool Qcow2Image::WritableInPlace(uint64_t offset, uint64_t end) {
-  std::unique_lock lk(meta_mutex_);
+  MutexLock lk(meta_mutex_);
   const uint64_t l2_coverage = l2_entries_ << cluster_bits_;
   const uint64_t l1_index = offset / l2_coverage;
   const uint64_t l1_entry = l1_[l1_index];
   if (!(l1_entry & kOflagCopied) || L1EntryL2Offset(l1_entry) == 0) return false;
-  auto table = L2ForMappingLocked(lk, l1_index, offset);
+  auto table = L2ForMappingLocked(l1_index, offset);
   if (!table.ok()) return false;
   const uint64_t index = (offset >> cluster_bits_) & (l2_entries_ - 1);
   const uint64_t word = (*table)->entries[extended_l2_ ? 2 * index : index];
@@ -77,7 +77,7 @@ Status Qcow2Image::WriteCompressMode(uint64_t offset, std::span<const std::byte>
       const bool direct = WritableInPlace(pos, piece_end);
       if (direct) {
         // Already a normal cluster of ours: overwrite it where it is.
-        std::shared_lock guard(discard_lock_);
+        ReaderLock guard(discard_lock_);
         s = WriteShared(pos, piece);
       }
       compressed_cache_->EndDirectWrite(index);
@@ -101,8 +101,8 @@ Status Qcow2Image::ReadClusterForFill(uint64_t guest_offset, std::span<std::byte
 }
 
 Result<uint64_t> Qcow2Image::AllocateSegment(uint64_t count) {
-  std::unique_lock lk(meta_mutex_);
-  QCOW2FS_RETURN_IF_ERROR(FindFreeSpaceLocked(lk));
+  MutexLock lk(meta_mutex_);
+  QCOW2FS_RETURN_IF_ERROR(FindFreeSpaceLocked());
   return AllocateClustersLocked(count);
 }
 
@@ -112,7 +112,7 @@ Status Qcow2Image::WriteSegment(uint64_t host_offset, std::span<const std::byte>
 
 Status Qcow2Image::CommitSegment(const std::vector<Placed>& placed, uint64_t segment_offset,
                                  uint64_t count) {
-  std::unique_lock lk(meta_mutex_);
+  MutexLock lk(meta_mutex_);
   const uint64_t l2_coverage = l2_entries_ << cluster_bits_;
   Status status;
   for (const Placed& p : placed) {
@@ -123,8 +123,8 @@ Status Qcow2Image::CommitSegment(const std::vector<Placed>& placed, uint64_t seg
     const uint64_t guest_cluster = p.guest_offset >> cluster_bits_;
     std::shared_ptr<L2Table> pinned;
     while (status.ok() && !pinned) {
-      inflight_done_.wait(lk, [&] { return !inflight_.count(guest_cluster); });
-      auto got = L2ForWriteLocked(lk, p.guest_offset / l2_coverage);
+      while (inflight_.count(guest_cluster)) inflight_done_.Wait(meta_mutex_);
+      auto got = L2ForWriteLocked(p.guest_offset / l2_coverage);
       if (!got.ok()) {
         status = got.status();
       } else if (!inflight_.count(guest_cluster)) {  // the load may drop the lock
@@ -163,7 +163,7 @@ Status Qcow2Image::CommitSegment(const std::vector<Placed>& placed, uint64_t seg
 }
 
 void Qcow2Image::ReleaseSegment(uint64_t segment_offset, uint64_t count) {
-  std::lock_guard lk(meta_mutex_);
+  MutexLock lk(meta_mutex_);
   for (uint64_t i = 0; i < count; i++) {
     ReleaseClusterLocked(segment_offset + (i << cluster_bits_));
   }
@@ -173,7 +173,7 @@ Status Qcow2Image::WriteUncompressedCluster(uint64_t guest_offset,
                                             std::span<const std::byte> data) {
   const uint64_t disk = size();
   if (guest_offset >= disk) return Status();
-  std::shared_lock guard(discard_lock_);
+  ReaderLock guard(discard_lock_);
   return WriteShared(guest_offset, data.first(std::min<uint64_t>(data.size(), disk - guest_offset)));
 }
 
@@ -186,7 +186,7 @@ Status Qcow2Image::ZeroCluster(uint64_t guest_offset) {
 }
 
 uint64_t Qcow2Image::MaxCompressedPerHostCluster() const {
-  return MaxRefcount(header_.refcount_order) - 1;
+  return MaxRefcount(refcount_order_) - 1;
 }
 
 }  // namespace qcow2fs

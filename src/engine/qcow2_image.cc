@@ -46,7 +46,7 @@ Qcow2Image::~Qcow2Image() {
   // Flush applies deferred frees, which dirties refcount blocks once more.
   Status s = Flush();
   if (s.ok()) {
-    std::lock_guard lk(meta_mutex_);
+    MutexLock lk(meta_mutex_);
     s = WriteBackLocked();
   }
   if (!s.ok()) {
@@ -69,6 +69,9 @@ Result<std::unique_ptr<Image>> Qcow2Image::Open(std::unique_ptr<File> file,
 
 Status Qcow2Image::LoadMetadata(const OpenOptions& options,
                                 const FileOpener& opener, int chain_depth) {
+  // Nobody else can reach the image yet; the lock is free and lets the
+  // analysis check what is filled in below.
+  MutexLock lk(meta_mutex_);
   QCOW2FS_ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
   file_size_ = file_size;
 
@@ -83,6 +86,9 @@ Status Qcow2Image::LoadMetadata(const OpenOptions& options,
   cluster_size_ = header_.cluster_size();
   l2_entries_ = header_.l2_entries();
   extended_l2_ = header_.extended_l2();
+  version_ = header_.version;
+  has_data_file_ = header_.has_data_file();
+  refcount_order_ = header_.refcount_order;
   subcluster_bits_ = extended_l2_ ? cluster_bits_ - 5 : cluster_bits_;
   compression_ = header_.compression_type == 1 ? CompressionType::kZstd
                                                : CompressionType::kZlib;
@@ -265,7 +271,7 @@ Status Qcow2Image::OpenBacking(const OpenOptions& options,
 ImageInfo Qcow2Image::info() const {
   // The header and the snapshot table change under meta_mutex_ (snapshots,
   // resize, the corrupt bit).
-  std::lock_guard lk(meta_mutex_);
+  MutexLock lk(meta_mutex_);
   ImageInfo i;
   i.format = "qcow2";
   i.path = path_;

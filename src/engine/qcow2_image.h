@@ -1,36 +1,45 @@
 // Qcow2Image: the qcow2 implementation of Image.
 //
-// Locks, in the order they are taken:
-//   0. resize_lock_ (std::shared_mutex). Write, WriteZeroes and Discard
-//      hold the shared side from their bounds check to their end; Resize
-//      holds it exclusively, so the size never changes under a request.
-//   1. discard_lock_ (std::shared_mutex). Guest reads and writes hold the
-//      shared side from the moment they look up a host offset until their
-//      data I/O is done. Whatever drops a data cluster's refcount to zero
-//      holds the exclusive side, so no host cluster is freed (and possibly
+// Locks, in the order they are taken (ACQUIRED_BEFORE on the members, which
+// a Clang build checks):
+//   0. resize_lock_ (SharedMutex). Write, WriteZeroes and Discard hold the
+//      shared side from their bounds check to their end; Resize and the
+//      snapshot operations hold it exclusively, so the size never changes
+//      under a request.
+//   1. discard_lock_ (SharedMutex). Guest reads and writes hold the shared
+//      side from the moment they look up a host offset until their data
+//      I/O is done. Whatever drops a data cluster's refcount to zero holds
+//      the exclusive side, so no host cluster is freed (and possibly
 //      reused) while an in-flight request still uses it.
-//   2. meta_mutex_ (std::mutex). Guards all metadata in memory: the L1
-//      table, the L2 cache, refcounts and allocation state. It is never held
-//      across data I/O; the L2 cache drops it while loading a table.
+//   2. meta_mutex_ (Mutex). Guards all metadata in memory: the header, the
+//      L1 table, the L2 cache, refcounts and allocation state. It is never
+//      held across guest reads or writes; the L2 cache drops it while
+//      loading a table. Metadata write-back and hole punches (freed
+//      clusters, zeroed clusters of an external data file) run under it,
+//      the punches with discard_lock_ held exclusively (docs/concurrency.md).
+//   -  the compressed staging cache's own mutex (CompressedWriteCache::mu_)
+//      comes after discard_lock_ (reads capture staged bytes under its
+//      shared side, discard drops them under its exclusive side) and is
+//      never held together with meta_mutex_: the cache drops it before
+//      calling back into the image.
 // See docs/concurrency.md for the whole design.
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <set>
 #include <unordered_set>
 #include <memory>
-#include <mutex>
-#include <shared_mutex>
 #include <span>
 #include <string>
 #include <vector>
 
 #include <sys/types.h>
 
+#include "base/mutex.h"
+#include "base/thread_annotations.h"
 #include "engine/compressed_write_cache.h"
 #include "engine/image_open.h"
 #include "engine/l2_cache.h"
@@ -65,7 +74,7 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
 
   uint64_t size() const override { return size_.load(std::memory_order_acquire); }
   bool read_only() const override { return read_only_; }
-  ImageInfo info() const override;
+  ImageInfo info() const override EXCLUDES(meta_mutex_);
   // Adds a line to info().warnings; only before the image is shared with
   // other threads (the opener's note on a repaired dirty image).
   void AddWarning(std::string warning) { warnings_.push_back(std::move(warning)); }
@@ -88,43 +97,55 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
  private:
   Qcow2Image() = default;
 
+  // Open steps. They run before any other thread can see the image, with
+  // meta_mutex_ held all the same (uncontended) so that the analysis checks
+  // what they fill in.
   Status LoadMetadata(const OpenOptions& options, const FileOpener& opener,
-                      int chain_depth);
+                      int chain_depth) EXCLUDES(meta_mutex_);
   Status OpenBacking(const OpenOptions& options, const FileOpener& opener,
-                     int chain_depth);
+                     int chain_depth) REQUIRES(meta_mutex_);
   Status OpenDataFile(const OpenOptions& options, const FileOpener& opener,
-                      const std::vector<std::pair<dev_t, ino_t>>& chain_files);
-  Status LoadL1(uint64_t offset, uint32_t entries);
+                      const std::vector<std::pair<dev_t, ino_t>>& chain_files)
+      REQUIRES(meta_mutex_);
+  Status LoadL1(uint64_t offset, uint32_t entries) REQUIRES(meta_mutex_);
 
-  // Reads and validates one L2 table (the L2 cache's loader).
-  Status LoadL2Table(uint64_t offset, L2Table& table);
+  // Reads and validates one L2 table (the L2 cache's loader; it runs with
+  // meta_mutex_ released).
+  Status LoadL2Table(uint64_t offset, L2Table& table) EXCLUDES(meta_mutex_);
   // Maps [offset, end) into at most `max` extents, merging neighbours that
   // can be served by one I/O. Returns how many were produced (at least one
-  // unless an error occurs). Caller holds meta_mutex_ via `lk`.
-  Result<size_t> MapLocked(std::unique_lock<std::mutex>& lk, uint64_t offset,
-                           uint64_t end, Extent* out, size_t max);
+  // unless an error occurs). May drop meta_mutex_ while an L2 table loads.
+  Result<size_t> MapLocked(uint64_t offset, uint64_t end, Extent* out, size_t max)
+      REQUIRES(meta_mutex_);
   Status ReadExtent(const Extent& e, std::byte* dst);
   Status ReadCompressed(const Extent& e, std::byte* dst);
   Status ReadBacking(uint64_t offset, std::span<std::byte> dst);
   std::string Where(uint64_t guest_offset) const;
+  // L1 entries needed to map `virtual_size` bytes (Header::l1_entries_for,
+  // from the fields fixed after open).
+  uint64_t L1EntriesFor(uint64_t virtual_size) const {
+    const uint64_t coverage = l2_entries_ << cluster_bits_;
+    return (virtual_size + coverage - 1) / coverage;
+  }
 
   // Reads the image without the compressed staging cache. ReadImageShared
   // is the same with discard_lock_ held shared by the caller.
-  Status ReadImage(uint64_t offset, std::span<std::byte> buf);
-  Status ReadImageShared(uint64_t offset, std::span<std::byte> buf);
+  Status ReadImage(uint64_t offset, std::span<std::byte> buf) EXCLUDES(discard_lock_);
+  Status ReadImageShared(uint64_t offset, std::span<std::byte> buf)
+      REQUIRES_SHARED(discard_lock_) EXCLUDES(meta_mutex_);
   // Zeroing and discard: partial clusters get zeros written, whole
   // clusters lose their data (discard) or are marked zero. With
   // `drop_staged`, staged bytes of whole clusters are forgotten at the same
   // instant (compress mode; the cache's own commits pass false).
   Status ClearRange(uint64_t offset, uint64_t length, bool discard, bool may_unmap,
-                    bool drop_staged);
+                    bool drop_staged) EXCLUDES(discard_lock_, meta_mutex_);
 
   // --- compressed writes (qcow2_compressed.cc) ---
-  Status SetUpCompressedWrites(const OpenOptions& options);
+  Status SetUpCompressedWrites(const OpenOptions& options) REQUIRES(meta_mutex_);
   // Routes a compress-mode write: clusters we own go in place, the rest to
   // the staging cache.
   Status WriteCompressMode(uint64_t offset, std::span<const std::byte> data);
-  bool WritableInPlace(uint64_t offset, uint64_t end);
+  bool WritableInPlace(uint64_t offset, uint64_t end) EXCLUDES(meta_mutex_);
   Status ReadClusterForFill(uint64_t guest_offset, std::span<std::byte> out) override;
   Result<uint64_t> AllocateSegment(uint64_t count) override;
   Status WriteSegment(uint64_t host_offset, std::span<const std::byte> data) override;
@@ -137,30 +158,33 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   uint64_t MaxCompressedPerHostCluster() const override;
 
   // --- writing (qcow2_write.cc, qcow2_zero.cc, qcow2_metadata.cc) ---
-  Status PrepareForWriting();
+  Status PrepareForWriting() REQUIRES(meta_mutex_);
   Status CheckWritable(uint64_t offset, uint64_t length) const;
   // Guest data after CheckWritable: to the staging cache in compress mode,
   // else through WriteShared under discard_lock_ shared.
-  Status WriteData(uint64_t offset, std::span<const std::byte> data);
+  Status WriteData(uint64_t offset, std::span<const std::byte> data)
+      EXCLUDES(discard_lock_, meta_mutex_);
   // The write path proper; the caller holds discard_lock_ shared.
-  Status WriteShared(uint64_t offset, std::span<const std::byte> data);
+  Status WriteShared(uint64_t offset, std::span<const std::byte> data)
+      REQUIRES_SHARED(discard_lock_) EXCLUDES(meta_mutex_);
   // Writes zeros through the data path (partial clusters).
   Status WriteZeroBytes(uint64_t offset, uint64_t length);
   // The active L2 table for L1 index `l1_index`, allocated or copied away
-  // from a shared one as needed.
-  Result<std::shared_ptr<L2Table>> L2ForWriteLocked(
-      std::unique_lock<std::mutex>& lk, uint64_t l1_index);
-  Result<std::shared_ptr<L2Table>> L2ForMappingLocked(
-      std::unique_lock<std::mutex>& lk, uint64_t l1_index, uint64_t guest);
+  // from a shared one as needed. Both may drop meta_mutex_ while an L2
+  // table loads.
+  Result<std::shared_ptr<L2Table>> L2ForWriteLocked(uint64_t l1_index)
+      REQUIRES(meta_mutex_);
+  Result<std::shared_ptr<L2Table>> L2ForMappingLocked(uint64_t l1_index, uint64_t guest)
+      REQUIRES(meta_mutex_);
   // Allocates `count` contiguous host clusters for metadata or data.
-  Result<uint64_t> AllocateClustersLocked(uint64_t count);
+  Result<uint64_t> AllocateClustersLocked(uint64_t count) REQUIRES(meta_mutex_);
   // Before a step that may allocate: moves the free-space search to a free
   // cluster a few refcount blocks at a time, releasing meta_mutex_ (held
-  // via `lk` on entry and on return) between steps so that reads and other
+  // on entry and on return) between steps so that reads and other
   // writers are not kept waiting while it crosses many full blocks. Fails
   // only when a refcount block cannot be read; finding no free cluster is
   // left to the allocation, so requests that allocate nothing go on.
-  Status FindFreeSpaceLocked(std::unique_lock<std::mutex>& lk);
+  Status FindFreeSpaceLocked() REQUIRES(meta_mutex_);
   // Drops the image's reference to whatever the L2 entry pointed to; the
   // refcount is decremented at the next flush, after the new entry is on
   // disk (see docs/concurrency.md).
@@ -170,25 +194,26 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   // Releasing it would free clusters that hold other data. `index` is the
   // entry's index in `table`, `guest` its guest offset (for the message).
   Status CheckReleasableLocked(const L2Table& table, uint64_t index, uint64_t word,
-                               uint64_t guest);
-  void ReleaseEntryLocked(uint64_t word);
-  void ReleaseClusterLocked(uint64_t host_offset);
+                               uint64_t guest) REQUIRES(meta_mutex_);
+  void ReleaseEntryLocked(uint64_t word) REQUIRES(meta_mutex_);
+  void ReleaseClusterLocked(uint64_t host_offset) REQUIRES(meta_mutex_);
   // Queues host cluster `cluster` (an index) for a deferred free, and
   // marks the queue due once it holds MaxDeferredFrees() clusters.
-  void DeferFreeLocked(uint64_t cluster);
+  void DeferFreeLocked(uint64_t cluster) REQUIRES(meta_mutex_);
   // Clusters queued before the queue is applied without waiting for a
   // flush: 16 MiB worth, at least 64, so space freed by discards and
   // overwrites comes back while a program writes and never fsyncs.
   uint64_t MaxDeferredFrees() const;
   // Writes metadata back and applies the queued frees, when due. Takes the
   // discard lock exclusively: the caller holds neither it nor meta_mutex_.
-  Status ApplyDeferredFreesIfDue();
+  Status ApplyDeferredFreesIfDue() EXCLUDES(discard_lock_, meta_mutex_);
   // Empties the queue of deferred frees and returns it.
-  std::vector<uint64_t> TakeDeferredFreesLocked();
+  std::vector<uint64_t> TakeDeferredFreesLocked() REQUIRES(meta_mutex_);
   // Makes whole clusters [first, first+count) read as zeros (zero flag or
   // deallocation). Caller holds discard_lock_ exclusively.
   Status ZeroClustersExclusive(uint64_t first_cluster, uint64_t count,
-                               bool discard, bool may_unmap);
+                               bool discard, bool may_unmap)
+      REQUIRES(discard_lock_) EXCLUDES(meta_mutex_);
   // Snapshots (qcow2_snapshot.cc). Callers hold meta_mutex_ for *Locked;
   // every one runs with resize_lock_ held exclusively (no guest writes).
   struct ClusterRun {
@@ -200,57 +225,64 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   // Reads `entries` big-endian words at `offset` (bounds-checked; fences
   // the image when they lie outside the file).
   Result<std::vector<uint64_t>> ReadTableLocked(uint64_t offset, uint64_t entries,
-                                                const char* what);
+                                                const char* what) REQUIRES(meta_mutex_);
   // Calls `fn` for every host cluster the tree of L1 table `l1` reaches
   // (its L2 tables and what they map), once per reference, reading the
   // tables from the file (written back before).
   Status ForEachTreeClusterLocked(const std::vector<uint64_t>& l1, const std::string& whose,
-                                  const std::function<Status(uint64_t)>& fn);
+                                  const std::function<Status(uint64_t)>& fn)
+      REQUIRES(meta_mutex_);
   // Adds `delta` (+1 or -1) to the refcount of every cluster the tree
   // reaches; +1 fails with kNoSpace, changing nothing, when a refcount is
   // at its maximum.
   Status AddTreeReferencesLocked(const std::vector<uint64_t>& l1, int delta,
-                                 const std::string& whose);
+                                 const std::string& whose) REQUIRES(meta_mutex_);
   // One reference more or less; the last one going punches the cluster.
   // Dropping needs discard_lock_ held exclusively.
-  Status ChangeReferenceLocked(uint64_t cluster, int delta);
+  Status ChangeReferenceLocked(uint64_t cluster, int delta) REQUIRES(meta_mutex_);
   // Sets OFLAG_COPIED in the active L1 and L2 entries exactly where the
   // refcount is 1. May drop meta_mutex_ while loading an L2 table.
-  Status SetCopiedFlagsLocked(std::unique_lock<std::mutex>& lk);
+  Status SetCopiedFlagsLocked() REQUIRES(meta_mutex_);
   // Writes `entries` as a new snapshot table, then the header pointing to
   // it (the commit point); the old table's clusters are freed later.
-  Status WriteSnapshotTableLocked(std::vector<SnapshotEntry> entries);
+  Status WriteSnapshotTableLocked(std::vector<SnapshotEntry> entries) REQUIRES(meta_mutex_);
   // Writes metadata back and applies the queued frees. Caller holds
   // discard_lock_ exclusively, not meta_mutex_.
-  Status ApplyDeferredFreesExclusive();
-  Status RebuildSnapshotL2SetLocked();
+  Status ApplyDeferredFreesExclusive() REQUIRES(discard_lock_) EXCLUDES(meta_mutex_);
+  Status RebuildSnapshotL2SetLocked() REQUIRES(meta_mutex_);
   Status CheckSnapshotsPossible() const;
-  const SnapshotEntry* FindSnapshotLocked(const std::string& id_or_name) const;
+  const SnapshotEntry* FindSnapshotLocked(const std::string& id_or_name) const
+      REQUIRES(meta_mutex_);
 
   // Resize with resize_lock_ held exclusively.
-  Status ResizeExclusive(uint64_t new_size);
+  Status ResizeExclusive(uint64_t new_size) REQUIRES(resize_lock_)
+      EXCLUDES(discard_lock_, meta_mutex_);
   // Writes dirty metadata in crash-safe order and syncs the image file.
-  Status WriteBackLocked();
+  Status WriteBackLocked() REQUIRES(meta_mutex_);
   // Applies deferred refcount decrements whose L2 changes are on disk.
-  Status FreeClustersExclusive(std::vector<uint64_t> clusters);
-  Status WriteHeaderLocked();
+  // Caller holds discard_lock_ exclusively, not meta_mutex_.
+  Status FreeClustersExclusive(std::vector<uint64_t> clusters) REQUIRES(discard_lock_)
+      EXCLUDES(meta_mutex_);
+  Status WriteHeaderLocked() REQUIRES(meta_mutex_);
   // Refuses a write of `length` bytes at host `offset` that would land on
   // metadata other than `own` (the kinds the writer itself is allowed to
   // write there; 0 for guest data and new clusters): fences the image and
   // returns kCorrupt naming the structures.
   Status CheckOverlapLocked(uint64_t offset, uint64_t length, const char* what,
-                            uint8_t own = 0);
+                            uint8_t own = 0) REQUIRES(meta_mutex_);
   // The same for guest data about to be written in place at `host` (for
   // guest offset `guest`); free of cost for images with a data file.
-  Status CheckGuestWriteLocked(uint64_t host, uint64_t length, uint64_t guest);
+  Status CheckGuestWriteLocked(uint64_t host, uint64_t length, uint64_t guest)
+      REQUIRES(meta_mutex_);
   // Fills metadata_ from the tables (writable images, at open).
-  Status BuildMetadataMap();
-  // Marks the image corrupt on disk and stops all writes.
-  Status FenceCorrupt(const Status& cause);
+  Status BuildMetadataMap() REQUIRES(meta_mutex_);
+  // Marks the image corrupt on disk and stops all writes. The corrupt bit
+  // is a header change, written with the rest of the header: under
+  // meta_mutex_.
+  Status FenceCorruptLocked(const Status& cause) REQUIRES(meta_mutex_);
 
   // Fixed after open.
   std::string path_;
-  Header header_;
   std::unique_ptr<File> file_;
   std::unique_ptr<File> owned_data_file_;
   File* data_file_ = nullptr;  // file_ or owned_data_file_
@@ -264,43 +296,54 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   uint64_t l2_entries_ = 8192;
   uint32_t subcluster_bits_ = 16;  // cluster_bits_ - 5 with extended L2
   bool extended_l2_ = false;
+  // Header fields that never change while the image is open, copied out of
+  // header_ so that paths without meta_mutex_ can read them.
+  uint32_t version_ = 3;
+  bool has_data_file_ = false;
+  uint32_t refcount_order_ = 4;
 
   std::atomic<uint64_t> size_{0};  // virtual size; changes only on Resize
   // Length of the image file, for bounds checks of metadata. Only grows
   // while the image is open, so a stale read errs on the safe side.
   std::atomic<uint64_t> file_size_{0};
 
-  std::shared_mutex resize_lock_;
-  mutable std::shared_mutex discard_lock_;
-  mutable std::mutex meta_mutex_;
-  std::vector<uint64_t> l1_;  // guarded by meta_mutex_
-  std::unique_ptr<L2Cache> l2_cache_;  // guarded by meta_mutex_
-  std::unique_ptr<Refcounts> refcounts_;  // guarded by meta_mutex_
-  MetadataMap metadata_;                  // guarded by meta_mutex_
+  // The lock order is written on the locks; see the top of this file.
+  SharedMutex resize_lock_ ACQUIRED_BEFORE(discard_lock_);
+  mutable SharedMutex discard_lock_ ACQUIRED_BEFORE(meta_mutex_);
+  mutable Mutex meta_mutex_;
+  // The header as on disk, or as the next write-back will write it:
+  // snapshots, resize, a moved refcount table and the corrupt bit change it.
+  Header header_ GUARDED_BY(meta_mutex_);
+  std::vector<uint64_t> l1_ GUARDED_BY(meta_mutex_);
+  // The cache and the refcounts are not thread-safe themselves: every call
+  // into them is made with meta_mutex_ held, which PT_GUARDED_BY checks.
+  std::unique_ptr<L2Cache> l2_cache_ PT_GUARDED_BY(meta_mutex_);
+  std::unique_ptr<Refcounts> refcounts_ PT_GUARDED_BY(meta_mutex_);
+  MetadataMap metadata_ GUARDED_BY(meta_mutex_);
   // L2 tables (cluster indexes) some snapshot's L1 table names: they stay
   // metadata when the active L1 copies away from them.
-  std::unordered_set<uint64_t> snapshot_l2_tables_;  // guarded by meta_mutex_
-  std::set<uint64_t> l1_dirty_;           // guarded by meta_mutex_
-  bool header_dirty_ = false;             // guarded by meta_mutex_
+  std::unordered_set<uint64_t> snapshot_l2_tables_ GUARDED_BY(meta_mutex_);
+  std::set<uint64_t> l1_dirty_ GUARDED_BY(meta_mutex_);
+  bool header_dirty_ GUARDED_BY(meta_mutex_) = false;
   // Host clusters whose refcount drops by one at the next flush, once the
   // L2/L1 changes that removed the reference are on disk.
-  std::vector<uint64_t> pending_frees_;   // guarded by meta_mutex_
+  std::vector<uint64_t> pending_frees_ GUARDED_BY(meta_mutex_);
   // pending_frees_ has reached MaxDeferredFrees(). Set under meta_mutex_;
   // read without it as a hint (the applier checks again under the lock).
   std::atomic<bool> frees_due_{false};
   // Guest clusters with an allocating write between mapping and L2 update;
-  // a second allocating writer waits on inflight_done_.
-  std::unordered_set<uint64_t> inflight_;  // guarded by meta_mutex_
-  std::condition_variable inflight_done_;
+  // a second allocating writer waits on inflight_done_ (with meta_mutex_).
+  std::unordered_set<uint64_t> inflight_ GUARDED_BY(meta_mutex_);
+  CondVar inflight_done_;
   // Set once corruption is found at run time; read without a lock because
   // it only ever goes from false to true and fences writes.
   std::atomic<bool> fenced_{false};
   // The snapshot table as on disk; changed only by snapshot operations.
-  std::vector<SnapshotEntry> snapshots_;  // guarded by meta_mutex_
-  uint64_t snapshot_table_bytes_ = 0;     // guarded by meta_mutex_
+  std::vector<SnapshotEntry> snapshots_ GUARDED_BY(meta_mutex_);
+  uint64_t snapshot_table_bytes_ GUARDED_BY(meta_mutex_) = 0;
   // Snapshot views alive (OpenSnapshot), by snapshot ID: such a snapshot
   // is not deleted.
-  std::map<std::string, int> open_views_;  // guarded by meta_mutex_
+  std::map<std::string, int> open_views_ GUARDED_BY(meta_mutex_);
   // Present when opened with OpenOptions::compress; thread-safe itself.
   std::unique_ptr<CompressedWriteCache> compressed_cache_;
 };

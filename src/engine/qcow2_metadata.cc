@@ -36,7 +36,6 @@ Status Qcow2Image::PrepareForWriting() {
   const uint64_t autoclear = header_.autoclear_features & kAutoclearKnown;
   if (autoclear != header_.autoclear_features) {
     header_.autoclear_features = autoclear;
-    std::lock_guard lk(meta_mutex_);
     QCOW2FS_RETURN_IF_ERROR(WriteHeaderLocked());
     QCOW2FS_RETURN_IF_ERROR(file_->Sync());
   }
@@ -76,14 +75,14 @@ Status Qcow2Image::CheckOverlapLocked(uint64_t offset, uint64_t length, const ch
   }
   hit &= static_cast<uint8_t>(~own);
   if (!hit) return Status();
-  return FenceCorrupt(Status(ErrorCode::kCorrupt,
+  return FenceCorruptLocked(Status(ErrorCode::kCorrupt,
                              std::string(what) + " at " + Hex(offset) + " would overwrite " +
                                  MetadataMap::Describe(hit) + " (the image's tables are "
                                  "inconsistent)"));
 }
 
 Status Qcow2Image::CheckGuestWriteLocked(uint64_t host, uint64_t length, uint64_t guest) {
-  if (header_.has_data_file()) return Status();  // guest data lives in another file
+  if (has_data_file_) return Status();  // guest data lives in another file
   for (uint64_t c = host >> cluster_bits_; c <= (host + length - 1) >> cluster_bits_; c++) {
     if (metadata_.KindsOf(c) == 0) continue;
     return CheckOverlapLocked(host, length,
@@ -99,11 +98,12 @@ Status Qcow2Image::BuildMetadataMap() {
                                                     : ((offset + bytes - 1) >> cluster_bits_) -
                                                           (offset >> cluster_bits_) + 1};
   };
-  auto add = [&](uint64_t offset, uint64_t bytes, MetadataMap::Kind kind) {
+  auto add = [&](uint64_t offset, uint64_t bytes, MetadataMap::Kind kind) REQUIRES(meta_mutex_) {
     auto [first, count] = clusters_of(offset, bytes);
     metadata_.AddRange(first, count, kind);
   };
-  auto add_l2_tables = [&](const std::vector<uint64_t>& l1, bool of_snapshot) {
+  auto add_l2_tables = [&](const std::vector<uint64_t>& l1, bool of_snapshot)
+                           REQUIRES(meta_mutex_) {
     for (uint64_t entry : l1) {
       const uint64_t l2 = L1EntryL2Offset(entry);
       // An unaligned one cannot be used at all (mapping reports it).
@@ -134,7 +134,7 @@ Status Qcow2Image::BuildMetadataMap() {
   return Status();
 }
 
-Status Qcow2Image::FenceCorrupt(const Status& cause) {
+Status Qcow2Image::FenceCorruptLocked(const Status& cause) {
   if (!fenced_.exchange(true)) {
     header_.incompatible_features |= kIncompatCorrupt;
     if (WriteHeaderLocked().ok()) (void)file_->Sync();
@@ -176,7 +176,7 @@ Status Qcow2Image::WriteBackLocked() {
   bool wrote = false, data_synced = false;
   Status status;
   std::vector<std::byte> raw(cluster_size_);
-  l2_cache_->ForEachDirty([&](L2Table& t) {
+  l2_cache_->ForEachDirty([&](L2Table& t) REQUIRES(meta_mutex_) {
     if (!status.ok()) return;
     if (!data_synced) {
       if (owned_data_file_) status = owned_data_file_->Sync();
@@ -239,24 +239,24 @@ Status Qcow2Image::ApplyDeferredFreesIfDue() {
   if (!frees_due_.load(std::memory_order_relaxed)) return Status();
   std::vector<uint64_t> frees;
   {
-    std::unique_lock lk(meta_mutex_);
+    MutexLock lk(meta_mutex_);
     if (!frees_due_.load(std::memory_order_relaxed)) return Status();  // another thread did
     // The references are gone from disk before any refcount drops.
     QCOW2FS_RETURN_IF_ERROR(WriteBackLocked());
     frees = TakeDeferredFreesLocked();
   }
-  std::unique_lock guard(discard_lock_);
+  WriterLock guard(discard_lock_);
   return FreeClustersExclusive(std::move(frees));
 }
 
 Status Qcow2Image::FreeClustersExclusive(std::vector<uint64_t> clusters) {
   if (clusters.empty()) return Status();
   std::sort(clusters.begin(), clusters.end());
-  std::unique_lock lk(meta_mutex_);
+  MutexLock lk(meta_mutex_);
   for (uint64_t c : clusters) {
     QCOW2FS_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get(c));
     if (rc == 0) {
-      return FenceCorrupt(Status(ErrorCode::kCorrupt,
+      return FenceCorruptLocked(Status(ErrorCode::kCorrupt,
                                  "freeing cluster " + Hex(c << cluster_bits_) +
                                      " whose refcount is already 0"));
     }
@@ -264,7 +264,7 @@ Status Qcow2Image::FreeClustersExclusive(std::vector<uint64_t> clusters) {
       // Structures that move away drop their kind first (an old L1 or
       // refcount table, an L2 table copied away): this is a data reference
       // to a metadata cluster going, and freeing would wipe the table.
-      return FenceCorrupt(Status(ErrorCode::kCorrupt,
+      return FenceCorruptLocked(Status(ErrorCode::kCorrupt,
                                  "freeing cluster " + Hex(c << cluster_bits_) + ", which holds " +
                                      MetadataMap::Describe(metadata_.KindsOf(c))));
     }
@@ -285,7 +285,7 @@ Status Qcow2Image::Flush() {
   if (compressed_cache_) QCOW2FS_RETURN_IF_ERROR(compressed_cache_->Flush());
   std::vector<uint64_t> frees;
   {
-    std::unique_lock lk(meta_mutex_);
+    MutexLock lk(meta_mutex_);
     QCOW2FS_RETURN_IF_ERROR(WriteBackLocked());
     // Only frees whose L2/L1 changes just reached disk are safe to apply.
     frees = TakeDeferredFreesLocked();
@@ -293,7 +293,7 @@ Status Qcow2Image::Flush() {
   QCOW2FS_RETURN_IF_ERROR(file_->Sync());
   if (owned_data_file_) QCOW2FS_RETURN_IF_ERROR(owned_data_file_->Sync());
   if (frees.empty()) return Status();
-  std::unique_lock guard(discard_lock_);
+  WriterLock guard(discard_lock_);
   return FreeClustersExclusive(std::move(frees));
 }
 
@@ -311,7 +311,8 @@ Status Qcow2Image::Resize(uint64_t new_size) {
   // every write that was accepted, and no write is accepted against a size
   // that is about to change.
   {
-    auto resizing = LockExclusiveNoting(resize_lock_, "Resize:WaitingForRequests", new_size);
+    LockExclusiveNoting(resize_lock_, "Resize:WaitingForRequests", new_size);
+    WriterLock resizing(resize_lock_, kAdoptLock);
     QCOW2FS_RETURN_IF_ERROR(ResizeExclusive(new_size));
   }
   QCOW2FS_SYNC_POINT("Resize:SizePublished", new_size);
@@ -332,7 +333,7 @@ Status Qcow2Image::ResizeExclusive(uint64_t new_size) {
                         " bytes: data is allocated past the new end");
     }
   }
-  if (header_.l1_entries_for(new_size) * 8 > limits::kMaxL1Bytes) {
+  if (L1EntriesFor(new_size) * 8 > limits::kMaxL1Bytes) {
     return Status(ErrorCode::kInvalidArgument,
                   "size " + std::to_string(new_size) + " needs an L1 table over 32 MiB");
   }
@@ -344,8 +345,8 @@ Status Qcow2Image::ResizeExclusive(uint64_t new_size) {
     QCOW2FS_RETURN_IF_ERROR(WriteZeroBytes(old_size, stop - old_size));
   }
   {
-    std::unique_lock guard(discard_lock_);
-    std::unique_lock lk(meta_mutex_);
+    WriterLock guard(discard_lock_);
+    MutexLock lk(meta_mutex_);
     const uint64_t needed = header_.l1_entries_for(new_size);
     if (needed > l1_.size()) {
       // A bigger L1 table in new clusters, complete on disk before the

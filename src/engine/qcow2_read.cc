@@ -51,7 +51,7 @@ Status Qcow2Image::LoadL2Table(uint64_t offset, L2Table& table) {
   // now: nothing of ours can be there yet, but clusters allocated later
   // will be, and dropping such an entry's references would free them.
   const uint64_t file_size = file_size_.load(std::memory_order_acquire);
-  const bool has_data_file = header_.has_data_file();
+  const bool has_data_file = has_data_file_;
   for (uint64_t index = 0; index < l2_entries_; index++) {
     const uint64_t word = words[extended_l2_ ? 2 * index : index];
     if (ClassifyL2Entry(word, extended_l2_, has_data_file) != ClusterType::kCompressed) continue;
@@ -66,9 +66,8 @@ Status Qcow2Image::LoadL2Table(uint64_t offset, L2Table& table) {
   return Status();
 }
 
-Result<size_t> Qcow2Image::MapLocked(std::unique_lock<std::mutex>& lk,
-                                     uint64_t offset, uint64_t end,
-                                     Extent* out, size_t max) {
+Result<size_t> Qcow2Image::MapLocked(uint64_t offset, uint64_t end, Extent* out,
+                                     size_t max) {
   size_t n = 0;
   auto emit = [&](const Extent& e) {
     if (n > 0 && CanMerge(out[n - 1], e)) {
@@ -83,7 +82,7 @@ Result<size_t> Qcow2Image::MapLocked(std::unique_lock<std::mutex>& lk,
     return Status(ErrorCode::kCorrupt, what + " (mapping " + Where(guest) + ")");
   };
   const uint64_t l2_coverage = l2_entries_ << cluster_bits_;
-  const bool has_data_file = header_.has_data_file();
+  const bool has_data_file = has_data_file_;
   const L2Cache::Loader loader = [this](uint64_t off, L2Table& t) { return LoadL2Table(off, t); };
 
   uint64_t pos = offset;
@@ -107,7 +106,7 @@ Result<size_t> Qcow2Image::MapLocked(std::unique_lock<std::mutex>& lk,
                               " points to L2 table at " + Hex(l2_offset) +
                               ", which is unaligned or past the end of the file");
     }
-    auto table_or = l2_cache_->Get(lk, l2_offset, loader);
+    auto table_or = l2_cache_->Get(meta_mutex_, l2_offset, loader);
     if (!table_or.ok()) {
       return table_or.status().Annotate("reading L2 table at " + Hex(l2_offset));
     }
@@ -223,7 +222,8 @@ Status Qcow2Image::Read(uint64_t offset, std::span<std::byte> buf) {
   // Staged bytes win; captured first so a commit in between cannot be
   // missed. The discard lock is held across both, so a discard or zeroing
   // cannot drop the staged bytes and change the clusters in between.
-  auto guard = LockSharedNoting(discard_lock_, "Read:WaitingForDiscard", offset);
+  LockSharedNoting(discard_lock_, "Read:WaitingForDiscard", offset);
+  ReaderLock guard(discard_lock_, kAdoptLock);
   auto staged = compressed_cache_->Capture(offset, buf.size());
   QCOW2FS_RETURN_IF_ERROR(ReadImageShared(offset, buf));
   CompressedWriteCache::Apply(staged, offset, buf);
@@ -231,7 +231,7 @@ Status Qcow2Image::Read(uint64_t offset, std::span<std::byte> buf) {
 }
 
 Status Qcow2Image::ReadImage(uint64_t offset, std::span<std::byte> buf) {
-  std::shared_lock guard(discard_lock_);
+  ReaderLock guard(discard_lock_);
   return ReadImageShared(offset, buf);
 }
 
@@ -241,8 +241,8 @@ Status Qcow2Image::ReadImageShared(uint64_t offset, std::span<std::byte> buf) {
   for (uint64_t pos = offset; pos < end;) {
     size_t n;
     {
-      std::unique_lock lk(meta_mutex_);
-      QCOW2FS_ASSIGN_OR_RETURN(n, MapLocked(lk, pos, end, extents, kExtentBatch));
+      MutexLock lk(meta_mutex_);
+      QCOW2FS_ASSIGN_OR_RETURN(n, MapLocked(pos, end, extents, kExtentBatch));
     }
     for (size_t i = 0; i < n; i++) {
       QCOW2FS_RETURN_IF_ERROR(
@@ -335,10 +335,10 @@ Result<BlockStatus> Qcow2Image::GetBlockStatus(uint64_t offset, uint64_t length)
   };
   BlockStatus status;
   Extent extents[kExtentBatch];
-  std::shared_lock guard(discard_lock_);
-  std::unique_lock lk(meta_mutex_);
+  ReaderLock guard(discard_lock_);
+  MutexLock lk(meta_mutex_);
   for (uint64_t pos = offset; pos < end;) {
-    QCOW2FS_ASSIGN_OR_RETURN(size_t n, MapLocked(lk, pos, end, extents, kExtentBatch));
+    QCOW2FS_ASSIGN_OR_RETURN(size_t n, MapLocked(pos, end, extents, kExtentBatch));
     for (size_t i = 0; i < n; i++) {
       const Extent& e = extents[i];
       const bool compressed = e.kind == Extent::Kind::kCompressed;

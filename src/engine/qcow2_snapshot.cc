@@ -95,7 +95,7 @@ std::vector<std::byte> DiskOnlyExtraData(uint64_t disk_size) {
 }  // namespace
 
 Qcow2Image::ClusterRun Qcow2Image::ReferencedClusters(uint64_t word) const {
-  switch (ClassifyL2Entry(word, extended_l2_, header_.has_data_file())) {
+  switch (ClassifyL2Entry(word, extended_l2_, has_data_file_)) {
     case ClusterType::kCompressed: {
       const CompressedDescriptor d = DecodeCompressed(word, cluster_bits_);
       const uint64_t first = AlignDown(d.host_offset, kSectorSize) >> cluster_bits_;
@@ -104,7 +104,7 @@ Qcow2Image::ClusterRun Qcow2Image::ReferencedClusters(uint64_t word) const {
     }
     case ClusterType::kNormal:
     case ClusterType::kZeroAlloc:
-      if (header_.has_data_file() || (word & kL2OffsetMask) == 0) return {};
+      if (has_data_file_ || (word & kL2OffsetMask) == 0) return {};
       return {(word & kL2OffsetMask) >> cluster_bits_, 1};
     default:
       return {};
@@ -116,7 +116,7 @@ Result<std::vector<uint64_t>> Qcow2Image::ReadTableLocked(uint64_t offset, uint6
   const uint64_t bytes = entries * 8;
   const uint64_t file_size = file_size_.load(std::memory_order_acquire);
   if (offset % cluster_size_ != 0 || offset > file_size || file_size - offset < bytes) {
-    return FenceCorrupt(Status(ErrorCode::kCorrupt, std::string(what) + " at " + Hex(offset) +
+    return FenceCorruptLocked(Status(ErrorCode::kCorrupt, std::string(what) + " at " + Hex(offset) +
                                                         " is unaligned or past the end of the file"));
   }
   std::vector<std::byte> raw(bytes);
@@ -152,8 +152,9 @@ Status Qcow2Image::AddTreeReferencesLocked(const std::vector<uint64_t>& l1, int 
     // Refused before anything changes when some refcount is at its
     // maximum (a low refcount_bits image with many snapshots): no half-done
     // update to undo.
-    const uint64_t max = MaxRefcount(header_.refcount_order);
-    QCOW2FS_RETURN_IF_ERROR(ForEachTreeClusterLocked(l1, whose, [&](uint64_t c) -> Status {
+    const uint64_t max = MaxRefcount(refcount_order_);
+    QCOW2FS_RETURN_IF_ERROR(ForEachTreeClusterLocked(l1, whose, [&](uint64_t c)
+                                                                    REQUIRES(meta_mutex_) -> Status {
       QCOW2FS_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get(c));
       if (rc + static_cast<uint64_t>(delta) <= max) return Status();
       return Status(ErrorCode::kNoSpace,
@@ -163,13 +164,15 @@ Status Qcow2Image::AddTreeReferencesLocked(const std::vector<uint64_t>& l1, int 
     }));
   }
   return ForEachTreeClusterLocked(l1, whose,
-                                  [&](uint64_t c) { return ChangeReferenceLocked(c, delta); });
+                                  [&](uint64_t c) REQUIRES(meta_mutex_) {
+                                    return ChangeReferenceLocked(c, delta);
+                                  });
 }
 
 Status Qcow2Image::ApplyDeferredFreesExclusive() {
   std::vector<uint64_t> frees;
   {
-    std::unique_lock lk(meta_mutex_);
+    MutexLock lk(meta_mutex_);
     QCOW2FS_RETURN_IF_ERROR(WriteBackLocked());
     frees = TakeDeferredFreesLocked();
   }
@@ -179,11 +182,11 @@ Status Qcow2Image::ApplyDeferredFreesExclusive() {
 Status Qcow2Image::ChangeReferenceLocked(uint64_t cluster, int delta) {
   if (delta > 0) {
     auto added = refcounts_->Add(cluster, delta);
-    return added.ok() ? added : FenceCorrupt(added);
+    return added.ok() ? added : FenceCorruptLocked(added);
   }
   QCOW2FS_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get(cluster));
   if (rc == 0) {
-    return FenceCorrupt(Status(ErrorCode::kCorrupt, "dropping a reference to cluster " +
+    return FenceCorruptLocked(Status(ErrorCode::kCorrupt, "dropping a reference to cluster " +
                                                         Hex(cluster << cluster_bits_) +
                                                         " whose refcount is already 0"));
   }
@@ -199,7 +202,7 @@ Status Qcow2Image::ChangeReferenceLocked(uint64_t cluster, int delta) {
   return refcounts_->Add(cluster, -1);
 }
 
-Status Qcow2Image::SetCopiedFlagsLocked(std::unique_lock<std::mutex>& lk) {
+Status Qcow2Image::SetCopiedFlagsLocked() {
   const uint64_t l2_coverage = l2_entries_ << cluster_bits_;
   for (uint64_t i = 0; i < l1_.size(); i++) {
     const uint64_t l2 = L1EntryL2Offset(l1_[i]);
@@ -210,7 +213,7 @@ Status Qcow2Image::SetCopiedFlagsLocked(std::unique_lock<std::mutex>& lk) {
       l1_[i] = l1_entry;
       l1_dirty_.insert(i);
     }
-    QCOW2FS_ASSIGN_OR_RETURN(auto table, L2ForMappingLocked(lk, i, i * l2_coverage));
+    QCOW2FS_ASSIGN_OR_RETURN(auto table, L2ForMappingLocked(i, i * l2_coverage));
     bool changed = false;
     for (uint64_t k = 0; k < table->entries.size(); k += extended_l2_ ? 2 : 1) {
       const uint64_t word = table->entries[k];
@@ -281,7 +284,7 @@ Status Qcow2Image::RebuildSnapshotL2SetLocked() {
 Status Qcow2Image::CheckSnapshotsPossible() const {
   if (read_only_) return Status(ErrorCode::kReadOnly, path_ + " is open read-only");
   if (fenced_.load()) return Status(ErrorCode::kReadOnly, path_ + " is marked corrupt");
-  if (header_.has_data_file()) {
+  if (has_data_file_) {
     return Status(ErrorCode::kUnsupported,
                   "images with an external data file cannot hold internal snapshots");
   }
@@ -301,13 +304,14 @@ const SnapshotEntry* Qcow2Image::FindSnapshotLocked(const std::string& id_or_nam
 Status Qcow2Image::CreateSnapshot(const std::string& name) {
   QCOW2FS_RETURN_IF_ERROR(CheckSnapshotsPossible());
   if (name.empty()) return Status(ErrorCode::kInvalidArgument, "a snapshot needs a name");
-  if (header_.refcount_order == 0) {
+  if (refcount_order_ == 0) {
     return Status(ErrorCode::kUnsupported,
                   "refcount_bits=1 images cannot hold a snapshot (no room for a second reference)");
   }
-  auto writers = LockExclusiveNoting(resize_lock_, "Snapshot:WaitingForWriters", 0);
+  LockExclusiveNoting(resize_lock_, "Snapshot:WaitingForWriters", 0);
+  WriterLock writers(resize_lock_, kAdoptLock);
   if (compressed_cache_) QCOW2FS_RETURN_IF_ERROR(compressed_cache_->Flush());
-  std::unique_lock lk(meta_mutex_);
+  MutexLock lk(meta_mutex_);
   if (FindSnapshotLocked(name)) {
     return Status(ErrorCode::kAlreadyExists, "a snapshot named '" + name + "' exists");
   }
@@ -326,7 +330,7 @@ Status Qcow2Image::CreateSnapshot(const std::string& name) {
     QCOW2FS_ASSIGN_OR_RETURN(copy_offset, AllocateClustersLocked(clusters));
     metadata_.AddRange(copy_offset >> cluster_bits_, clusters, MetadataMap::kSnapshotL1Table);
   }
-  QCOW2FS_RETURN_IF_ERROR(SetCopiedFlagsLocked(lk));
+  QCOW2FS_RETURN_IF_ERROR(SetCopiedFlagsLocked());
   std::vector<std::byte> raw(AlignUp(l1_.size() * 8, kSectorSize));
   for (size_t i = 0; i < l1_.size(); i++) {
     copy[i] = l1_[i] & ~kOflagCopied;
@@ -371,14 +375,15 @@ Status Qcow2Image::CreateSnapshot(const std::string& name) {
 
 Status Qcow2Image::DeleteSnapshot(const std::string& id_or_name) {
   QCOW2FS_RETURN_IF_ERROR(CheckSnapshotsPossible());
-  auto writers = LockExclusiveNoting(resize_lock_, "Snapshot:WaitingForWriters", 1);
+  LockExclusiveNoting(resize_lock_, "Snapshot:WaitingForWriters", 1);
+  WriterLock writers(resize_lock_, kAdoptLock);
   if (compressed_cache_) QCOW2FS_RETURN_IF_ERROR(compressed_cache_->Flush());
-  std::unique_lock guard(discard_lock_);
+  WriterLock guard(discard_lock_);
   // Frees queued by earlier writes first: one of them may be the last
   // active reference to a table the snapshot shares, and must not meet the
   // snapshot's references gone.
   QCOW2FS_RETURN_IF_ERROR(ApplyDeferredFreesExclusive());
-  std::unique_lock lk(meta_mutex_);
+  MutexLock lk(meta_mutex_);
   const SnapshotEntry* found = FindSnapshotLocked(id_or_name);
   if (!found) return Status(ErrorCode::kNotFound, "no snapshot with ID or name '" + id_or_name + "'");
   const SnapshotEntry gone = *found;
@@ -405,21 +410,21 @@ Status Qcow2Image::DeleteSnapshot(const std::string& id_or_name) {
     for (uint64_t c = first; c <= last; c++) QCOW2FS_RETURN_IF_ERROR(ChangeReferenceLocked(c, -1));
   }
   // 3. Clusters the active disk now holds alone may be written in place.
-  QCOW2FS_RETURN_IF_ERROR(SetCopiedFlagsLocked(lk));
+  QCOW2FS_RETURN_IF_ERROR(SetCopiedFlagsLocked());
   return WriteBackLocked();
 }
 
 Result<std::unique_ptr<Image>> Qcow2Image::OpenSnapshot(const std::string& id_or_name) {
   std::string id;
   {
-    std::lock_guard lk(meta_mutex_);
+    MutexLock lk(meta_mutex_);
     const SnapshotEntry* s = FindSnapshotLocked(id_or_name);
     if (!s) return Status(ErrorCode::kNotFound, "no snapshot with ID or name '" + id_or_name + "'");
     id = s->id;
     open_views_[id]++;
   }
   auto forget = [this, id] {
-    std::lock_guard lk(meta_mutex_);
+    MutexLock lk(meta_mutex_);
     if (--open_views_[id] == 0) open_views_.erase(id);
   };
   // A second read-only image of the same file (reopened through this
@@ -449,16 +454,17 @@ Result<std::unique_ptr<Image>> Qcow2Image::OpenSnapshot(const std::string& id_or
 
 Status Qcow2Image::RevertToSnapshot(const std::string& id_or_name) {
   QCOW2FS_RETURN_IF_ERROR(CheckSnapshotsPossible());
-  auto writers = LockExclusiveNoting(resize_lock_, "Snapshot:WaitingForWriters", 2);
+  LockExclusiveNoting(resize_lock_, "Snapshot:WaitingForWriters", 2);
+  WriterLock writers(resize_lock_, kAdoptLock);
   if (compressed_cache_) QCOW2FS_RETURN_IF_ERROR(compressed_cache_->Flush());
-  std::unique_lock guard(discard_lock_);
+  WriterLock guard(discard_lock_);
   QCOW2FS_RETURN_IF_ERROR(ApplyDeferredFreesExclusive());
-  std::unique_lock lk(meta_mutex_);
+  MutexLock lk(meta_mutex_);
   const SnapshotEntry* found = FindSnapshotLocked(id_or_name);
   if (!found) return Status(ErrorCode::kNotFound, "no snapshot with ID or name '" + id_or_name + "'");
   const SnapshotEntry target = *found;
   if (uint64_t{target.l1_size} < header_.l1_entries_for(target.disk_size)) {
-    return FenceCorrupt(Status(ErrorCode::kCorrupt, "snapshot '" + target.name +
+    return FenceCorruptLocked(Status(ErrorCode::kCorrupt, "snapshot '" + target.name +
                                                         "' has an L1 table too small for its disk"));
   }
   QCOW2FS_RETURN_IF_ERROR(WriteBackLocked());
@@ -504,7 +510,7 @@ Status Qcow2Image::RevertToSnapshot(const std::string& id_or_name) {
   // 3. The old active tree's references go, then the flags follow the
   // refcounts.
   QCOW2FS_RETURN_IF_ERROR(AddTreeReferencesLocked(old_l1, -1, "the previous active disk"));
-  QCOW2FS_RETURN_IF_ERROR(SetCopiedFlagsLocked(lk));
+  QCOW2FS_RETURN_IF_ERROR(SetCopiedFlagsLocked());
   return WriteBackLocked();
 }
 

@@ -56,7 +56,7 @@ Status Qcow2Image::CheckWritable(uint64_t offset, uint64_t length) const {
 }
 
 Status Qcow2Image::Write(uint64_t offset, std::span<const std::byte> data) {
-  std::shared_lock sizing(resize_lock_);
+  ReaderLock sizing(resize_lock_);
   QCOW2FS_RETURN_IF_ERROR(CheckWritable(offset, data.size()));
   QCOW2FS_RETURN_IF_ERROR(WriteData(offset, data));
   // Overwrites of compressed or shared clusters queue frees.
@@ -65,7 +65,7 @@ Status Qcow2Image::Write(uint64_t offset, std::span<const std::byte> data) {
 
 Status Qcow2Image::WriteData(uint64_t offset, std::span<const std::byte> data) {
   if (compressed_cache_) return WriteCompressMode(offset, data);
-  std::shared_lock guard(discard_lock_);
+  ReaderLock guard(discard_lock_);
   return WriteShared(offset, data);
 }
 
@@ -73,7 +73,7 @@ Result<uint64_t> Qcow2Image::AllocateClustersLocked(uint64_t count) {
   auto offset = refcounts_->Allocate(count);
   if (!offset.ok()) {
     // The refcounts call a metadata cluster free: never hand it out.
-    if (offset.status().code() == ErrorCode::kCorrupt) return FenceCorrupt(offset.status());
+    if (offset.status().code() == ErrorCode::kCorrupt) return FenceCorruptLocked(offset.status());
     return offset;
   }
   QCOW2FS_RETURN_IF_ERROR(
@@ -86,7 +86,7 @@ Result<uint64_t> Qcow2Image::AllocateClustersLocked(uint64_t count) {
   return offset;
 }
 
-Status Qcow2Image::FindFreeSpaceLocked(std::unique_lock<std::mutex>& lk) {
+Status Qcow2Image::FindFreeSpaceLocked() {
   // Refcount blocks read per step: a few milliseconds of I/O at most.
   constexpr size_t kBlockReadsPerStep = 16;
   while (true) {
@@ -95,14 +95,13 @@ Status Qcow2Image::FindFreeSpaceLocked(std::unique_lock<std::mutex>& lk) {
     if (!found.ok() && found.status().code() == ErrorCode::kNoSpace) return Status();
     if (!found.ok()) return found.status();
     if (*found) return Status();
-    lk.unlock();
+    MutexUnlock unlocked(meta_mutex_);
     QCOW2FS_SYNC_POINT("Allocate:SearchPaused", 0);
-    lk.lock();
   }
 }
 
-Result<std::shared_ptr<L2Table>> Qcow2Image::L2ForMappingLocked(
-    std::unique_lock<std::mutex>& lk, uint64_t l1_index, uint64_t guest) {
+Result<std::shared_ptr<L2Table>> Qcow2Image::L2ForMappingLocked(uint64_t l1_index,
+                                                                uint64_t guest) {
   const uint64_t l2_offset = L1EntryL2Offset(l1_[l1_index]);
   const uint64_t file_size = file_size_.load(std::memory_order_acquire);
   if (l2_offset % cluster_size_ != 0 || l2_offset > file_size ||
@@ -112,27 +111,26 @@ Result<std::shared_ptr<L2Table>> Qcow2Image::L2ForMappingLocked(
                       Hex(l2_offset) + ", which is unaligned or past the end of " +
                       "the file (mapping " + Where(guest) + ")");
   }
-  return l2_cache_->Get(lk, l2_offset,
+  return l2_cache_->Get(meta_mutex_, l2_offset,
                         [this](uint64_t off, L2Table& t) { return LoadL2Table(off, t); });
 }
 
-Result<std::shared_ptr<L2Table>> Qcow2Image::L2ForWriteLocked(
-    std::unique_lock<std::mutex>& lk, uint64_t l1_index) {
+Result<std::shared_ptr<L2Table>> Qcow2Image::L2ForWriteLocked(uint64_t l1_index) {
   const uint64_t l1_entry = l1_[l1_index];
   const uint64_t old_offset = L1EntryL2Offset(l1_entry);
   if (old_offset != 0 && (l1_entry & kOflagCopied)) {
-    return L2ForMappingLocked(lk, l1_index, l1_index * (l2_entries_ << cluster_bits_));
+    return L2ForMappingLocked(l1_index, l1_index * (l2_entries_ << cluster_bits_));
   }
   // No table yet, or one shared with a snapshot: make our own copy.
   std::vector<uint64_t> old_entries;
   std::vector<uint32_t> old_suspects;
   if (old_offset != 0) {
     QCOW2FS_ASSIGN_OR_RETURN(
-        auto old, L2ForMappingLocked(lk, l1_index, l1_index * (l2_entries_ << cluster_bits_)));
+        auto old, L2ForMappingLocked(l1_index, l1_index * (l2_entries_ << cluster_bits_)));
     old_entries = old->entries;
     old_suspects = old->suspect_compressed;
     // Another writer may have copied it while the load dropped the lock.
-    if (l1_[l1_index] != l1_entry) return L2ForWriteLocked(lk, l1_index);
+    if (l1_[l1_index] != l1_entry) return L2ForWriteLocked(l1_index);
   }
   QCOW2FS_ASSIGN_OR_RETURN(uint64_t new_offset, AllocateClustersLocked(1));
   auto table = l2_cache_->InsertNew(new_offset);
@@ -153,8 +151,8 @@ Result<std::shared_ptr<L2Table>> Qcow2Image::L2ForWriteLocked(
 
 Status Qcow2Image::CheckReleasableLocked(const L2Table& table, uint64_t index, uint64_t word,
                                          uint64_t guest) {
-  const ClusterType type = ClassifyL2Entry(word, extended_l2_, header_.has_data_file());
-  if (header_.has_data_file()) return Status();  // data file clusters are not counted
+  const ClusterType type = ClassifyL2Entry(word, extended_l2_, has_data_file_);
+  if (has_data_file_) return Status();  // data file clusters are not counted
   if (type == ClusterType::kNormal || type == ClusterType::kZeroAlloc) {
     // The one host cluster it names: aligned, and not metadata (whose
     // refcount dropping to zero would wipe it).
@@ -162,7 +160,7 @@ Status Qcow2Image::CheckReleasableLocked(const L2Table& table, uint64_t index, u
     if (host == 0) return Status();
     const uint8_t kinds = host % cluster_size_ == 0 ? metadata_.KindsOf(host >> cluster_bits_) : 0;
     if (host % cluster_size_ == 0 && kinds == 0) return Status();
-    return FenceCorrupt(Status(
+    return FenceCorruptLocked(Status(
         ErrorCode::kCorrupt,
         "the L2 entry of " + Where(guest) + " names host offset " + Hex(host) +
             (kinds ? ", which holds " + MetadataMap::Describe(kinds) : ", which is unaligned") +
@@ -177,7 +175,7 @@ Status Qcow2Image::CheckReleasableLocked(const L2Table& table, uint64_t index, u
     bad = metadata_.KindsOf(c) != 0;
   }
   if (!bad) return Status();
-  return FenceCorrupt(Status(
+  return FenceCorruptLocked(Status(
       ErrorCode::kCorrupt,
       "compressed cluster at " + Where(guest) + " claims " + std::to_string(d.max_bytes) +
           " bytes at host offset " + Hex(d.host_offset) +
@@ -190,7 +188,7 @@ void Qcow2Image::ReleaseClusterLocked(uint64_t host_offset) {
 }
 
 void Qcow2Image::ReleaseEntryLocked(uint64_t word) {
-  const ClusterType type = ClassifyL2Entry(word, extended_l2_, header_.has_data_file());
+  const ClusterType type = ClassifyL2Entry(word, extended_l2_, has_data_file_);
   if (type == ClusterType::kCompressed) {
     // A compressed cluster holds a reference on every host cluster its
     // sectors touch.
@@ -202,7 +200,7 @@ void Qcow2Image::ReleaseEntryLocked(uint64_t word) {
     }
     return;
   }
-  if (header_.has_data_file()) return;  // data file clusters are not counted
+  if (has_data_file_) return;  // data file clusters are not counted
   const uint64_t host = word & kL2OffsetMask;
   if (host != 0) ReleaseClusterLocked(host);
 }
@@ -211,15 +209,15 @@ Status Qcow2Image::WriteShared(uint64_t offset, std::span<const std::byte> data)
   const uint64_t end = offset + data.size();
   const uint64_t l2_coverage = l2_entries_ << cluster_bits_;
   const uint64_t subcluster_size = uint64_t{1} << subcluster_bits_;
-  const bool has_data_file = header_.has_data_file();
+  const bool has_data_file = has_data_file_;
   const std::byte* src = data.data();
 
   for (uint64_t pos = offset; pos < end;) {
-    std::unique_lock lk(meta_mutex_);
-    QCOW2FS_RETURN_IF_ERROR(FindFreeSpaceLocked(lk));
+    MutexLock lk(meta_mutex_);
+    QCOW2FS_RETURN_IF_ERROR(FindFreeSpaceLocked());
     const uint64_t l1_index = pos / l2_coverage;
     const uint64_t table_end = std::min(end, (l1_index + 1) * l2_coverage);
-    QCOW2FS_ASSIGN_OR_RETURN(auto table, L2ForWriteLocked(lk, l1_index));
+    QCOW2FS_ASSIGN_OR_RETURN(auto table, L2ForWriteLocked(l1_index));
 
     auto entry_index = [&](uint64_t guest) {
       return (guest >> cluster_bits_) & (l2_entries_ - 1);
@@ -257,7 +255,7 @@ Status Qcow2Image::WriteShared(uint64_t offset, std::span<const std::byte> data)
       }
       // An L2 entry may point at metadata (a corrupt or hostile image).
       QCOW2FS_RETURN_IF_ERROR(CheckGuestWriteLocked(host, run_end - pos, pos));
-      lk.unlock();
+      lk.Unlock();
       QCOW2FS_SYNC_POINT("Write:InPlaceBeforeData", pos);
       QCOW2FS_RETURN_IF_ERROR(
           data_file_->WriteAt(host, {src + (pos - offset), run_end - pos}));
@@ -269,7 +267,7 @@ Status Qcow2Image::WriteShared(uint64_t offset, std::span<const std::byte> data)
     const uint64_t first_cluster = pos >> cluster_bits_;
     if (inflight_.count(first_cluster)) {
       table.reset();
-      inflight_done_.wait(lk);
+      inflight_done_.Wait(meta_mutex_);
       continue;
     }
     const uint64_t c0 = AlignDown(pos, cluster_size_);
@@ -323,11 +321,11 @@ Status Qcow2Image::WriteShared(uint64_t offset, std::span<const std::byte> data)
     Extent head[kSubclustersPerCluster + 1], tail[kSubclustersPerCluster + 1];
     size_t head_count = 0, tail_count = 0;
     if (window_start < pos) {
-      QCOW2FS_ASSIGN_OR_RETURN(head_count, MapLocked(lk, window_start, pos, head,
+      QCOW2FS_ASSIGN_OR_RETURN(head_count, MapLocked(window_start, pos, head,
                                                      std::size(head)));
     }
     if (run_end < window_end) {
-      QCOW2FS_ASSIGN_OR_RETURN(tail_count, MapLocked(lk, run_end, window_end, tail,
+      QCOW2FS_ASSIGN_OR_RETURN(tail_count, MapLocked(run_end, window_end, tail,
                                                      std::size(tail)));
     }
 
@@ -355,7 +353,7 @@ Status Qcow2Image::WriteShared(uint64_t offset, std::span<const std::byte> data)
       old_bitmaps[i] = bitmap_of(c0 + (i << cluster_bits_));
       inflight_.insert(first_cluster + i);
     }
-    lk.unlock();
+    lk.Unlock();
 
     // Write the window [window_start, window_end) at host_base + (g - c0).
     Status io;
@@ -376,9 +374,9 @@ Status Qcow2Image::WriteShared(uint64_t offset, std::span<const std::byte> data)
       if (io.ok()) io = data_file_->WriteAt(host_base + (window_start - c0), staging);
     }
 
-    lk.lock();
+    lk.Lock();
     for (uint64_t i = 0; i < clusters; i++) inflight_.erase(first_cluster + i);
-    inflight_done_.notify_all();
+    inflight_done_.NotifyAll();
     if (!io.ok()) {
       // The new clusters were never referenced: give them back.
       if (!reuse_host && !has_data_file) {

@@ -7,7 +7,6 @@
 // reference is being dropped (see docs/concurrency.md).
 #include <algorithm>
 #include <functional>
-#include <mutex>
 
 #include "engine/qcow2_image.h"
 #include "format/align.h"
@@ -36,9 +35,9 @@ Status Qcow2Image::WriteZeroBytes(uint64_t offset, uint64_t length) {
 
 Status Qcow2Image::ZeroClustersExclusive(uint64_t first_cluster, uint64_t count,
                                          bool discard, bool may_unmap) {
-  const bool has_data_file = header_.has_data_file();
-  const bool v3 = header_.version >= 3;
-  std::unique_lock lk(meta_mutex_);
+  const bool has_data_file = has_data_file_;
+  const bool v3 = version_ >= 3;
+  MutexLock lk(meta_mutex_);
   for (uint64_t c = first_cluster; c < first_cluster + count;) {
     const uint64_t l1_index = c / l2_entries_;
     const uint64_t table_last = std::min(first_cluster + count, (l1_index + 1) * l2_entries_);
@@ -47,7 +46,7 @@ Status Qcow2Image::ZeroClustersExclusive(uint64_t first_cluster, uint64_t count,
       c = table_last;
       continue;
     }
-    QCOW2FS_ASSIGN_OR_RETURN(auto table, L2ForWriteLocked(lk, l1_index));
+    QCOW2FS_ASSIGN_OR_RETURN(auto table, L2ForWriteLocked(l1_index));
     for (; c < table_last; c++) {
       const uint64_t idx = c & (l2_entries_ - 1);
       uint64_t& word = table->entries[extended_l2_ ? 2 * idx : idx];
@@ -68,6 +67,9 @@ Status Qcow2Image::ZeroClustersExclusive(uint64_t first_cluster, uint64_t count,
         // mark it zero, and punch the data file so its raw view agrees.
         new_word = extended_l2_ ? (old & ~kOflagZero) : ((host | kOflagCopied) | kOflagZero);
         if (extended_l2_) new_bitmap = kAllZeroBitmap;
+        // Punched under meta_mutex_ (and the exclusive discard lock, so no
+        // guest I/O waits on it): no flush can write the zero entry back
+        // before the raw data file reads as zeros.
         if (host != 0 || (old & kOflagCopied)) {
           QCOW2FS_RETURN_IF_ERROR(data_file_->PunchHole(c << cluster_bits_, cluster_size_));
         }
@@ -99,7 +101,7 @@ Status Qcow2Image::ZeroClustersExclusive(uint64_t first_cluster, uint64_t count,
   if (frees_due_.load(std::memory_order_relaxed)) {
     QCOW2FS_RETURN_IF_ERROR(WriteBackLocked());
     std::vector<uint64_t> frees = TakeDeferredFreesLocked();
-    lk.unlock();
+    lk.Unlock();
     // We hold the discard lock exclusively already: free right away.
     return FreeClustersExclusive(std::move(frees));
   }
@@ -122,7 +124,7 @@ static Status ForClusterSpan(uint64_t offset, uint64_t length, uint64_t cluster_
 }
 
 Status Qcow2Image::WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap) {
-  std::shared_lock sizing(resize_lock_);
+  ReaderLock sizing(resize_lock_);
   QCOW2FS_RETURN_IF_ERROR(CheckWritable(offset, length));
   QCOW2FS_RETURN_IF_ERROR(
       ClearRange(offset, length, /*discard=*/false, may_unmap, /*drop_staged=*/true));
@@ -138,7 +140,7 @@ Status Qcow2Image::ClearRange(uint64_t offset, uint64_t length, bool discard,
       offset + length == size() ? AlignUp(size(), cluster_size_) : offset + length;
   // Version 2 cannot mark a cluster zero over a backing file: zeroing
   // writes zeros there (discard may let the backing data show).
-  const bool write_whole = !discard && header_.version < 3 && backing_;
+  const bool write_whole = !discard && version_ < 3 && backing_;
   return ForClusterSpan(
       offset, span_end - offset, cluster_size_,
       [&](uint64_t off, uint64_t len) {
@@ -154,7 +156,8 @@ Status Qcow2Image::ClearRange(uint64_t offset, uint64_t length, bool discard,
           if (drop_staged && compressed_cache_) {
             QCOW2FS_RETURN_IF_ERROR(compressed_cache_->SettleRange(off, len));
           }
-          auto guard = LockExclusiveNoting(discard_lock_, "Discard:WaitingForRequests", off);
+          LockExclusiveNoting(discard_lock_, "Discard:WaitingForRequests", off);
+          WriterLock guard(discard_lock_, kAdoptLock);
           if (drop_staged && compressed_cache_ && !compressed_cache_->DropStaged(off, len)) {
             continue;  // a cluster was completed meanwhile: let it commit first
           }
@@ -166,7 +169,7 @@ Status Qcow2Image::ClearRange(uint64_t offset, uint64_t length, bool discard,
 }
 
 Status Qcow2Image::Discard(uint64_t offset, uint64_t length) {
-  std::shared_lock sizing(resize_lock_);
+  ReaderLock sizing(resize_lock_);
   QCOW2FS_RETURN_IF_ERROR(CheckWritable(offset, length));
   QCOW2FS_RETURN_IF_ERROR(ClearRange(offset, length, /*discard=*/true, /*may_unmap=*/true,
                                      /*drop_staged=*/true));

@@ -1,8 +1,10 @@
 // Refcounts: the refcount table and blocks in memory, and host cluster
 // allocation.
 //
-// Guarded by the image's metadata mutex (the caller holds it for every
-// call). Changes stay in memory until WriteBack(), which writes them in the
+// Not thread-safe: the image's metadata mutex guards it (the caller holds
+// it for every call; this class never takes or drops it). The image's
+// pointer to it is PT_GUARDED_BY that mutex, so a Clang build checks every
+// call. Changes stay in memory until WriteBack(), which writes them in the
 // order that keeps the image consistent at every instant:
 //   1. new and changed refcount blocks, then sync;
 //   2. the refcount table (in place, or a new, larger copy), then sync;

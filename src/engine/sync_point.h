@@ -20,11 +20,11 @@
 
 #include <cstdint>
 #include <functional>
-#include <mutex>
-#include <shared_mutex>
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include "base/thread_annotations.h"
 
 #ifdef QCOW2FS_SYNC_POINTS
 #define QCOW2FS_SYNC_POINT(name, arg) ::qcow2fs::SyncPoints::Reached(name, arg)
@@ -70,28 +70,26 @@ class SyncPoints {
 
 // Takes `m` exclusively. When that has to wait (someone holds it, or its
 // shared side), passes the sync point `name` first, so a test can tell that
-// the caller is held up by other requests and not merely slow.
-template <typename Mutex>
-std::unique_lock<Mutex> LockExclusiveNoting(Mutex& m, [[maybe_unused]] const char* name,
-                                            [[maybe_unused]] uint64_t arg) {
-  std::unique_lock<Mutex> lock(m, std::try_to_lock);
-  if (!lock.owns_lock()) {
+// the caller is held up by other requests and not merely slow. The caller
+// then hands the lock to a guard: `WriterLock guard(m, kAdoptLock);` (a
+// guard returned from here would hide the lock from the analysis).
+template <typename M>
+void LockExclusiveNoting(M& m, [[maybe_unused]] const char* name,
+                         [[maybe_unused]] uint64_t arg) ACQUIRE(m) {
+  if (!m.try_lock()) {
     QCOW2FS_SYNC_POINT(name, arg);
-    lock.lock();
+    m.lock();
   }
-  return lock;
 }
 
-// The same for the shared side.
-template <typename Mutex>
-std::shared_lock<Mutex> LockSharedNoting(Mutex& m, [[maybe_unused]] const char* name,
-                                         [[maybe_unused]] uint64_t arg) {
-  std::shared_lock<Mutex> lock(m, std::try_to_lock);
-  if (!lock.owns_lock()) {
+// The same for the shared side (`ReaderLock guard(m, kAdoptLock);`).
+template <typename M>
+void LockSharedNoting(M& m, [[maybe_unused]] const char* name,
+                      [[maybe_unused]] uint64_t arg) ACQUIRE_SHARED(m) {
+  if (!m.try_lock_shared()) {
     QCOW2FS_SYNC_POINT(name, arg);
-    lock.lock();
+    m.lock_shared();
   }
-  return lock;
 }
 
 // Resets sync points at the start and end of a test's scope.

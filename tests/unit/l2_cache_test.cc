@@ -74,11 +74,11 @@ class L2CacheTest : public ::testing::Test {
  protected:
   std::shared_ptr<L2Table> Get(L2Cache& cache, uint64_t offset) {
     std::unique_lock lk(mu_);
-    auto r = cache.Get(lk, offset, disk_.Loader());
+    auto r = cache.Get(mu_, offset, disk_.Loader());
     EXPECT_TRUE(r.ok()) << r.status().ToString();
     return r.ok() ? std::move(r).value() : nullptr;
   }
-  std::mutex mu_;  // stands for the image's metadata mutex
+  Mutex mu_;  // stands for the image's metadata mutex
   FakeDisk disk_;
 };
 
@@ -218,7 +218,7 @@ TEST_F(L2CacheTest, AFailedLoadIsNotCached) {
   disk_.FailNext(1);
   {
     std::unique_lock lk(mu_);
-    auto r = cache.Get(lk, 1 << 16, disk_.Loader());
+    auto r = cache.Get(mu_, 1 << 16, disk_.Loader());
     ASSERT_FALSE(r.ok());
     EXPECT_EQ(r.status().ToErrno(), EIO);
     EXPECT_TRUE(lk.owns_lock()) << "Get returns with the caller's lock held";
@@ -234,11 +234,11 @@ TEST_F(L2CacheTest, AFailedLoadIsNotCached) {
 // thread is inside Get() and has let go of it, i.e. it waits on a load.
 class Getter {
  public:
-  Getter(std::mutex& mu, L2Cache& cache, uint64_t offset, L2Cache::Loader loader)
+  Getter(Mutex& mu, L2Cache& cache, uint64_t offset, L2Cache::Loader loader)
       : thread_([&mu, &cache, offset, loader = std::move(loader), this] {
           std::unique_lock lk(mu);
           started_ = true;
-          auto r = cache.Get(lk, offset, loader);
+          auto r = cache.Get(mu, offset, loader);
           status_ = r.status();
           if (r.ok()) {
             table_ = std::move(r).value();
