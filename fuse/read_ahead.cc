@@ -24,12 +24,12 @@ ReadAhead::ReadAhead(Fetch fetch, size_t min_read, size_t max_read, unsigned slo
 
 ReadAhead::~ReadAhead() {
   {
-    std::lock_guard lk(mu_);
+    MutexLock lk(mu_);
     for (Slot* s : queue_) s->state = State::kFree;
     queue_.clear();
     stopping_ = true;
   }
-  work_.notify_all();
+  work_.NotifyAll();
   for (std::thread& t : threads_) t.join();
 }
 
@@ -89,7 +89,7 @@ void ReadAhead::StartLocked(uint64_t offset, uint64_t disk_size) {
   victim->status = Status();
   victim->last_used = ++clock_;
   queue_.push_back(victim);
-  work_.notify_one();
+  work_.NotifyOne();
 }
 
 ReadAhead::Pin::Pin(Pin&& other) noexcept
@@ -108,7 +108,7 @@ ReadAhead::Pin::~Pin() { Release(); }
 
 void ReadAhead::Pin::Release() {
   if (owner_ == nullptr) return;
-  std::lock_guard lk(owner_->mu_);
+  MutexLock lk(owner_->mu_);
   slot_->users--;
   owner_ = nullptr;
   slot_ = nullptr;
@@ -121,12 +121,12 @@ Result<const std::byte*> ReadAhead::Read(uint64_t offset, std::span<std::byte> s
     QCOW2FS_RETURN_IF_ERROR(fetch_(offset, scratch));
     return scratch.data();
   }
-  std::unique_lock lk(mu_);
+  MutexLock lk(mu_);
   const std::byte* served = nullptr;
   uint64_t next = offset + length;
   if (Slot* slot = FindLocked(offset, length)) {
     slot->users++;
-    fetched_.wait(lk, [&] { return slot->state == State::kReady; });
+    while (slot->state != State::kReady) fetched_.Wait(mu_);
     slot->last_used = ++clock_;
     if (!slot->stale && slot->status.ok()) {
       served = slot->buffer.data() + (offset - slot->offset);
@@ -147,14 +147,14 @@ Result<const std::byte*> ReadAhead::Read(uint64_t offset, std::span<std::byte> s
     // one image, four 1,100-1,687, the raw file 1,196-1,865).
     for (uint64_t i = 0; i < kPiecesAhead; i++) StartLocked(next + i * max_read_, disk_size);
   }
-  lk.unlock();
+  lk.Unlock();
   if (served != nullptr) return served;
   QCOW2FS_RETURN_IF_ERROR(fetch_(offset, scratch));
   return scratch.data();
 }
 
 void ReadAhead::Invalidate(uint64_t offset, uint64_t length) {
-  std::lock_guard lk(mu_);
+  MutexLock lk(mu_);
   for (Slot& s : slots_) {
     if (s.state == State::kFree || s.offset >= offset + length || offset >= s.offset + s.length) {
       continue;
@@ -168,18 +168,18 @@ void ReadAhead::Invalidate(uint64_t offset, uint64_t length) {
 }
 
 void ReadAhead::Run() {
-  std::unique_lock lk(mu_);
+  MutexLock lk(mu_);
   while (true) {
-    work_.wait(lk, [this] { return stopping_ || !queue_.empty(); });
+    while (!stopping_ && queue_.empty()) work_.Wait(mu_);
     if (queue_.empty()) return;  // stopping
     Slot* slot = queue_.front();
     queue_.erase(queue_.begin());
-    lk.unlock();
+    lk.Unlock();
     Status status = fetch_(slot->offset, {slot->buffer.data(), slot->length});
-    lk.lock();
+    lk.Lock();
     slot->status = std::move(status);
     slot->state = State::kReady;
-    fetched_.notify_all();
+    fetched_.NotifyAll();
   }
 }
 

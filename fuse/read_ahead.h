@@ -26,16 +26,16 @@
 // image can read them with O_DIRECT), allocated once.
 #pragma once
 
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <span>
 #include <thread>
 #include <vector>
 
+#include "base/mutex.h"
+#include "base/thread_annotations.h"
 #include "qcow2fs/aligned_buffer.h"
 #include "qcow2fs/status.h"
 
@@ -95,26 +95,29 @@ class ReadAhead {
   };
 
   // With the lock: a ready or fetching slot covering the range, or null.
-  Slot* FindLocked(uint64_t offset, size_t length);
+  Slot* FindLocked(uint64_t offset, size_t length) REQUIRES(mu_);
   // With the lock: queues a fetch of a piece at `offset` (up to disk_size)
   // unless a slot has it or none can be reused.
-  void StartLocked(uint64_t offset, uint64_t disk_size);
+  void StartLocked(uint64_t offset, uint64_t disk_size) REQUIRES(mu_);
   // Whether a read at `offset` continues a recent read; records `end`.
-  bool ContinuesStreamLocked(uint64_t offset, uint64_t end);
-  void Run();
+  bool ContinuesStreamLocked(uint64_t offset, uint64_t end) REQUIRES(mu_);
+  void Run() EXCLUDES(mu_);
 
   const Fetch fetch_;
   const size_t min_read_;
   const size_t max_read_;
 
-  std::mutex mu_;
-  std::condition_variable work_;     // a fetch was queued, or stopping
-  std::condition_variable fetched_;  // a fetch finished, or a slot was released
-  std::vector<Slot> slots_;
-  std::vector<Slot*> queue_;         // slots to fetch, oldest first
-  std::vector<uint64_t> recent_ends_;  // where the last few large reads ended
-  uint64_t clock_ = 0;
-  bool stopping_ = false;
+  // A slot is guarded by mu_, except its buffer while kFetching (the one
+  // fetching thread fills it) and while pinned (readers copy out of it).
+  Mutex mu_;
+  CondVar work_;     // a fetch was queued, or stopping
+  CondVar fetched_;  // a fetch finished, or a slot was released
+  std::vector<Slot> slots_ GUARDED_BY(mu_);
+  std::vector<Slot*> queue_ GUARDED_BY(mu_);  // slots to fetch, oldest first
+  // Where the last few large reads ended.
+  std::vector<uint64_t> recent_ends_ GUARDED_BY(mu_);
+  uint64_t clock_ GUARDED_BY(mu_) = 0;
+  bool stopping_ GUARDED_BY(mu_) = false;
   std::vector<std::thread> threads_;
 };
 

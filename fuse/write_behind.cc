@@ -48,7 +48,7 @@ uint64_t SpaceBank::Need(uint64_t offset, uint64_t length) const {
 }
 
 int SpaceBank::Reserve(uint64_t need) {
-  std::lock_guard lk(mu_);
+  MutexLock lk(mu_);
   const uint64_t wanted = queued_ + in_flight_ + need + floor_;
   if (given_ > 0) {
     // Writes are retrying on space the bank gave up: take none of it.
@@ -87,14 +87,14 @@ int SpaceBank::Reserve(uint64_t need) {
 }
 
 void SpaceBank::Start(uint64_t need) {
-  std::lock_guard lk(mu_);
+  MutexLock lk(mu_);
   need = std::min(need, queued_);
   queued_ -= need;
   in_flight_ += need;
 }
 
 void SpaceBank::Return(uint64_t need, bool given) {
-  std::lock_guard lk(mu_);
+  MutexLock lk(mu_);
   uint64_t& from = given ? given_ : in_flight_;
   from -= std::min(need, from);
   // After a burst: give back all but a step above what is still wanted.
@@ -103,12 +103,12 @@ void SpaceBank::Return(uint64_t need, bool given) {
 }
 
 bool SpaceBank::Trim() {
-  std::lock_guard lk(mu_);
+  MutexLock lk(mu_);
   return ShrinkLocked(queued_ + in_flight_ + floor_);
 }
 
 void SpaceBank::Give(uint64_t need) {
-  std::lock_guard lk(mu_);
+  MutexLock lk(mu_);
   need = std::min(need, in_flight_);
   in_flight_ -= need;
   given_ += need;
@@ -116,12 +116,12 @@ void SpaceBank::Give(uint64_t need) {
 }
 
 bool SpaceBank::Short() const {
-  std::lock_guard lk(mu_);
+  MutexLock lk(mu_);
   return short_ || given_ > 0;
 }
 
 bool SpaceBank::Release() {
-  std::lock_guard lk(mu_);
+  MutexLock lk(mu_);
   return ShrinkLocked(queued_ + in_flight_);
 }
 
@@ -136,12 +136,12 @@ bool SpaceBank::ShrinkLocked(uint64_t size) {
 }
 
 uint64_t SpaceBank::held() const {
-  std::lock_guard lk(mu_);
+  MutexLock lk(mu_);
   return held_;
 }
 
 uint64_t SpaceBank::reserved() const {
-  std::lock_guard lk(mu_);
+  MutexLock lk(mu_);
   return queued_ + in_flight_;
 }
 
@@ -156,11 +156,11 @@ WriteBehind::WriteBehind(Apply apply, size_t max_bytes, size_t max_write, unsign
 
 WriteBehind::~WriteBehind() {
   {
-    std::unique_lock lk(mu_);
-    done_.wait(lk, [this] { return queue_.empty(); });
+    MutexLock lk(mu_);
+    while (!queue_.empty()) done_.Wait(mu_);
     stopping_ = true;
   }
-  work_.notify_all();
+  work_.NotifyAll();
   for (std::thread& t : threads_) t.join();
 }
 
@@ -176,13 +176,13 @@ bool WriteBehind::Submit(uint64_t offset, std::span<const std::byte> data) {
   // acknowledged if the host holds room for it.
   const uint64_t reserved = bank_ ? bank_->Need(offset, data.size()) : 0;
   if (bank_ && bank_->Reserve(reserved) != 0) return false;
-  std::unique_lock lk(mu_);
-  auto admitted = [&] {
+  MutexLock lk(mu_);
+  auto admitted = [&]() REQUIRES(mu_) {
     return !OverlapsLocked(offset, data.size()) &&
            (!spare_.empty() || buffers_ < max_buffers_);
   };
   if (!admitted()) QCOW2FS_SYNC_POINT("WriteBehind:SubmitWaits", offset);
-  done_.wait(lk, admitted);
+  while (!admitted()) done_.Wait(mu_);
   AlignedBuffer buffer;
   if (!spare_.empty()) {
     buffer = std::move(spare_.back());
@@ -197,46 +197,49 @@ bool WriteBehind::Submit(uint64_t offset, std::span<const std::byte> data) {
   auto it = queue_.insert(queue_.end(),
                           Pending{next_sequence_++, offset, data.size(), reserved,
                                   std::move(buffer)});
-  lk.unlock();
+  lk.Unlock();
   std::memcpy(it->buffer.data(), data.data(), data.size());
-  lk.lock();
+  lk.Lock();
   it->ready = true;
-  lk.unlock();
-  work_.notify_one();
+  lk.Unlock();
+  work_.NotifyOne();
   return true;
 }
 
 void WriteBehind::WaitFor(uint64_t offset, uint64_t length) {
-  std::unique_lock lk(mu_);
-  auto clear = [&] { return !OverlapsLocked(offset, length); };
+  MutexLock lk(mu_);
+  auto clear = [&]() REQUIRES(mu_) { return !OverlapsLocked(offset, length); };
   if (!clear()) QCOW2FS_SYNC_POINT("WriteBehind:ReadWaits", offset);
-  done_.wait(lk, clear);
+  while (!clear()) done_.Wait(mu_);
 }
 
 Status WriteBehind::Drain() {
-  std::unique_lock lk(mu_);
+  MutexLock lk(mu_);
   const uint64_t last = next_sequence_;
-  auto drained = [&] { return queue_.empty() || queue_.front().sequence >= last; };
+  auto drained = [&]() REQUIRES(mu_) {
+    return queue_.empty() || queue_.front().sequence >= last;
+  };
   if (!drained()) QCOW2FS_SYNC_POINT("WriteBehind:DrainWaits", last);
-  done_.wait(lk, drained);
+  while (!drained()) done_.Wait(mu_);
   Status error = std::move(error_);
   error_ = Status();
   return error;
 }
 
 void WriteBehind::Run() {
-  std::unique_lock lk(mu_);
+  MutexLock lk(mu_);
   while (true) {
     auto next = queue_.end();
-    work_.wait(lk, [&] {
+    auto found = [&]() REQUIRES(mu_) {
       for (next = queue_.begin(); next != queue_.end(); ++next) {
         if (next->ready && !next->started) return true;
       }
       return stopping_;
-    });
+    };
+    while (!found()) work_.Wait(mu_);
     if (next == queue_.end()) return;  // stopping, nothing left
     next->started = true;
-    lk.unlock();
+    lk.Unlock();
     const std::span<const std::byte> data(next->buffer.data(), next->length);
     // The write allocates from the free space; from now on, what the bank
     // holds for it is the space a retry gets.
@@ -250,25 +253,25 @@ void WriteBehind::Run() {
         // Every write being applied gives up its reservation, this one's
         // included: all of them draw on the free space.
         uint64_t given = 0;
-        lk.lock();
+        lk.Lock();
         for (Pending& p : queue_) {
           if (p.started && !p.given) {
             p.given = true;
             given += p.reserved;
           }
         }
-        lk.unlock();
+        lk.Unlock();
         bank_->Give(given);
         Log(LOG_WARNING, "queued write at guest offset %llu found the host full; retrying "
             "with the space reserved for it", static_cast<unsigned long long>(next->offset));
         status = apply_(next->offset, data);
       }
-      lk.lock();
+      lk.Lock();
       const bool given = next->given;
-      lk.unlock();
+      lk.Unlock();
       bank_->Return(next->reserved, given);
     }
-    lk.lock();
+    lk.Lock();
     if (!status.ok()) {
       Log(LOG_ERR, "queued write of %zu bytes at guest offset %llu failed "
           "(reported at the next close, fsync and unmount): %s",
@@ -278,7 +281,7 @@ void WriteBehind::Run() {
     }
     spare_.push_back(std::move(next->buffer));
     queue_.erase(next);
-    done_.notify_all();
+    done_.NotifyAll();
   }
 }
 

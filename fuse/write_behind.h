@@ -31,18 +31,18 @@
 // allocated per request), so the caller may reuse its buffer on return.
 #pragma once
 
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <list>
 #include <memory>
-#include <mutex>
 #include <span>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "base/mutex.h"
+#include "base/thread_annotations.h"
 #include "qcow2fs/aligned_buffer.h"
 #include "qcow2fs/status.h"
 
@@ -119,18 +119,18 @@ class SpaceBank {
 
  private:
   // Shrinks the file to `size` (not below); mu_ held.
-  bool ShrinkLocked(uint64_t size);
+  bool ShrinkLocked(uint64_t size) REQUIRES(mu_);
 
   const int fd_;
   const uint64_t cluster_size_;
   const uint64_t chunk_;
   const uint64_t floor_;  // kept beyond the reservations: 4 clusters
-  mutable std::mutex mu_;
-  uint64_t held_ = 0;       // the file's size: all of it allocated
-  uint64_t queued_ = 0;     // reservations of writes not yet started
-  uint64_t in_flight_ = 0;  // reservations of writes being applied
-  uint64_t given_ = 0;      // given to writes being applied, not done yet
-  bool short_ = false;      // the last Reserve() failed
+  mutable Mutex mu_;
+  uint64_t held_ GUARDED_BY(mu_) = 0;       // the file's size: all of it allocated
+  uint64_t queued_ GUARDED_BY(mu_) = 0;     // reservations of writes not yet started
+  uint64_t in_flight_ GUARDED_BY(mu_) = 0;  // reservations of writes being applied
+  uint64_t given_ GUARDED_BY(mu_) = 0;      // given to writes being applied, not done yet
+  bool short_ GUARDED_BY(mu_) = false;      // the last Reserve() failed
 };
 
 class WriteBehind {
@@ -173,7 +173,7 @@ class WriteBehind {
     bool given = false;    // its reservation was freed for a retry (Give)
   };
 
-  bool OverlapsLocked(uint64_t offset, uint64_t length) const;
+  bool OverlapsLocked(uint64_t offset, uint64_t length) const REQUIRES(mu_);
   // A background thread's life: apply ready writes until stopped.
   void Run();
 
@@ -182,15 +182,19 @@ class WriteBehind {
   const size_t max_write_;
   const size_t max_buffers_;
 
-  std::mutex mu_;
-  std::condition_variable work_;   // a write was queued, or stopping
-  std::condition_variable done_;   // a write was applied
-  std::list<Pending> queue_;       // queued and being applied, in arrival order
-  uint64_t next_sequence_ = 0;
-  std::vector<AlignedBuffer> spare_;  // buffers not in use
-  size_t buffers_ = 0;             // buffers allocated so far
-  Status error_;                   // first failure since the last Drain()
-  bool stopping_ = false;
+  // A Pending in queue_ is guarded by mu_, except its buffer: the
+  // submitter copies into it, and then one thread applies it, without the
+  // lock (`ready` and `started` say who owns it).
+  mutable Mutex mu_;
+  CondVar work_;   // a write was queued, or stopping
+  CondVar done_;   // a write was applied
+  // Queued and being applied, in arrival order.
+  std::list<Pending> queue_ GUARDED_BY(mu_);
+  uint64_t next_sequence_ GUARDED_BY(mu_) = 0;
+  std::vector<AlignedBuffer> spare_ GUARDED_BY(mu_);  // buffers not in use
+  size_t buffers_ GUARDED_BY(mu_) = 0;  // buffers allocated so far
+  Status error_ GUARDED_BY(mu_);        // first failure since the last Drain()
+  bool stopping_ GUARDED_BY(mu_) = false;
   std::vector<std::thread> threads_;
 };
 
