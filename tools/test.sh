@@ -7,6 +7,9 @@
 # Stages (one function each, stage_NAME):
 #   deps     tools/install-deps.sh (apt-get only for what is missing)
 #   release  build/       release build, meson test
+#   tsa      build-tsa/   clang build of the core libraries, the daemon and
+#                         qcow2fs-img with -Wthread-safety(-beta) as errors:
+#                         the lock annotations (src/base/) are checked
 #   asan     build-asan/  ASan+UBSan debugoptimized build, -Werror, meson test
 #   fuzz     build-fuzz/  clang libFuzzer build (ASan+UBSan), seed corpus from
 #                         qemu-img, FUZZ_SECONDS (default 60) of fuzzing
@@ -93,6 +96,23 @@ stage_release() {
   meson_setup build -Dbuildtype=release -Dtests=true -Dfuzzer=false $(werror_args)
   ninja -C build -j "$JOBS"
   meson_test build
+}
+
+# Clang's thread-safety analysis over everything that takes a lock (the
+# tests are left out: they add minutes and hold no annotated locks).
+stage_tsa() {
+  command -v clang++ >/dev/null || { echo "clang++ not found"; return 1; }
+  local args="['-Wthread-safety', '-Wthread-safety-beta', '-Werror=thread-safety']"
+  if [[ -f build-tsa/meson-private/coredata.dat ]]; then
+    meson_setup build-tsa -Dbuildtype=debug -Dtests=false -Dfuzzer=false -Dcpp_args="$args"
+  else
+    CC=clang CXX=clang++ meson_setup build-tsa -Dbuildtype=debug -Dtests=false -Dfuzzer=false \
+      -Dcpp_args="$args"
+  fi
+  grep -q '"command": "clang++ ' build-tsa/compile_commands.json ||
+    { echo "build-tsa was set up with another compiler than clang: remove it"; return 1; }
+  ninja -C build-tsa -j "$JOBS" src/libqcow2fs-core.a fuse/mount.qcow2fs \
+    fuse/umount.fuse.qcow2fs tools/qcow2fs-img
 }
 
 stage_asan() {
@@ -330,7 +350,7 @@ package_cleanup() {
 
 # ------------------------------------------------------------------ driver
 
-DEFAULT_STAGES=(release asan tsan fuzz mount package)
+DEFAULT_STAGES=(release tsa asan tsan fuzz mount package)
 
 if [[ $# -gt 0 ]]; then
   STAGES=("$@")
@@ -339,7 +359,7 @@ else
 fi
 for s in "${STAGES[@]}"; do
   if ! declare -F "stage_$s" >/dev/null; then
-    echo "unknown stage: $s (known: deps release asan fuzz mount tsan package)" >&2
+    echo "unknown stage: $s (known: deps release tsa asan fuzz mount tsan package)" >&2
     exit 2
   fi
 done
