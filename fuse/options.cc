@@ -313,12 +313,7 @@ constexpr size_t kUsageWidth = 79;
 // "name=VALUE", or "name" for an option without a value.
 std::string NameAndValue(const OptionSpec& spec) {
   std::string text(spec.name);
-  if (spec.takes_value()) {
-    // Appended piece by piece: '"=" + std::string(...)' trips GCC 12's
-    // false -Wrestrict at -O3 (GCC PR 105651), an error with -Werror.
-    text += '=';
-    text += spec.value;
-  }
+  if (spec.takes_value()) text += "=" + std::string(spec.value);
   return text;
 }
 
