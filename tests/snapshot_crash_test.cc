@@ -156,10 +156,16 @@ TEST(SnapshotCrashTest, EveryCrashPointLeavesNoSnapshotOrAWholeOne) {
         // The write flushed before the snapshot survives; each snapshot is
         // absent or whole.
         const auto taken = SnapshotDisk(dir, path, "new");
-        if (taken) EXPECT_TRUE(*taken == disk) << "snapshot 'new' exists but is not the disk it took";
-        if (reached >= 2) EXPECT_TRUE(taken.has_value());
+        if (taken) {
+          EXPECT_TRUE(*taken == disk) << "snapshot 'new' exists but is not the disk it took";
+        }
+        if (reached >= 2) {
+          EXPECT_TRUE(taken.has_value());
+        }
         const auto old = SnapshotDisk(dir, path, "old");
-        if (old) EXPECT_TRUE(*old == old_disk) << "snapshot 'old' exists but changed";
+        if (old) {
+          EXPECT_TRUE(*old == old_disk) << "snapshot 'old' exists but changed";
+        }
         ASSERT_TRUE(QemuConvertToRaw(path, dir.Join("crashed.raw")));
         std::string active;
         ASSERT_TRUE(ReadWholeFile(dir.Join("crashed.raw"), &active));
