@@ -53,24 +53,7 @@ uint64_t FillRefcounts(const std::string& path, uint64_t blocks, const std::stri
   return entries * entries_per_block;
 }
 
-std::unique_ptr<Image> OpenWritable(const std::string& path) {
-  OpenOptions options;
-  options.read_only = false;
-  auto opened = Image::Open(path, options);
-  EXPECT_TRUE(opened.ok()) << Describe(opened.status());
-  return opened.ok() ? std::move(opened).value() : nullptr;
-}
-
-class FreeSpaceSearchTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    ASSERT_TRUE(SyncPoints::compiled_in()) << "tests must link the core built with sync points";
-    ASSERT_TRUE(RequireProgram("qemu-img"));
-    ASSERT_TRUE(RequireProgram("qemu-io"));
-  }
-  ScopedSyncPoints sync_points_;
-  TempDir dir_;
-};
+class FreeSpaceSearchTest : public SyncPointTest {};
 
 // 40 full refcount blocks (64 entries each) before the first free cluster:
 // the search needs three steps of at most 16 block reads. While the writer

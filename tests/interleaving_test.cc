@@ -19,13 +19,6 @@ namespace {
 
 constexpr uint64_t kKiB = 1024;
 
-std::unique_ptr<Image> OpenWritable(const std::string& path, OpenOptions options = {}) {
-  options.read_only = false;
-  auto opened = Image::Open(path, options);
-  EXPECT_TRUE(opened.ok()) << Describe(opened.status());
-  return opened.ok() ? std::move(opened).value() : nullptr;
-}
-
 std::string ReadRange(Image& image, uint64_t offset, uint64_t length) {
   std::string out(length, '\0');
   Status s = image.Read(offset, AsWritableBytes(out));
@@ -38,16 +31,7 @@ std::string ReadRange(Image& image, uint64_t offset, uint64_t length) {
   return QemuImg("check -q " + ShellQuote(path));
 }
 
-class InterleavingTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    ASSERT_TRUE(SyncPoints::compiled_in()) << "tests must link the core built with sync points";
-    ASSERT_TRUE(RequireProgram("qemu-img"));
-    ASSERT_TRUE(RequireProgram("qemu-io"));
-  }
-  ScopedSyncPoints sync_points_;
-  TempDir dir_;
-};
+class InterleavingTest : public SyncPointTest {};
 
 // Extended L2, 64 KiB clusters (2 KiB subclusters), subclusters 0-3 of
 // cluster 0 allocated. Writer A fills [7K, 16K): subcluster 3 is allocated,

@@ -49,14 +49,6 @@ struct Layout {
   return PatchFile(path, layout.refcount_block + 2 * (offset / kCluster), std::string(2, '\0'));
 }
 
-std::unique_ptr<Image> OpenWritable(const std::string& path) {
-  OpenOptions options;
-  options.read_only = false;
-  auto opened = Image::Open(path, options);
-  EXPECT_TRUE(opened.ok()) << Describe(opened.status());
-  return opened.ok() ? std::move(opened).value() : nullptr;
-}
-
 // The write fails as corruption naming `structure`; the image is fenced
 // and marked corrupt on disk; the bytes of [protect, protect + kCluster)
 // are unchanged.

@@ -475,6 +475,19 @@ std::span<const std::byte> AsBytes(std::string_view s) {
 
 std::string Describe(const Status& status) { return status.ToString(); }
 
+std::unique_ptr<Image> OpenWritable(const std::string& path, OpenOptions options) {
+  options.read_only = false;
+  auto opened = Image::Open(path, options);
+  EXPECT_TRUE(opened.ok()) << path << ": " << Describe(opened.status());
+  return opened.ok() ? std::move(opened).value() : nullptr;
+}
+
+void SyncPointTest::SetUp() {
+  ASSERT_TRUE(SyncPoints::compiled_in()) << "tests must link the core built with sync points";
+  ASSERT_TRUE(RequireProgram("qemu-img"));
+  ASSERT_TRUE(RequireProgram("qemu-io"));
+}
+
 bool ContainsNoCase(std::string_view haystack, std::string_view needle) {
   auto it = std::search(haystack.begin(), haystack.end(), needle.begin(),
                         needle.end(), [](char a, char b) {

@@ -15,11 +15,14 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "engine/sync_point.h"
+#include "qcow2fs/image.h"
 #include "qcow2fs/status.h"
 
 namespace qcow2fs::test {
@@ -134,6 +137,21 @@ std::span<const std::byte> AsBytes(std::string_view s);
 
 // "code: message" of a Status, for failure messages.
 std::string Describe(const Status& status);
+
+// Opens the image at `path` read-write (whatever options.read_only says);
+// a failure is a test failure, and the result is then null.
+std::unique_ptr<Image> OpenWritable(const std::string& path, OpenOptions options = {});
+
+// For tests that force interleavings through the core's sync points
+// (engine/sync_point.h) on images made by QEMU's tools: checks that the
+// core was built with sync points and that qemu-img and qemu-io are there,
+// and resets every sync point before and after the test.
+class SyncPointTest : public ::testing::Test {
+ protected:
+  void SetUp() override;
+  ScopedSyncPoints sync_points_;
+  TempDir dir_;
+};
 // Case-insensitive substring test.
 bool ContainsNoCase(std::string_view haystack, std::string_view needle);
 
