@@ -221,6 +221,63 @@ TEST_F(InterleavingTest, DiscardDuringRewriteNeverReusesTheCluster) {
   EXPECT_TRUE(CheckClean(path));
 }
 
+// A snapshot taken while an in-place write is between its decision and its
+// data I/O. The snapshot must wait for it (Snapshot:WaitingForWriters) and
+// then hold the write; had it not waited, the write would land in a
+// cluster the snapshot now shares, changing the snapshot after the fact.
+TEST_F(InterleavingTest, SnapshotWaitsForInPlaceWrite) {
+  const std::string path = dir_.Join("snap-rewrite.qcow2");
+  ASSERT_TRUE(QemuImg("create -q -f qcow2 -o cluster_size=64k " + ShellQuote(path) + " 1M"));
+  ASSERT_TRUE(QemuIo(path, {"write -P 0x4f 0 64k"}));
+  auto image = OpenWritable(path);
+  ASSERT_TRUE(image);
+
+  SyncPoints::Arm("Write:InPlaceBeforeData", [](uint64_t pos) { return pos == 0; });
+  const std::string w(4 * kKiB, 'W');
+  Status written, taken;
+  std::thread writer([&] { written = image->Write(0, AsBytes(w)); });
+  ASSERT_TRUE(SyncPoints::WaitUntilStopped("Write:InPlaceBeforeData"));
+  std::thread snapshotter([&] {
+    taken = image->CreateSnapshot("during");
+    SyncPoints::Reached("Test:SnapshotDone", 0);
+  });
+  const int first =
+      SyncPoints::WaitUntilAnyReached({"Snapshot:WaitingForWriters", "Test:SnapshotDone"});
+  EXPECT_EQ(first, 0) << "the snapshot was taken while a write was between mapping and data";
+  std::string snap_at_return;
+  if (first == 1) {
+    // The broken order: see the snapshot change under the late write.
+    snapshotter.join();
+    auto early = image->OpenSnapshot("during");
+    ASSERT_TRUE(early.ok());
+    snap_at_return.assign(64 * kKiB, '\0');
+    ASSERT_TRUE((*early)->Read(0, AsWritableBytes(snap_at_return)).ok());
+  }
+  SyncPoints::Release("Write:InPlaceBeforeData");
+  writer.join();
+  if (first != 1) snapshotter.join();
+  ASSERT_TRUE(written.ok()) << Describe(written);
+  ASSERT_TRUE(taken.ok()) << Describe(taken);
+
+  // After the snapshot, the live disk diverges; the snapshot must not.
+  const std::string later(4 * kKiB, 'L');
+  ASSERT_TRUE(image->Write(0, AsBytes(later)).ok());
+  auto view = image->OpenSnapshot("during");
+  ASSERT_TRUE(view.ok()) << Describe(view.status());
+  std::string snap(64 * kKiB, '\0');
+  ASSERT_TRUE((*view)->Read(0, AsWritableBytes(snap)).ok());
+  if (first == 1) {
+    EXPECT_EQ(snap, snap_at_return) << "the snapshot changed after it was taken";
+  }
+  EXPECT_EQ(snap.substr(0, 4 * kKiB), w) << "the snapshot lost the write it waited for";
+  EXPECT_EQ(snap.substr(4 * kKiB), std::string(60 * kKiB, '\x4f'));
+  EXPECT_EQ(ReadRange(*image, 0, 4 * kKiB), later);
+  view->reset();
+  ASSERT_TRUE(image->Flush().ok());
+  image.reset();
+  EXPECT_TRUE(CheckClean(path));
+}
+
 // Compress mode: bytes staged for a cluster are the newest data. A discard
 // of the cluster forgets them and marks the cluster zero; a read running
 // meanwhile must return the staged bytes or zeros, never the older content

@@ -4,10 +4,13 @@
 // of each snapshot equals the model of the disk at the moment it was taken.
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
 
 #include "qcow2fs/image.h"
 #include "test_support.h"
@@ -254,6 +257,79 @@ TEST_F(SnapshotRefusalTest, RefusesWhatQemuRefuses) {
     EXPECT_EQ((*image)->CreateSnapshot("s").code(), ErrorCode::kReadOnly);
   }
   EXPECT_TRUE(QemuImg("check " + ShellQuote(img)));
+}
+
+
+// Snapshots taken while a writer runs. The writer writes numbered 64 KiB
+// blocks one at a time into 16 slots; a snapshot must hold, in every slot,
+// a block at least as new as the last one completed before CreateSnapshot
+// was called, and none that started after it returned. Judged through a
+// view, then by qemu-img after close.
+TEST_F(SnapshotRefusalTest, TakenDuringWritesHoldsExactlyTheCompletedOnes) {
+  ASSERT_TRUE(RequireProgram("qemu-io"));
+  constexpr uint64_t kBlock = 64 << 10, kSlots = 16;
+  const std::string img = dir_.Join("busy.qcow2");
+  ASSERT_TRUE(QemuImg("create -q -f qcow2 " + ShellQuote(img) + " 1M"));
+  auto image = OpenWritable(img);
+  ASSERT_NE(image, nullptr);
+  std::atomic<uint32_t> started{0}, completed{0};
+  std::atomic<bool> stop{false}, failed{false};
+  std::thread writer([&] {
+    for (uint32_t i = 1; !stop.load(); i++) {
+      std::string block(kBlock, static_cast<char>(i));
+      std::memcpy(block.data(), &i, sizeof i);
+      started.store(i);
+      if (!image->Write((i % kSlots) * kBlock, AsBytes(block)).ok()) failed.store(true);
+      completed.store(i);
+    }
+  });
+  struct Taken {
+    std::string name;
+    uint32_t before, after;
+  };
+  std::vector<Taken> taken;
+  for (int n = 0; n < 4; n++) {
+    while (completed.load() < static_cast<uint32_t>(40 * (n + 1))) std::this_thread::yield();
+    Taken t{"busy" + std::to_string(n), completed.load(), 0};
+    Status s = image->CreateSnapshot(t.name);
+    t.after = started.load();
+    ASSERT_TRUE(s.ok()) << Describe(s);
+    taken.push_back(t);
+  }
+  stop.store(true);
+  writer.join();
+  ASSERT_FALSE(failed.load());
+  // Slot k holds writes k, k+16, k+32, ...: what a snapshot may show there.
+  auto judge = [&](const Taken& t, const std::string& disk) {
+    for (uint64_t k = 0; k < kSlots; k++) {
+      uint32_t v;
+      std::memcpy(&v, disk.data() + k * kBlock, sizeof v);
+      uint32_t last_before = 0;
+      for (uint32_t i = static_cast<uint32_t>(k); i <= t.before; i += kSlots) last_before = i;
+      EXPECT_TRUE(v % kSlots == k || v == 0) << t.name << " slot " << k << ": block " << v;
+      EXPECT_GE(v, last_before) << t.name << " slot " << k << " lost a completed write";
+      EXPECT_LE(v, t.after) << t.name << " slot " << k << " holds a write started after it";
+    }
+  };
+  std::map<std::string, std::string> contents;
+  for (const Taken& t : taken) {
+    auto view = image->OpenSnapshot(t.name);
+    ASSERT_TRUE(view.ok()) << Describe(view.status());
+    std::string disk((*view)->size(), '\0');
+    ASSERT_TRUE((*view)->Read(0, AsWritableBytes(disk)).ok());
+    judge(t, disk);
+    contents[t.name] = disk;
+  }
+  ASSERT_TRUE(image->Flush().ok());
+  image.reset();
+  EXPECT_TRUE(QemuImg("check " + ShellQuote(img)));
+  for (const auto& [name, disk] : contents) {
+    const std::string raw = dir_.Join(name + ".raw");
+    ASSERT_TRUE(QemuConvertToRaw(img, raw, "-l snapshot.name=" + name));
+    std::string got;
+    ASSERT_TRUE(ReadWholeFile(raw, &got));
+    EXPECT_TRUE(got == disk) << "qemu-img reads snapshot " << name << " differently";
+  }
 }
 
 }  // namespace
