@@ -5,17 +5,16 @@
 #include <atomic>
 #include <chrono>
 #include <cerrno>
-#include <condition_variable>
 #include <cstring>
 #include <future>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
-#include "engine/sync_point.h"
+#include "mutex.h"
 #include "read_ahead.h"
+#include "sync_point.h"
 #include "write_behind.h"
 
 namespace qcow2fs::fusefs {
@@ -31,7 +30,7 @@ class Disk {
 
   Status Write(uint64_t offset, std::span<const std::byte> data) {
     WaitWhileHeld();
-    std::lock_guard lk(mu_);
+    MutexLock lk(mu_);
     writes_++;
     if (fail_writes_) return Status(ErrorCode::kIoError, "disk full", ENOSPC);
     if (no_space_ > 0) {
@@ -44,7 +43,7 @@ class Disk {
   // Reads block after copying, so a held read has seen the old bytes.
   Status Read(uint64_t offset, std::span<std::byte> out) {
     {
-      std::lock_guard lk(mu_);
+      MutexLock lk(mu_);
       reads_++;
       std::memcpy(out.data(), bytes_.data() + offset, out.size());
     }
@@ -52,65 +51,65 @@ class Disk {
     return Status();
   }
   void Hold() {
-    std::lock_guard lk(mu_);
+    MutexLock lk(mu_);
     held_ = true;
   }
   void Release() {
     {
-      std::lock_guard lk(mu_);
+      MutexLock lk(mu_);
       held_ = false;
     }
-    released_.notify_all();
+    released_.NotifyAll();
   }
   // Waits until `n` operations are blocked by Hold().
   void WaitForBlocked(int n) {
-    std::unique_lock lk(mu_);
-    released_.wait(lk, [&] { return blocked_ >= n; });
+    MutexLock lk(mu_);
+    while (blocked_ < n) released_.Wait(mu_);
   }
   // The next `n` writes fail with ENOSPC (as the core reports it).
   void NoSpaceFor(int n) {
-    std::lock_guard lk(mu_);
+    MutexLock lk(mu_);
     no_space_ = n;
   }
   int writes() {
-    std::lock_guard lk(mu_);
+    MutexLock lk(mu_);
     return writes_;
   }
   void FailWrites(bool fail) {
-    std::lock_guard lk(mu_);
+    MutexLock lk(mu_);
     fail_writes_ = fail;
   }
   std::byte at(uint64_t offset) {
-    std::lock_guard lk(mu_);
+    MutexLock lk(mu_);
     return bytes_[offset];
   }
   void Set(uint64_t offset, size_t length, std::byte value) {
-    std::lock_guard lk(mu_);
+    MutexLock lk(mu_);
     std::memset(bytes_.data() + offset, static_cast<int>(value), length);
   }
   int reads() {
-    std::lock_guard lk(mu_);
+    MutexLock lk(mu_);
     return reads_;
   }
 
  private:
   void WaitWhileHeld() {
-    std::unique_lock lk(mu_);
+    MutexLock lk(mu_);
     blocked_++;
-    released_.notify_all();
-    released_.wait(lk, [&] { return !held_; });
+    released_.NotifyAll();
+    while (held_) released_.Wait(mu_);
     blocked_--;
   }
 
-  std::mutex mu_;
-  std::condition_variable released_;
-  std::vector<std::byte> bytes_;
-  bool held_ = false;
-  bool fail_writes_ = false;
-  int no_space_ = 0;
-  int blocked_ = 0;
-  int writes_ = 0;
-  int reads_ = 0;
+  Mutex mu_;
+  CondVar released_;  // held_ or blocked_ changed
+  std::vector<std::byte> bytes_ GUARDED_BY(mu_);
+  bool held_ GUARDED_BY(mu_) = false;
+  bool fail_writes_ GUARDED_BY(mu_) = false;
+  int no_space_ GUARDED_BY(mu_) = 0;
+  int blocked_ GUARDED_BY(mu_) = 0;
+  int writes_ GUARDED_BY(mu_) = 0;
+  int reads_ GUARDED_BY(mu_) = 0;
 };
 
 std::vector<std::byte> Filled(size_t n, int value) {

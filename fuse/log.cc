@@ -17,10 +17,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
-#include <mutex>
 #include <vector>
 
+#include "mutex.h"
 #include "rate_limiter.h"
+#include "thread_annotations.h"
 
 namespace qcow2fs::fusefs {
 namespace {
@@ -29,16 +30,24 @@ namespace {
 enum class Sink { kTerminal, kFile, kSyslog, kKernel };
 
 // Everything libfuse forces to be global, in one place.
+//
+// The two mutexes are leaves: never held together, nor across a write to
+// the sink, and nothing here calls back into the daemon. So Log() may be
+// called with any other lock held.
 struct LogState {
+  // Atomic, without a lock: the sink switches once (LogToSyslog) and the
+  // descriptor it uses is published before it; a message racing the
+  // switch goes to either sink, whole.
   std::atomic<Sink> sink{Sink::kTerminal};
   std::atomic<int> file_fd{-1};    // -o log=FILE
   std::atomic<int> kernel_fd{-1};  // /dev/kmsg
+  // Written once by InitLog(), before any other thread exists.
   char program[64] = "qcow2fs";
-  std::mutex capture_mutex;
-  bool capturing = false;
-  std::string captured;
-  std::mutex limiter_mutex;
-  RateLimiter limiter;
+  Mutex capture_mutex;
+  bool capturing GUARDED_BY(capture_mutex) = false;
+  std::string captured GUARDED_BY(capture_mutex);
+  Mutex limiter_mutex;
+  RateLimiter limiter GUARDED_BY(limiter_mutex);
 };
 
 LogState& State() {
@@ -123,7 +132,7 @@ void EmitSummaries(bool all) noexcept {
   LogState& state = State();
   std::vector<RateLimiter::Summary> summaries;
   try {
-    std::lock_guard<std::mutex> lock(state.limiter_mutex);
+    MutexLock lock(state.limiter_mutex);
     auto now = RateLimiter::Clock::now();
     summaries = all ? state.limiter.Drain(now) : state.limiter.Due(now);
   } catch (...) {
@@ -150,7 +159,7 @@ void LogMessage(int priority, const char* message) noexcept {
   try {
     LogState& state = State();
     std::string cause = std::to_string(priority) + CauseOf(message);
-    std::lock_guard<std::mutex> lock(state.limiter_mutex);
+    MutexLock lock(state.limiter_mutex);
     print = state.limiter.Admit(cause, message, RateLimiter::Clock::now());
   } catch (...) {
     // Out of memory: print it rather than lose it.
@@ -216,7 +225,7 @@ void LibfuseLogHook(fuse_log_level level, const char* format, va_list args) {
   int priority = SyslogPriority(level);
   if (priority <= LOG_ERR) {
     LogState& state = State();
-    std::lock_guard<std::mutex> lock(state.capture_mutex);
+    MutexLock lock(state.capture_mutex);
     if (state.capturing) {
       try {
         if (!state.captured.empty()) state.captured += "; ";
@@ -297,21 +306,21 @@ void FlushLogSummaries() noexcept { EmitSummaries(true); }
 
 LibfuseErrorCapture::LibfuseErrorCapture() {
   LogState& state = State();
-  std::lock_guard<std::mutex> lock(state.capture_mutex);
+  MutexLock lock(state.capture_mutex);
   state.capturing = true;
   state.captured.clear();
 }
 
 LibfuseErrorCapture::~LibfuseErrorCapture() {
   LogState& state = State();
-  std::lock_guard<std::mutex> lock(state.capture_mutex);
+  MutexLock lock(state.capture_mutex);
   state.capturing = false;
   state.captured.clear();
 }
 
 std::string LibfuseErrorCapture::errors() const {
   LogState& state = State();
-  std::lock_guard<std::mutex> lock(state.capture_mutex);
+  MutexLock lock(state.capture_mutex);
   return state.captured;
 }
 

@@ -168,10 +168,10 @@ RawFileFs::~RawFileFs() { StopCommits(); }
 
 void RawFileFs::StopCommits() {
   {
-    std::lock_guard lk(commit_mu_);
+    MutexLock lk(commit_mu_);
     commit_stopping_ = true;
   }
-  commit_wake_.notify_all();
+  commit_wake_.NotifyAll();
   // The callers (Shutdown(), main, the destructor) run one after another,
   // never at once, so the one that finds the thread joinable joins it.
   if (committer_.joinable()) committer_.join();
@@ -187,9 +187,8 @@ Status RawFileFs::DrainQueue() {
   if (!status.ok()) {
     status = status.Annotate("writing queued data");
     background_failed_.store(true);
-    std::lock_guard lk(commit_mu_);
-    if (fsync_error_.ok()) fsync_error_ = status;
-    if (flush_error_.ok()) flush_error_ = status;
+    MutexLock lk(commit_mu_);
+    KeepCommitErrorLocked(status);
   }
   return status;
 }
@@ -233,15 +232,18 @@ Status RawFileFs::Commit(bool* queued_failed) {
 
 void RawFileFs::CommitLoop() {
   bool failing = false;  // the last commit failed: log only changes of state
-  std::unique_lock lk(commit_mu_);
+  MutexLock lk(commit_mu_);
   while (true) {
-    // wait_for, not sleep: StopCommits() ends the wait at once.
-    commit_wake_.wait_for(lk, config_.commit_interval, [this] { return commit_stopping_; });
+    // A timed wait, not a sleep: StopCommits() ends the wait at once.
+    const auto due = std::chrono::steady_clock::now() + config_.commit_interval;
+    while (!commit_stopping_ && std::chrono::steady_clock::now() < due) {
+      commit_wake_.WaitUntil(commit_mu_, due);
+    }
     if (commit_stopping_) return;
     // Idle mounts do no I/O. A failed commit leaves the count behind, so
     // the next interval tries again.
     if (changes_.load() == committed_.load()) continue;
-    lk.unlock();
+    lk.Unlock();
     const auto started = std::chrono::steady_clock::now();
     bool queued_failed = false;
     Status status = Commit(&queued_failed);
@@ -250,7 +252,7 @@ void RawFileFs::CommitLoop() {
       Log(LOG_DEBUG, "background commit %s in %.1f ms", status.ok() ? "done" : "failed",
           took.count());
     }
-    lk.lock();
+    lk.Lock();
     if (status.ok()) {
       if (failing) Log(LOG_INFO, "background commit works again");
       failing = false;
@@ -264,15 +266,18 @@ void RawFileFs::CommitLoop() {
     background_failed_.store(true);
     // A queued write's failure is kept by DrainQueue() already (and may
     // have been returned since): not twice.
-    if (!queued_failed) {
-      if (fsync_error_.ok()) fsync_error_ = status;
-      if (flush_error_.ok()) flush_error_ = status;
-    }
+    if (!queued_failed) KeepCommitErrorLocked(status);
   }
 }
 
-int RawFileFs::TakeCommitError(Status& slot) {
-  std::lock_guard lk(commit_mu_);
+void RawFileFs::KeepCommitErrorLocked(const Status& failure) {
+  if (fsync_error_.ok()) fsync_error_ = failure;
+  if (flush_error_.ok()) flush_error_ = failure;
+}
+
+int RawFileFs::TakeCommitError(Reporter reporter) {
+  MutexLock lk(commit_mu_);
+  Status& slot = reporter == Reporter::kFsync ? fsync_error_ : flush_error_;
   Status error = std::move(slot);
   slot = Status();
   return error.ok() ? 0 : error.ToErrno();
@@ -556,7 +561,7 @@ int RawFileFs::Fsync(fuse_ino_t ino) {
   // drain and flush, which may overlap. A queued write's failure found by
   // this Commit() is in fsync_error_ too: returned once.
   Status status = Commit();
-  if (int background = TakeCommitError(fsync_error_)) return background;
+  if (int background = TakeCommitError(Reporter::kFsync)) return background;
   if (!status.ok()) return ErrnoFrom(status, "fsync", 0);
   return 0;
 }
@@ -567,7 +572,7 @@ int RawFileFs::Flush(fuse_ino_t ino) {
   // that never fsyncs (cp) learns of a failure. Cheap when nothing is
   // queued. Nothing is flushed: close promises no durability.
   (void)DrainQueue();  // kept in flush_error_, taken below
-  return TakeCommitError(flush_error_);
+  return TakeCommitError(Reporter::kFlush);
 }
 
 int RawFileFs::Fallocate(fuse_ino_t ino, int mode, uint64_t offset,
@@ -675,7 +680,7 @@ int RawFileFs::Rmdir(fuse_ino_t parent, std::string_view name) {
 int RawFileFs::FsyncDir(fuse_ino_t ino) {
   if (ino != SnapshotDir::kDirIno || !snapshots_ || config_.read_only) return 0;
   Status status = Commit();
-  if (int background = TakeCommitError(fsync_error_)) return background;
+  if (int background = TakeCommitError(Reporter::kFsync)) return background;
   if (!status.ok()) return ErrnoFrom(status, "fsync", 0);
   return 0;
 }

@@ -9,6 +9,11 @@
 // thread-safe, and the little mutable state here (the commit thread's) is
 // atomic or behind its own mutex.
 //
+// Locks: commit_mu_ is the only one here. It is held for a few loads and
+// stores (and a log line), never across a call into the image, the
+// write-behind queue or .snapshots/, so it orders with nothing but the
+// log's own locks, which are leaves (log.h).
+//
 // Commits: on a writable mount with a commit interval, a background thread
 // does what fsync does (drain the write-behind queue, Image::Flush) at
 // least that often, but only when something changed since the last commit
@@ -31,12 +36,10 @@
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <span>
 #include <string>
 #include <string_view>
@@ -44,9 +47,11 @@
 #include <vector>
 
 #include "fs_types.h"
+#include "mutex.h"
 #include "qcow2fs/image.h"
 #include "read_ahead.h"
 #include "snapshot_dir.h"
+#include "thread_annotations.h"
 #include "write_behind.h"
 
 namespace qcow2fs::fusefs {
@@ -110,7 +115,8 @@ class RawFileFs {
   void Shutdown();
   // Stops the commit thread and waits for a commit in progress; idempotent.
   // Must run before the image is closed; Shutdown() and the destructor do.
-  void StopCommits();
+  // Its callers run one after another, never at once.
+  void StopCommits() EXCLUDES(commit_mu_);
   // Whether a background commit, or the writing of queued data or the flush
   // at Shutdown(), failed: the exit status must say so.
   bool BackgroundFailed() const { return background_failed_.load(); }
@@ -172,17 +178,22 @@ class RawFileFs {
   // queued write's (already kept for fsync and FLUSH by DrainQueue()).
   Status Commit(bool* queued_failed = nullptr);
   // The commit thread's life: commit every interval if anything changed.
-  void CommitLoop();
+  void CommitLoop() EXCLUDES(commit_mu_);
   // Counts one change to the image's content or size. Called after the
   // change is in the image or queued (a commit that sees the count must
   // cover the change), whether it worked or not.
   void Changed() { changes_.fetch_add(1); }
-  // Removes and returns (as an errno) a background failure kept for the
-  // next fsync or FLUSH; 0 if there is none.
-  int TakeCommitError(Status& slot);
+  // Who a kept background failure is reported to: each of them once.
+  enum class Reporter { kFsync, kFlush };
+  // Keeps `failure` for the next fsync and the next FLUSH, unless each
+  // already has one waiting.
+  void KeepCommitErrorLocked(const Status& failure) REQUIRES(commit_mu_);
+  // Removes and returns (as an errno) the background failure kept for
+  // `reporter`; 0 if there is none.
+  int TakeCommitError(Reporter reporter) EXCLUDES(commit_mu_);
   // Drains the write-behind queue. A queued write's failure is kept for the
   // next fsync and the next FLUSH, and fails the exit status; returned too.
-  Status DrainQueue();
+  Status DrainQueue() EXCLUDES(commit_mu_);
   // Applies a write before replying (after queued writes overlapping it).
   // On ENOSPC, retries once if shrinking the space bank freed something.
   Status ApplyWrite(uint64_t offset, std::span<const std::byte> data);
@@ -205,21 +216,28 @@ class RawFileFs {
   // Null when the root shows no .snapshots/ (FsConfig::snapshot_dir).
   const std::unique_ptr<SnapshotDir> snapshots_;
 
-  // Changes counted by Changed(), and how many of them the last successful
-  // commit or fsync covered: equal means there is nothing to commit.
   // Whether there is a commit thread: writable, with a commit interval.
   const bool commits_;
+  // Changes counted by Changed(), and how many of them the last successful
+  // commit or fsync covered: equal means there is nothing to commit.
+  // Atomic, without a lock: a commit reads changes_ before it drains and
+  // flushes, and only ever raises committed_ to what it read, so a change
+  // counted meanwhile stays uncommitted until the next commit or fsync.
   std::atomic<uint64_t> changes_{0};
   std::atomic<uint64_t> committed_{0};
+  // Only ever set, by the commit thread and by requests that drain the
+  // queue; read for the exit status. One flag: an atomic, no lock.
   std::atomic<bool> background_failed_{false};
-  std::mutex commit_mu_;
-  std::condition_variable commit_wake_;  // stopping
-  bool commit_stopping_ = false;         // under commit_mu_
+  Mutex commit_mu_;
+  CondVar commit_wake_;  // commit_stopping_ was set
+  bool commit_stopping_ GUARDED_BY(commit_mu_) = false;
   // The first failure of a background commit or a queued write, until the
-  // next fsync and the next FLUSH have each returned it (under commit_mu_).
-  Status fsync_error_;
-  Status flush_error_;
-  std::thread committer_;  // joined by StopCommits()
+  // next fsync and the next FLUSH have each returned it.
+  Status fsync_error_ GUARDED_BY(commit_mu_);
+  Status flush_error_ GUARDED_BY(commit_mu_);
+  // Started by the constructor, joined by StopCommits(), whose callers run
+  // one after another: no lock.
+  std::thread committer_;
 };
 
 }  // namespace qcow2fs::fusefs

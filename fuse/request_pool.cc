@@ -89,7 +89,7 @@ void RequestPool::Work(fuse_session* session, size_t buffer_bytes) {
   // InterruptWorkers() signals it only then, under the same mutex.
   const pthread_t self = pthread_self();
   auto set_receiving = [this, self](bool receiving) {
-    std::lock_guard<std::mutex> lock(workers_mutex_);
+    MutexLock lock(workers_mutex_);
     if (receiving) {
       workers_.push_back(self);
     } else {
@@ -115,7 +115,7 @@ void RequestPool::Work(fuse_session* session, size_t buffer_bytes) {
 }
 
 void RequestPool::InterruptWorkers() {
-  std::lock_guard<std::mutex> lock(workers_mutex_);
+  MutexLock lock(workers_mutex_);
   for (pthread_t thread : workers_) pthread_kill(thread, InterruptSignal());
 }
 

@@ -23,10 +23,11 @@
 #include <atomic>
 #include <cstddef>
 #include <functional>
-#include <mutex>
 #include <vector>
 
+#include "mutex.h"
 #include "qcow2fs/status.h"
+#include "thread_annotations.h"
 
 namespace qcow2fs::fusefs {
 
@@ -64,16 +65,21 @@ class RequestPool {
   // receive buffer.
   void Work(fuse_session* session, size_t buffer_bytes);
   // Interrupts the read() of every worker still in its loop.
-  void InterruptWorkers();
+  void InterruptWorkers() EXCLUDES(workers_mutex_);
 
   const unsigned threads_;
   const size_t max_write_;
   oneapi::tbb::global_control parallelism_;
   oneapi::tbb::task_arena arena_;
 
+  // Set once by Serve(); workers test it before each receive, without a
+  // lock: one that misses it is interrupted in its read() (InterruptWorkers
+  // keeps signalling until every worker is out).
   std::atomic<bool> stopping_{false};
-  std::mutex workers_mutex_;
-  std::vector<pthread_t> workers_;  // threads inside Work(), to interrupt
+  // A leaf: held only to change workers_ or to signal the threads listed.
+  Mutex workers_mutex_;
+  // Threads inside their receive call, to interrupt.
+  std::vector<pthread_t> workers_ GUARDED_BY(workers_mutex_);
 };
 
 }  // namespace qcow2fs::fusefs

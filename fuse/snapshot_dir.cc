@@ -18,7 +18,8 @@
 namespace qcow2fs::fusefs {
 
 // One open snapshot disk. `opens` counts the handles that point here (under
-// views_mu_); the image is only read through, and is thread-safe.
+// views_mu_, which guards the map that owns every View); the image is only
+// read through, and is thread-safe.
 struct SnapshotDir::View {
   std::unique_ptr<Image> image;
   unsigned opens = 0;
@@ -121,7 +122,7 @@ std::vector<SnapshotDir::Listed> SnapshotDir::List() {
   std::vector<std::string> shown = ShownNames(snapshots);
   std::vector<Listed> listed;
   listed.reserve(snapshots.size());
-  std::lock_guard lk(names_mu_);
+  MutexLock lk(names_mu_);
   std::set<std::string> present;
   for (size_t i = 0; i < snapshots.size(); ++i) {
     if (shown[i].empty()) continue;
@@ -212,7 +213,7 @@ void SnapshotDir::FillFileAttr(const Listed& snapshot, const struct stat& host,
 }
 
 uint64_t SnapshotDir::AllocatedBytes(const Listed& snapshot) {
-  std::lock_guard lk(views_mu_);
+  MutexLock lk(views_mu_);
   if (auto it = allocated_.find(snapshot.info.id);
       it != allocated_.end() && it->second.generation == snapshot.generation) {
     return it->second.bytes;
@@ -339,7 +340,7 @@ int SnapshotDir::ReadDir(fuse_ino_t ino, std::vector<DirEntry>& entries) {
 int SnapshotDir::Open(fuse_ino_t ino, int flags, uint64_t& handle) {
   if (!IsFile(ino)) return ino == kDirIno || ino >= kFirstSnapshotIno ? EISDIR : ENOENT;
   if ((flags & O_ACCMODE) != O_RDONLY) return EROFS;
-  std::lock_guard lk(views_mu_);
+  MutexLock lk(views_mu_);
   std::optional<Listed> snapshot = FindByDirIno(ino - 1);
   if (!snapshot) return ENOENT;
   std::unique_ptr<View>& view = views_[snapshot->info.id];
@@ -363,7 +364,7 @@ int SnapshotDir::Open(fuse_ino_t ino, int flags, uint64_t& handle) {
 
 void SnapshotDir::Release(uint64_t handle) {
   const View* view = reinterpret_cast<const View*>(static_cast<uintptr_t>(handle));
-  std::lock_guard lk(views_mu_);
+  MutexLock lk(views_mu_);
   // Found by address, not through the handle: CloseAll() may have closed
   // the view already.
   auto it = std::find_if(views_.begin(), views_.end(),
@@ -376,7 +377,7 @@ Image& SnapshotDir::ViewOf(uint64_t handle) {
 }
 
 int SnapshotDir::Take(std::string_view name, Entry& out) {
-  std::lock_guard lk(views_mu_);
+  MutexLock lk(views_mu_);
   const auto started = std::chrono::steady_clock::now();
   Status status = image_.CreateSnapshot(std::string(name));
   if (!status.ok()) {
@@ -412,7 +413,7 @@ int SnapshotDir::Take(std::string_view name, Entry& out) {
 }
 
 int SnapshotDir::Drop(std::string_view name) {
-  std::lock_guard lk(views_mu_);
+  MutexLock lk(views_mu_);
   std::optional<Listed> snapshot = FindShown(name);
   if (!snapshot) return ENOENT;
   const std::string& id = snapshot->info.id;
@@ -429,7 +430,7 @@ int SnapshotDir::Drop(std::string_view name) {
   }
   allocated_.erase(id);
   {
-    std::lock_guard names(names_mu_);
+    MutexLock names(names_mu_);
     incarnations_.erase(id);
   }
   Log(LOG_INFO, "dropped snapshot '%s' (ID %s)", snapshot->info.name.c_str(), id.c_str());
@@ -437,7 +438,7 @@ int SnapshotDir::Drop(std::string_view name) {
 }
 
 void SnapshotDir::CloseAll() {
-  std::lock_guard lk(views_mu_);
+  MutexLock lk(views_mu_);
   views_.clear();
 }
 

@@ -25,8 +25,11 @@
 // points at its view, which lives until the handle is released.
 //
 // Thread safety: every method may run on many threads at once.
-// Lock order: views_mu_, then names_mu_; neither is held while calling into
-// the RawFileFs, and the core calls nothing back.
+// Lock order: views_mu_, then names_mu_ (ACQUIRED_BEFORE below), then the
+// image's own locks: views_mu_ is held across calls into the image
+// (opening a view, taking and dropping a snapshot, counting a snapshot's
+// blocks), names_mu_ never is. Neither is held while calling into the
+// RawFileFs, and the core calls nothing back.
 #pragma once
 
 #include <fuse_lowlevel.h>
@@ -36,14 +39,15 @@
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "fs_types.h"
+#include "mutex.h"
 #include "qcow2fs/image.h"
+#include "thread_annotations.h"
 
 namespace qcow2fs::fusefs {
 
@@ -83,8 +87,8 @@ class SnapshotDir {
 
   // Opens a snapshot's disk for reading (EROFS for any other access mode).
   // `handle` identifies the open view until Release(handle).
-  int Open(fuse_ino_t ino, int flags, uint64_t& handle);
-  void Release(uint64_t handle);
+  int Open(fuse_ino_t ino, int flags, uint64_t& handle) EXCLUDES(views_mu_);
+  void Release(uint64_t handle) EXCLUDES(views_mu_);
   // The snapshot's disk behind an open handle, valid until it is released.
   static Image& ViewOf(uint64_t handle);
 
@@ -92,11 +96,11 @@ class SnapshotDir {
   bool Shows(std::string_view name);
   // Takes a snapshot of the live disk named `name` and describes its new
   // directory. The caller has written out everything acknowledged before.
-  int Take(std::string_view name, Entry& out);
+  int Take(std::string_view name, Entry& out) EXCLUDES(views_mu_);
   // Drops the snapshot shown under `name`: EBUSY while its file is open.
-  int Drop(std::string_view name);
+  int Drop(std::string_view name) EXCLUDES(views_mu_);
   // Closes every view, whatever handles are left: before the image closes.
-  void CloseAll();
+  void CloseAll() EXCLUDES(views_mu_);
 
  private:
   struct View;
@@ -123,20 +127,21 @@ class SnapshotDir {
   };
 
   // The snapshots shown, in the table's order, with inodes and generations.
-  std::vector<Listed> List();
-  std::optional<Listed> FindShown(std::string_view name);
-  std::optional<Listed> FindByDirIno(fuse_ino_t dir_ino);
-  // Inode number of a snapshot's directory (under names_mu_).
-  fuse_ino_t DirInoLocked(const std::string& id);
+  // Called with or without views_mu_.
+  std::vector<Listed> List() EXCLUDES(names_mu_);
+  std::optional<Listed> FindShown(std::string_view name) EXCLUDES(names_mu_);
+  std::optional<Listed> FindByDirIno(fuse_ino_t dir_ino) EXCLUDES(names_mu_);
+  // Inode number of a snapshot's directory.
+  fuse_ino_t DirInoLocked(const std::string& id) REQUIRES(names_mu_);
   int HostStat(struct stat& host) const;
   void FillDirAttr(const Listed& snapshot, const struct stat& host, struct stat& attr) const;
   void FillFileAttr(const Listed& snapshot, const struct stat& host, uint64_t allocated,
                     struct stat& attr) const;
-  int FileEntry(const Listed& snapshot, Entry& out);
+  int FileEntry(const Listed& snapshot, Entry& out) EXCLUDES(views_mu_);
   // Bytes of the snapshot's disk allocated in this image (data clusters,
   // as GetBlockStatus reports them), for st_blocks: computed once per
   // snapshot, since its content never changes. 0 if that fails (logged).
-  uint64_t AllocatedBytes(const Listed& snapshot);
+  uint64_t AllocatedBytes(const Listed& snapshot) EXCLUDES(views_mu_);
 
   Image& image_;
   const int image_path_fd_;
@@ -147,14 +152,16 @@ class SnapshotDir {
   // Held across opening, taking and dropping snapshots, so that a name
   // resolved to an ID still means that snapshot when the view opens, and a
   // drop sees every open view.
-  std::mutex views_mu_;
-  std::map<std::string, std::unique_ptr<View>> views_;  // by ID; open ones only
-  std::map<std::string, Allocated> allocated_;          // by ID
+  Mutex views_mu_ ACQUIRED_BEFORE(names_mu_);
+  // By ID; open ones only. A View's `opens` is guarded by views_mu_ too
+  // (it is reached only through this map); its image is not.
+  std::map<std::string, std::unique_ptr<View>> views_ GUARDED_BY(views_mu_);
+  std::map<std::string, Allocated> allocated_ GUARDED_BY(views_mu_);  // by ID
 
-  std::mutex names_mu_;
-  std::map<std::string, fuse_ino_t> other_inos_;          // non-decimal IDs
-  std::map<std::string, Incarnation> incarnations_;       // by ID
-  uint64_t next_generation_ = 1;
+  Mutex names_mu_;
+  std::map<std::string, fuse_ino_t> other_inos_ GUARDED_BY(names_mu_);  // non-decimal IDs
+  std::map<std::string, Incarnation> incarnations_ GUARDED_BY(names_mu_);  // by ID
+  uint64_t next_generation_ GUARDED_BY(names_mu_) = 1;
 };
 
 }  // namespace qcow2fs::fusefs

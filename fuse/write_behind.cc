@@ -9,8 +9,8 @@
 #include <cerrno>
 #include <cstring>
 
-#include "engine/sync_point.h"
 #include "log.h"
+#include "sync_point.h"
 
 namespace qcow2fs::fusefs {
 

@@ -41,10 +41,10 @@
 #include <thread>
 #include <vector>
 
-#include "base/mutex.h"
-#include "base/thread_annotations.h"
+#include "mutex.h"
 #include "qcow2fs/aligned_buffer.h"
 #include "qcow2fs/status.h"
+#include "thread_annotations.h"
 
 namespace qcow2fs::fusefs {
 

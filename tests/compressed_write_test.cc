@@ -9,7 +9,7 @@
 #include <sys/stat.h>
 #include <thread>
 
-#include "engine/sync_point.h"
+#include "base/sync_point.h"
 #include "qcow2fs/image.h"
 #include "test_support.h"
 

@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "engine/image_open.h"
-#include "engine/sync_point.h"
+#include "base/sync_point.h"
 #include "forwarding_file.h"
 #include "qcow2fs/image.h"
 #include "test_support.h"

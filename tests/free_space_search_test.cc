@@ -11,7 +11,7 @@
 #include <string>
 #include <thread>
 
-#include "engine/sync_point.h"
+#include "base/sync_point.h"
 #include "format/header.h"
 #include "qcow2fs/image.h"
 #include "test_support.h"

@@ -1,5 +1,5 @@
 // Races found once, replayed every time: each test stops one request at a
-// sync point in the core (engine/sync_point.h), runs the competing request
+// sync point in the core (base/sync_point.h), runs the competing request
 // exactly where the race needs it, then lets the first one finish and
 // checks every byte. None of them depends on timing: where a test has to
 // know that a request is held up, the core tells it through a sync point
@@ -10,7 +10,7 @@
 #include <string>
 #include <thread>
 
-#include "engine/sync_point.h"
+#include "base/sync_point.h"
 #include "qcow2fs/image.h"
 #include "test_support.h"
 

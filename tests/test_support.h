@@ -21,7 +21,7 @@
 #include <string_view>
 #include <vector>
 
-#include "engine/sync_point.h"
+#include "base/sync_point.h"
 #include "qcow2fs/image.h"
 #include "qcow2fs/status.h"
 
@@ -143,7 +143,7 @@ std::string Describe(const Status& status);
 std::unique_ptr<Image> OpenWritable(const std::string& path, OpenOptions options = {});
 
 // For tests that force interleavings through the core's sync points
-// (engine/sync_point.h) on images made by QEMU's tools: checks that the
+// (base/sync_point.h) on images made by QEMU's tools: checks that the
 // core was built with sync points and that qemu-img and qemu-io are there,
 // and resets every sync point before and after the test.
 class SyncPointTest : public ::testing::Test {

@@ -22,7 +22,7 @@
 #include <mutex>
 #include <shared_mutex>
 
-#include "base/thread_annotations.h"
+#include "thread_annotations.h"  // beside this file, whatever root the includer uses
 
 namespace qcow2fs {
 

@@ -9,7 +9,7 @@
 #include "codec/compression.h"
 #include "format/align.h"
 #include "format/l2_entry.h"
-#include "engine/sync_point.h"
+#include "base/sync_point.h"
 
 namespace qcow2fs {
 namespace {

@@ -19,7 +19,7 @@
 #include "format/l2_entry.h"
 #include "format/limits.h"
 #include "format/hex.h"
-#include "engine/sync_point.h"
+#include "base/sync_point.h"
 
 namespace qcow2fs {
 Status Qcow2Image::PrepareForWriting() {

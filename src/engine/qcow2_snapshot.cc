@@ -30,7 +30,7 @@
 
 #include "engine/image_open.h"
 #include "engine/qcow2_image.h"
-#include "engine/sync_point.h"
+#include "base/sync_point.h"
 #include "format/align.h"
 #include "format/endian.h"
 #include "format/hex.h"

@@ -11,7 +11,7 @@
 #include "engine/qcow2_image.h"
 #include "format/align.h"
 #include "format/l2_entry.h"
-#include "engine/sync_point.h"
+#include "base/sync_point.h"
 
 namespace qcow2fs {
 namespace {

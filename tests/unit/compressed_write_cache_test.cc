@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "codec/compression.h"
-#include "engine/sync_point.h"
+#include "base/sync_point.h"
 
 namespace qcow2fs {
 namespace {

@@ -2,10 +2,11 @@
 // so that a race found once becomes a test that forces the same
 // interleaving every time (the idea of RocksDB's TEST_SYNC_POINT).
 //
-// The core marks a place with QCOW2FS_SYNC_POINT("Area:Step", arg), where
-// `arg` identifies the request (usually a guest offset) so a test can stop
-// one request and let others pass. The points exist only in the build of
-// the core that the tests link (QCOW2FS_SYNC_POINTS defined); in every
+// The core (and the daemon's write-behind queue) marks a place with
+// QCOW2FS_SYNC_POINT("Area:Step", arg), where `arg` identifies the request
+// (usually a guest offset) so a test can stop one request and let others
+// pass. The points exist only in builds for tests (QCOW2FS_SYNC_POINTS
+// defined: the core the tests link, the daemon's pipeline test); in every
 // other build the macro expands to nothing and its argument is not
 // evaluated.
 //
@@ -24,7 +25,7 @@
 #include <string_view>
 #include <vector>
 
-#include "base/thread_annotations.h"
+#include "thread_annotations.h"  // beside this file, whatever root the includer uses
 
 #ifdef QCOW2FS_SYNC_POINTS
 #define QCOW2FS_SYNC_POINT(name, arg) ::qcow2fs::SyncPoints::Reached(name, arg)
