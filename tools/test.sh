@@ -7,9 +7,10 @@
 # Stages (one function each, stage_NAME):
 #   deps     tools/install-deps.sh (apt-get only for what is missing)
 #   release  build/       release build, meson test
-#   tsa      build-tsa/   clang build of the core libraries, the daemon and
-#                         qcow2fs-img with -Wthread-safety(-beta) as errors:
-#                         the lock annotations (src/base/) are checked
+#   tsa      build-tsa/   clang build of the core library, the daemon and the
+#                         tools, and a compile of the tests, with
+#                         -Wthread-safety(-beta) as errors: the lock
+#                         annotations (src/base/) are checked
 #   asan     build-asan/  ASan+UBSan debugoptimized build, -Werror, meson test
 #   fuzz     build-fuzz/  clang libFuzzer build (ASan+UBSan), seed corpus from
 #                         qemu-img, FUZZ_SECONDS (default 60) of fuzzing
@@ -98,21 +99,29 @@ stage_release() {
   meson_test build
 }
 
-# Clang's thread-safety analysis over everything that takes a lock (the
-# tests are left out: they add minutes and hold no annotated locks).
+# Clang's thread-safety analysis over everything that takes a lock: the
+# core, the daemon, the tools, and the tests with their support code and
+# test doubles. The analysis is done by the compiler, so the tests are
+# compiled only (their objects), neither linked nor run; the tests' copy of
+# the core (the same sources with sync points compiled in) is left out.
 stage_tsa() {
   command -v clang++ >/dev/null || { echo "clang++ not found"; return 1; }
   local args="['-Wthread-safety', '-Wthread-safety-beta', '-Werror=thread-safety']"
   if [[ -f build-tsa/meson-private/coredata.dat ]]; then
-    meson_setup build-tsa -Dbuildtype=debug -Dtests=false -Dfuzzer=false -Dcpp_args="$args"
+    meson_setup build-tsa -Dbuildtype=debug -Dtests=true -Dfuzzer=false -Dcpp_args="$args"
   else
-    CC=clang CXX=clang++ meson_setup build-tsa -Dbuildtype=debug -Dtests=false -Dfuzzer=false \
+    CC=clang CXX=clang++ meson_setup build-tsa -Dbuildtype=debug -Dtests=true -Dfuzzer=false \
       -Dcpp_args="$args"
   fi
   grep -q '"command": "clang++ ' build-tsa/compile_commands.json ||
     { echo "build-tsa was set up with another compiler than clang: remove it"; return 1; }
+  local test_objects
+  test_objects=$(ninja -C build-tsa -t targets all |
+                 awk -F: '/^(tests|fuse\/fuse_[a-z_]+_test\.p)\/.*\.o: / { print $1 }')
+  [[ -n $test_objects ]] || { echo "no test objects found in build-tsa"; return 1; }
+  # shellcheck disable=SC2086
   ninja -C build-tsa -j "$JOBS" src/libqcow2fs-core.a fuse/mount.qcow2fs \
-    fuse/umount.fuse.qcow2fs tools/qcow2fs-img
+    fuse/umount.fuse.qcow2fs tools/qcow2fs-img tools/bench/qcow2fs-read-bench $test_objects
 }
 
 stage_asan() {
