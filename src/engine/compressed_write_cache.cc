@@ -8,6 +8,7 @@
 
 #include "codec/compression.h"
 #include "format/align.h"
+#include "format/cluster_pieces.h"
 #include "format/l2_entry.h"
 #include "base/sync_point.h"
 
@@ -31,14 +32,15 @@ bool AllZeroBytes(std::span<const std::byte> data) {
 }  // namespace
 
 CompressedWriteCache::CompressedWriteCache(CompressedClusterSink& sink, CompressionType type,
-                                           uint64_t cluster_size, uint64_t disk_size,
-                                           size_t max_bytes, Executor executor)
+                                           uint64_t cluster_size, uint64_t max_per_host_cluster,
+                                           uint64_t disk_size, size_t max_bytes,
+                                           Executor executor)
     : sink_(sink),
       type_(type),
       cluster_size_(cluster_size),
       cluster_bits_(static_cast<uint32_t>(std::countr_zero(cluster_size))),
       max_entries_(std::max<size_t>(16, (max_bytes ? max_bytes : (64u << 20)) / cluster_size)),
-      max_users_(sink.MaxCompressedPerHostCluster()),
+      max_users_(max_per_host_cluster),
       // Segments of 8 MiB (at least two clusters) keep host writes large,
       // and the space lost at the end of each (the rest of its last host
       // cluster) one in a thousand.
@@ -68,15 +70,10 @@ Status CompressedWriteCache::Complete(Entry& e) {
 }
 
 void CompressedWriteCache::RunJob(Job job) {
+  MutexLock lk(mu_);
   // A failure leaves the cluster staged (Requeue); the next Flush() retries
   // it on its own thread and reports the error to its caller.
-  auto prepared = Prepare(job);
-  MutexLock lk(mu_);
-  if (prepared.ok()) {
-    (void)Place(job, std::move(prepared).value());
-  } else {
-    Requeue(*job.entry);
-  }
+  (void)CompressAndPlace(job);
   background_jobs_--;
   changed_.NotifyAll();
 }
@@ -121,50 +118,47 @@ Status CompressedWriteCache::WaitForCommit(const Entry& e) {
 }
 
 Status CompressedWriteCache::Write(uint64_t offset, std::span<const std::byte> data) {
-  const uint64_t end = offset + data.size();
   MutexLock lk(mu_);
-  for (uint64_t pos = offset; pos < end;) {
-    const uint64_t index = pos >> cluster_bits_;
-    const uint64_t cluster_start = index << cluster_bits_;
-    const uint64_t piece_end = std::min(end, cluster_start + cluster_size_);
+  for (const ClusterPiece& p : ClusterPieces(offset, offset + data.size(), cluster_bits_)) {
+    QCOW2FS_ASSIGN_OR_RETURN(Entry* const e, FillingEntry(p.index));
+    std::memcpy(e->data.data() + p.begin_in_cluster(), data.data() + (p.begin - offset),
+                p.length());
+    MarkValid(*e, p.begin_in_cluster(), p.end_in_cluster());
+    if (IsComplete(*e)) QCOW2FS_RETURN_IF_ERROR(Complete(*e));
+  }
+  return Status();
+}
+
+Result<CompressedWriteCache::Entry*> CompressedWriteCache::FillingEntry(uint64_t index) {
+  while (true) {
     auto it = entries_.find(index);
-    if (it != entries_.end() && it->second->state != State::kFilling) {
+    if (it != entries_.end()) {
+      if (it->second->state == State::kFilling) return it->second.get();
       // Being compressed or waiting in the segment: let it reach the image
       // first, then stage the new data on top.
       QCOW2FS_RETURN_IF_ERROR(WaitForCommit(*it->second));
-      continue;
+    } else if (direct_writers_.count(index)) {
+      // A direct write to this cluster is under way: stage after it.
+      changed_.Wait(mu_);
+    } else if (entries_.size() >= max_entries_) {
+      QCOW2FS_RETURN_IF_ERROR(MakeRoom());
+    } else {
+      break;
     }
-    if (it == entries_.end()) {
-      if (direct_writers_.count(index)) {
-        // A direct write to this cluster is under way: stage after it.
-        changed_.Wait(mu_);
-        continue;
-      }
-      if (entries_.size() >= max_entries_) {
-        QCOW2FS_RETURN_IF_ERROR(MakeRoom());
-        continue;
-      }
-      auto entry = std::make_unique<Entry>();
-      entry->guest_offset = cluster_start;
-      entry->data.resize(cluster_size_);
-      entry->valid.resize((cluster_size_ + 63) / 64);
-      // Bytes past the end of the disk are known: they are zeros.
-      if (disk_size_ < cluster_start + cluster_size_) {
-        MarkValid(*entry, disk_size_ > cluster_start ? disk_size_ - cluster_start : 0,
-                  cluster_size_);
-      }
-      lru_.push_back(index);
-      entry->lru = std::prev(lru_.end());
-      it = entries_.emplace(index, std::move(entry)).first;
-    }
-    Entry& e = *it->second;
-    std::memcpy(e.data.data() + (pos - cluster_start), data.data() + (pos - offset),
-                piece_end - pos);
-    MarkValid(e, pos - cluster_start, piece_end - cluster_start);
-    pos = piece_end;
-    if (IsComplete(e)) QCOW2FS_RETURN_IF_ERROR(Complete(e));
   }
-  return Status();
+  auto entry = std::make_unique<Entry>();
+  const uint64_t cluster_start = index << cluster_bits_;
+  entry->guest_offset = cluster_start;
+  entry->data.resize(cluster_size_);
+  entry->valid.resize((cluster_size_ + 63) / 64);
+  // Bytes past the end of the disk are known: they are zeros.
+  if (disk_size_ < cluster_start + cluster_size_) {
+    MarkValid(*entry, disk_size_ > cluster_start ? disk_size_ - cluster_start : 0,
+              cluster_size_);
+  }
+  lru_.push_back(index);
+  entry->lru = std::prev(lru_.end());
+  return entries_.emplace(index, std::move(entry)).first->second.get();
 }
 
 CompressedWriteCache::Job CompressedWriteCache::Start(Entry& e) {
@@ -182,14 +176,28 @@ void CompressedWriteCache::Requeue(Entry& e) {
   changed_.NotifyAll();
 }
 
+void CompressedWriteCache::Settle(uint64_t index, const Status& stored) {
+  auto it = entries_.find(index);
+  if (it == entries_.end()) return;
+  if (!stored.ok()) {
+    Requeue(*it->second);  // keep the data staged; a later flush retries
+    return;
+  }
+  Erase(index);
+}
+
 Status CompressedWriteCache::Finish(Entry& e) {
   Job job = Start(e);
+  return CompressAndPlace(job);
+}
+
+Status CompressedWriteCache::CompressAndPlace(Job& job) {
   auto prepared = [&]() REQUIRES(mu_) {
     MutexUnlock unlocked(mu_);
     return Prepare(job);
   }();
   if (!prepared.ok()) {
-    Requeue(e);
+    Requeue(*job.entry);
     return prepared.status();
   }
   return Place(job, std::move(prepared).value());
@@ -230,7 +238,6 @@ Status CompressedWriteCache::Place(Job& job, Prepared prepared) {
     std::fill(e.valid.begin(), e.valid.end(), ~uint64_t{0});
     e.valid_bytes = cluster_size_;
   }
-  const uint64_t index = e.guest_offset >> cluster_bits_;
   if (prepared.action != Prepared::Action::kCompressed) {
     Status s;
     {
@@ -240,12 +247,8 @@ Status CompressedWriteCache::Place(Job& job, Prepared prepared) {
               ? sink_.ZeroCluster(e.guest_offset)
               : sink_.WriteUncompressedCluster(e.guest_offset, e.data);
     }
-    if (!s.ok()) {
-      Requeue(e);
-      return s;
-    }
-    Erase(index);
-    return Status();
+    Settle(e.guest_offset >> cluster_bits_, s);
+    return s;
   }
   const uint64_t n = prepared.compressed.size();
   uint64_t at;
@@ -277,7 +280,6 @@ Status CompressedWriteCache::Place(Job& job, Prepared prepared) {
     }
   }
   std::memcpy(segment_.data.data() + at, prepared.compressed.data(), n);
-  // Relative to the segment until SealSegment knows where it goes.
   segment_.placed.push_back({e.guest_offset, at, n});
   e.state = State::kPacked;
   changed_.NotifyAll();
@@ -311,41 +313,18 @@ Status CompressedWriteCache::SealSegment() {
   Segment s = std::move(segment_);
   segment_ = Segment{};
   Status st;
-  {
+  if (!s.placed.empty()) {
+    // The used part, padded to 4 KiB where its last host cluster allows so
+    // that it can go O_DIRECT. The sink allocates the clusters it spans, and
+    // every one of them holds compressed data: packing only skips the rest
+    // of a cluster that is at its refcount limit.
+    const uint64_t bytes = std::min(AlignUp(s.used, cluster_size_),
+                                    AlignUp(s.used, AlignedBuffer::kAlignment));
     MutexUnlock unlocked(mu_);
-    // Allocate the clusters the packed data fills (every one of them holds
-    // compressed data: packing only skips the rest of a cluster that is at
-    // its refcount limit), place the clusters there, write the used part
-    // once, padded to 4 KiB where the clusters allow so it can go O_DIRECT,
-    // and only then let L2 entries point into it.
-    if (!s.placed.empty()) {
-      const uint64_t clusters = AlignUp(s.used, cluster_size_) >> cluster_bits_;
-      auto base = sink_.AllocateSegment(clusters);
-      st = base.status();
-      if (st.ok()) {
-        for (auto& p : s.placed) p.host_offset += *base;
-        const uint64_t bytes = std::min(clusters << cluster_bits_,
-                                        AlignUp(s.used, AlignedBuffer::kAlignment));
-        st = sink_.WriteSegment(*base, {s.data.data(), bytes});
-        if (st.ok()) {
-          st = sink_.CommitSegment(s.placed, *base, clusters);
-        } else {
-          sink_.ReleaseSegment(*base, clusters);
-        }
-      }
-    }
+    st = sink_.StoreSegment({s.data.data(), bytes}, s.placed);
   }
   if (spare_segment_.empty()) spare_segment_ = std::move(s.data);
-  for (const auto& p : s.placed) {
-    const uint64_t index = p.guest_offset >> cluster_bits_;
-    auto it = entries_.find(index);
-    if (it == entries_.end()) continue;
-    if (st.ok()) {
-      Erase(index);
-    } else {
-      Requeue(*it->second);  // keep the data staged; a later flush retries
-    }
-  }
+  for (const auto& p : s.placed) Settle(p.guest_offset >> cluster_bits_, st);
   sealing_ = false;
   changed_.NotifyAll();
   return st;
@@ -371,31 +350,25 @@ Status CompressedWriteCache::MakeRoom() {
 CompressedWriteCache::Snapshot CompressedWriteCache::Capture(uint64_t offset,
                                                              uint64_t length) const {
   Snapshot snap;
-  const uint64_t end = offset + length;
   MutexLock lk(mu_);
   if (entries_.empty()) return snap;
-  for (uint64_t pos = offset; pos < end;) {
-    const uint64_t index = pos >> cluster_bits_;
-    const uint64_t cluster_start = index << cluster_bits_;
-    const uint64_t piece_end = std::min(end, cluster_start + cluster_size_);
-    auto it = entries_.find(index);
-    if (it != entries_.end()) {
-      const Entry& e = *it->second;
-      // Runs of valid bytes become pieces.
-      for (uint64_t i = pos - cluster_start; i < piece_end - cluster_start;) {
-        if (!IsValid(e, i)) {
-          i++;
-          continue;
-        }
-        uint64_t j = i;
-        while (j < piece_end - cluster_start && IsValid(e, j)) j++;
-        snap.pieces.push_back({cluster_start + i, std::vector<std::byte>(
-                                                      e.data.begin() + static_cast<ptrdiff_t>(i),
-                                                      e.data.begin() + static_cast<ptrdiff_t>(j))});
-        i = j;
+  for (const ClusterPiece& p : ClusterPieces(offset, offset + length, cluster_bits_)) {
+    auto it = entries_.find(p.index);
+    if (it == entries_.end()) continue;
+    const Entry& e = *it->second;
+    // Runs of valid bytes become pieces.
+    for (uint64_t i = p.begin_in_cluster(); i < p.end_in_cluster();) {
+      if (!IsValid(e, i)) {
+        i++;
+        continue;
       }
+      uint64_t j = i;
+      while (j < p.end_in_cluster() && IsValid(e, j)) j++;
+      snap.pieces.push_back({p.cluster_start + i,
+                             std::vector<std::byte>(e.data.begin() + static_cast<ptrdiff_t>(i),
+                                                    e.data.begin() + static_cast<ptrdiff_t>(j))});
+      i = j;
     }
-    pos = piece_end;
   }
   return snap;
 }
@@ -412,7 +385,7 @@ std::optional<uint64_t> CompressedWriteCache::FirstStaged(uint64_t offset, uint6
   std::optional<uint64_t> first;
   for (const auto& [index, e] : entries_) {
     const uint64_t start = index << cluster_bits_;
-    if (start < end && start + cluster_size_ > offset && (!first || start < *first)) {
+    if (Overlaps(index, offset, end) && (!first || start < *first)) {
       first = std::max(start, offset);
     }
   }
@@ -442,8 +415,7 @@ Status CompressedWriteCache::SettleRange(uint64_t offset, uint64_t length) {
   while (true) {
     const Entry* busy = nullptr;
     for (const auto& [index, e] : entries_) {
-      const uint64_t start = index << cluster_bits_;
-      if (start < end && start + cluster_size_ > offset && e->state != State::kFilling) {
+      if (Overlaps(index, offset, end) && e->state != State::kFilling) {
         busy = e.get();
         break;
       }
@@ -459,8 +431,7 @@ bool CompressedWriteCache::DropStaged(uint64_t offset, uint64_t length) {
   MutexLock lk(mu_);
   std::vector<uint64_t> doomed;
   for (const auto& [index, e] : entries_) {
-    const uint64_t start = index << cluster_bits_;
-    if (start >= end || start + cluster_size_ <= offset) continue;
+    if (!Overlaps(index, offset, end)) continue;
     if (e->state != State::kFilling) return false;
     doomed.push_back(index);
   }
@@ -483,16 +454,7 @@ Status CompressedWriteCache::Flush() {
   // the few clusters that were still incomplete.
   Status first_error;
   for (Job& job : jobs) {
-    lk.Unlock();
-    auto prepared = Prepare(job);
-    lk.Lock();
-    Status s;
-    if (prepared.ok()) {
-      s = Place(job, std::move(prepared).value());
-    } else {
-      s = prepared.status();
-      Requeue(*job.entry);
-    }
+    const Status s = CompressAndPlace(job);
     if (!s.ok() && first_error.ok()) first_error = s;
   }
   QCOW2FS_RETURN_IF_ERROR(first_error);

@@ -14,10 +14,11 @@
 //               8 MiB of memory standing for contiguous host clusters,
 //               filled byte by byte as QEMU packs them (a compressed cluster
 //               may straddle two host clusters);
-//   committed   when the segment is full (or at Flush()) exactly the host
-//               clusters it fills are allocated, it is written with one host
-//               write, and only then do the L2 entries point into it. The
-//               staging entry goes away at that moment.
+//   committed   when the segment is full (or at Flush()) the cache hands it
+//               to the image (StoreSegment), which allocates exactly the
+//               host clusters it fills, writes it with one host write, and
+//               only then points the L2 entries into it. The staging entry
+//               goes away at that moment.
 // A cluster that does not compress is written as a normal cluster, an
 // all-zero one becomes a zero cluster.
 //
@@ -53,47 +54,50 @@
 
 namespace qcow2fs {
 
-// What the cache needs from the image; implemented by Qcow2Image.
+// What the cache needs from the image; implemented by Qcow2Image. A
+// cluster on its way to the image takes at most two calls: a fill, if some
+// of its bytes were never written, then one store (its share of one
+// StoreSegment, or a WriteUncompressedCluster or ZeroCluster).
 class CompressedClusterSink {
  public:
   virtual ~CompressedClusterSink() = default;
   // The image's current content of one guest cluster, without staging.
   virtual Status ReadClusterForFill(uint64_t guest_offset, std::span<std::byte> out) = 0;
-  // Allocates `count` contiguous host clusters for a sealed segment
-  // (refcount 1 each: the segment's own hold, released by CommitSegment).
-  virtual Result<uint64_t> AllocateSegment(uint64_t count) = 0;
-  virtual Status WriteSegment(uint64_t host_offset, std::span<const std::byte> data) = 0;
+  // A compressed cluster packed into a segment.
   struct Placed {
     uint64_t guest_offset;
-    uint64_t host_offset;  // first byte of compressed data
+    uint64_t offset;  // of its first byte, from the start of the segment
     uint64_t bytes;
   };
-  // Points the L2 entries at the placed compressed clusters (counting a
-  // reference on every host cluster each one touches), then drops the
-  // segment's hold on its `count` clusters. On failure some entries may
-  // point into the segment already; the hold is dropped all the same.
-  virtual Status CommitSegment(const std::vector<Placed>& placed, uint64_t segment_offset,
-                               uint64_t count) = 0;
-  // Drops the hold of a segment that could not be written (cannot fail:
-  // the clusters are freed with the other deferred frees).
-  virtual void ReleaseSegment(uint64_t segment_offset, uint64_t count) = 0;
+  // Stores a sealed segment, in the order crash safety needs: allocates
+  // exactly the host clusters `data` spans (AlignUp(data.size(), cluster
+  // size) of them, each holding compressed data; refcount 1 each, the
+  // segment's own hold), writes `data` there with one host write, then
+  // points the L2 entry of every placed cluster at its bytes (counting a
+  // reference on each host cluster they touch) and drops the hold.
+  // On failure the caller keeps the clusters staged: a segment that could
+  // not be written has its hold dropped and nothing points into it; after
+  // a failed commit some entries may point into it already, with the same
+  // bytes the cache still stages.
+  virtual Status StoreSegment(std::span<const std::byte> data,
+                              std::span<const Placed> placed) = 0;
   // Stores a cluster that did not compress, or is all zeros.
   virtual Status WriteUncompressedCluster(uint64_t guest_offset,
                                           std::span<const std::byte> data) = 0;
   virtual Status ZeroCluster(uint64_t guest_offset) = 0;
-  // How many compressed clusters one host cluster may hold (the refcount
-  // width's limit, less the segment's hold).
-  virtual uint64_t MaxCompressedPerHostCluster() const = 0;
 };
 
 class CompressedWriteCache {
  public:
   using Executor = std::function<void(std::function<void()>)>;
-  // With an executor, completed clusters are compressed and stored there and
-  // Write() returns as soon as the data is staged; without, on the writer.
+  // `max_per_host_cluster`: how many compressed clusters one host cluster
+  // may hold (each adds one to its refcount: the refcount width's limit,
+  // less the segment's own hold). With an executor, completed clusters are
+  // compressed and stored there and Write() returns as soon as the data is
+  // staged; without, on the writer.
   CompressedWriteCache(CompressedClusterSink& sink, CompressionType type,
-                       uint64_t cluster_size, uint64_t disk_size, size_t max_bytes,
-                       Executor executor = {});
+                       uint64_t cluster_size, uint64_t max_per_host_cluster,
+                       uint64_t disk_size, size_t max_bytes, Executor executor = {});
   ~CompressedWriteCache();
 
   // Stages `data` at guest `offset` (any size and alignment).
@@ -152,9 +156,8 @@ class CompressedWriteCache {
     uint64_t valid_bytes = 0;
     std::list<uint64_t>::iterator lru;
   };
-  // Compressed clusters packed back to back, in memory until sealed; its
-  // host clusters are allocated then (placed[].host_offset is relative to
-  // the segment until that moment).
+  // Compressed clusters packed back to back, in memory until sealed; the
+  // sink allocates its host clusters then.
   struct Segment {
     AlignedBuffer data;  // empty: no segment open
     uint64_t used = 0;
@@ -184,23 +187,32 @@ class CompressedWriteCache {
   Job Start(Entry& e) REQUIRES(mu_);
   // Puts an entry whose commit failed back to filling, for a later retry.
   void Requeue(Entry& e) REQUIRES(mu_);
+  // After a store: the entry of cluster `index` leaves the cache, or, if
+  // the store failed, goes back to filling (a later flush retries it).
+  void Settle(uint64_t index, const Status& stored) REQUIRES(mu_);
   // Without the lock: fills unknown bytes from the image, then compresses.
   // Entries in kCompressing are not modified by anyone else.
   Result<Prepared> Prepare(Job& job) EXCLUDES(mu_);
   // The methods below that hold mu_ drop it for a while (for compression,
   // for calls into the sink, or to wait) and hold it again on return.
+  // The one way a job goes: Prepare with the lock dropped, then Place, or
+  // Requeue if Prepare failed.
+  Status CompressAndPlace(Job& job) REQUIRES(mu_);
   // With the lock: stores the prepared cluster (packs it into the segment,
   // or writes it uncompressed/zero with the lock dropped).
   Status Place(Job& job, Prepared prepared) REQUIRES(mu_);
-  // Takes a filling entry through Prepare and Place.
+  // Takes a filling entry through Start and CompressAndPlace.
   Status Finish(Entry& e) REQUIRES(mu_);
   // Hands a complete entry to the executor (or finishes it inline).
   Status Complete(Entry& e) REQUIRES(mu_);
-  // Runs on the executor: Prepare and Place one job.
+  // Runs on the executor: CompressAndPlace one job.
   void RunJob(Job job) EXCLUDES(mu_);
+  // The filling entry of cluster `index`, made if there is none. It waits
+  // for a commit or a direct write of the cluster, or makes room, first.
+  Result<Entry*> FillingEntry(uint64_t index) REQUIRES(mu_);
   // Reserves n bytes in the current segment; false if there is no room.
   bool TryPack(uint64_t n, uint64_t* at) REQUIRES(mu_);
-  // Writes the current segment and commits its clusters.
+  // Has the sink store the current segment.
   Status SealSegment() REQUIRES(mu_);
   Status MakeRoom() REQUIRES(mu_);
   // Makes progress towards committing an entry past kFilling (sealing the
@@ -208,6 +220,11 @@ class CompressedWriteCache {
   // looks the entry up again afterwards.
   Status WaitForCommit(const Entry& e) REQUIRES(mu_);
   void Erase(uint64_t cluster_index) REQUIRES(mu_);
+  // Whether cluster `index` holds bytes of [offset, end).
+  bool Overlaps(uint64_t index, uint64_t offset, uint64_t end) const {
+    const uint64_t start = index << cluster_bits_;
+    return start < end && start + cluster_size_ > offset;
+  }
 
   CompressedClusterSink& sink_;
   const CompressionType type_;

@@ -109,14 +109,31 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
       REQUIRES(meta_mutex_);
   Status LoadL1(uint64_t offset, uint32_t entries) REQUIRES(meta_mutex_);
 
+  // --- mapping (qcow2_map.cc) ---
   // Reads and validates one L2 table (the L2 cache's loader; it runs with
   // meta_mutex_ released).
   Status LoadL2Table(uint64_t offset, L2Table& table) EXCLUDES(meta_mutex_);
+  // The one check of an L2 table offset taken from L1 entry `l1_index`
+  // (non-zero): cluster aligned and a whole cluster inside the image file.
+  // kCorrupt otherwise, naming `guest`, the offset being mapped. Reads only
+  // what needs no lock (the file size only grows).
+  Status CheckL2TableOffset(uint64_t l1_index, uint64_t l2_offset, uint64_t guest) const;
   // Maps [offset, end) into at most `max` extents, merging neighbours that
   // can be served by one I/O. Returns how many were produced (at least one
   // unless an error occurs). May drop meta_mutex_ while an L2 table loads.
   Result<size_t> MapLocked(uint64_t offset, uint64_t end, Extent* out, size_t max)
       REQUIRES(meta_mutex_);
+  // The active L2 table for L1 index `l1_index`, allocated or copied away
+  // from a shared one as needed. This and L2ForMappingLocked may drop
+  // meta_mutex_ while an L2 table loads.
+  Result<std::shared_ptr<L2Table>> L2ForWriteLocked(uint64_t l1_index)
+      REQUIRES(meta_mutex_);
+  // The L2 table L1 entry `l1_index` names (non-zero), checked with
+  // CheckL2TableOffset; `guest` is the offset being mapped.
+  Result<std::shared_ptr<L2Table>> L2ForMappingLocked(uint64_t l1_index, uint64_t guest)
+      REQUIRES(meta_mutex_);
+
+  // --- reading (qcow2_read.cc) ---
   Status ReadExtent(const Extent& e, std::byte* dst);
   Status ReadCompressed(const Extent& e, std::byte* dst);
   Status ReadBacking(uint64_t offset, std::span<std::byte> dst);
@@ -147,15 +164,15 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   Status WriteCompressMode(uint64_t offset, std::span<const std::byte> data);
   bool WritableInPlace(uint64_t offset, uint64_t end) EXCLUDES(meta_mutex_);
   Status ReadClusterForFill(uint64_t guest_offset, std::span<std::byte> out) override;
-  Result<uint64_t> AllocateSegment(uint64_t count) override;
-  Status WriteSegment(uint64_t host_offset, std::span<const std::byte> data) override;
-  Status CommitSegment(const std::vector<Placed>& placed, uint64_t segment_offset,
-                       uint64_t count) override;
-  void ReleaseSegment(uint64_t segment_offset, uint64_t count) override;
+  Status StoreSegment(std::span<const std::byte> data, std::span<const Placed> placed) override
+      EXCLUDES(meta_mutex_);
+  // StoreSegment's last step: points the L2 entries of `placed` into the
+  // segment written at host offset `segment`.
+  Status CommitSegmentLocked(std::span<const Placed> placed, uint64_t segment)
+      REQUIRES(meta_mutex_);
   Status WriteUncompressedCluster(uint64_t guest_offset,
                                   std::span<const std::byte> data) override;
   Status ZeroCluster(uint64_t guest_offset) override;
-  uint64_t MaxCompressedPerHostCluster() const override;
 
   // --- writing (qcow2_write.cc, qcow2_zero.cc, qcow2_metadata.cc) ---
   Status PrepareForWriting() REQUIRES(meta_mutex_);
@@ -164,21 +181,37 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   // else through WriteShared under discard_lock_ shared.
   Status WriteData(uint64_t offset, std::span<const std::byte> data)
       EXCLUDES(discard_lock_, meta_mutex_);
-  // The write path proper; the caller holds discard_lock_ shared.
+  // The write path proper; the caller holds discard_lock_ shared. Runs in
+  // steps, each within one L2 table: plan, data, and for an allocating
+  // step commit (docs/concurrency.md, "Allocating writes").
   Status WriteShared(uint64_t offset, std::span<const std::byte> data)
       REQUIRES_SHARED(discard_lock_) EXCLUDES(meta_mutex_);
+  // One step of WriteShared, as planned (defined in qcow2_write.cc).
+  struct WriteStep;
+  // Plan: decides how guest bytes from `pos` (up to `end`) are written: in
+  // place, or to clusters it allocates and marks in flight. Searches free
+  // space only when it will allocate. Holds meta_mutex_ on entry and
+  // return, but drops it to load an L2 table, to wait for an allocating
+  // write of the same cluster and during the free-space search (it plans
+  // again after those). The host offsets it returns are valid only while
+  // the caller keeps discard_lock_ shared, through the data step.
+  Status PlanWriteStepLocked(uint64_t pos, uint64_t end, WriteStep& step)
+      REQUIRES(meta_mutex_) REQUIRES_SHARED(discard_lock_);
+  // Data: writes the step's bytes (`bytes`: the guest bytes from step.pos
+  // to step.run_end), with the old content around them for an allocating
+  // step. Guest I/O, so never under meta_mutex_.
+  Status WriteStepData(const WriteStep& step, std::span<const std::byte> bytes)
+      REQUIRES_SHARED(discard_lock_) EXCLUDES(meta_mutex_);
+  // Commit (allocating steps): clears the in-flight marks and wakes
+  // waiters; if the data step succeeded (`io`), points the L2 entries at
+  // the new clusters and drops the old references, else gives the new
+  // clusters back and returns `io`.
+  Status CommitWriteStepLocked(WriteStep& step, const Status& io) REQUIRES(meta_mutex_);
   // Writes zeros through the data path (partial clusters).
   Status WriteZeroBytes(uint64_t offset, uint64_t length);
-  // The active L2 table for L1 index `l1_index`, allocated or copied away
-  // from a shared one as needed. Both may drop meta_mutex_ while an L2
-  // table loads.
-  Result<std::shared_ptr<L2Table>> L2ForWriteLocked(uint64_t l1_index)
-      REQUIRES(meta_mutex_);
-  Result<std::shared_ptr<L2Table>> L2ForMappingLocked(uint64_t l1_index, uint64_t guest)
-      REQUIRES(meta_mutex_);
   // Allocates `count` contiguous host clusters for metadata or data.
   Result<uint64_t> AllocateClustersLocked(uint64_t count) REQUIRES(meta_mutex_);
-  // Before a step that may allocate: moves the free-space search to a free
+  // Before a step that allocates: moves the free-space search to a free
   // cluster a few refcount blocks at a time, releasing meta_mutex_ (held
   // on entry and on return) between steps so that reads and other
   // writers are not kept waiting while it crosses many full blocks. Fails

@@ -137,8 +137,9 @@ Status Qcow2Image::ForEachTreeClusterLocked(const std::vector<uint64_t>& l1,
     // every table as the caches do.
     QCOW2FS_ASSIGN_OR_RETURN(auto table,
                              ReadTableLocked(l2, words, ("an L2 table of " + whose).c_str()));
-    for (uint64_t k = 0; k < words; k += extended_l2_ ? 2 : 1) {
-      const ClusterRun run = ReferencedClusters(table[k]);
+    const L2Entries entries(table, extended_l2_);
+    for (uint64_t k = 0; k < entries.size(); k++) {
+      const ClusterRun run = ReferencedClusters(entries.word(k));
       for (uint64_t c = run.first; c < run.first + run.count; c++) QCOW2FS_RETURN_IF_ERROR(fn(c));
     }
     QCOW2FS_RETURN_IF_ERROR(fn(l2 >> cluster_bits_));
@@ -214,15 +215,16 @@ Status Qcow2Image::SetCopiedFlagsLocked() {
       l1_dirty_.insert(i);
     }
     QCOW2FS_ASSIGN_OR_RETURN(auto table, L2ForMappingLocked(i, i * l2_coverage));
+    const L2Entries entries(table->entries, extended_l2_);
     bool changed = false;
-    for (uint64_t k = 0; k < table->entries.size(); k += extended_l2_ ? 2 : 1) {
-      const uint64_t word = table->entries[k];
+    for (uint64_t k = 0; k < entries.size(); k++) {
+      const uint64_t word = entries.word(k);
       const ClusterType type = ClassifyL2Entry(word, extended_l2_, false);
       if (type != ClusterType::kNormal && type != ClusterType::kZeroAlloc) continue;
       QCOW2FS_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get((word & kL2OffsetMask) >> cluster_bits_));
       const uint64_t next = rc == 1 ? (word | kOflagCopied) : (word & ~kOflagCopied);
       if (next != word) {
-        table->entries[k] = next;
+        entries.set_word(k, next);
         changed = true;
       }
     }

@@ -2,12 +2,13 @@
 // and allocating writes (new clusters, copy-on-write from backing files,
 // compressed clusters and clusters shared with snapshots).
 //
-// An allocating write runs in three steps: under the metadata lock it maps
-// the old content, allocates host clusters and marks the guest clusters in
-// flight; without the lock it writes the data; under the lock again it
-// points the L2 entries at the new clusters. Readers therefore never see an
-// L2 entry before its data is written, and a second allocating writer of the
-// same cluster waits instead of allocating it twice.
+// A write goes in steps, each a plan, data and, when it allocates, commit:
+// under the metadata lock the plan maps the old content, allocates host
+// clusters and marks the guest clusters in flight; without the lock the
+// data step writes; under the lock again the commit points the L2 entries
+// at the new clusters. Readers therefore never see an L2 entry before its
+// data is written, and a second allocating writer of the same cluster
+// waits instead of allocating it twice.
 #include <algorithm>
 #include <cinttypes>
 #include <cstdio>
@@ -26,16 +27,6 @@ namespace {
 // Most guest bytes one allocating run covers: bounds the staging buffer of
 // an unaligned write and the clusters held in flight at once.
 constexpr uint64_t kMaxRunBytes = 16ull << 20;
-
-// Bitmap of the subclusters of a cluster starting at `cluster_start` that
-// [begin, end) touches, shifted into the allocation half.
-uint64_t TouchedSubclusters(uint64_t cluster_start, uint64_t begin, uint64_t end,
-                            uint32_t subcluster_bits) {
-  const uint64_t first = (begin - cluster_start) >> subcluster_bits;
-  const uint64_t last = (end - 1 - cluster_start) >> subcluster_bits;
-  const uint64_t count = last - first + 1;
-  return (count >= 32 ? 0xffffffffull : ((1ull << count) - 1)) << first;
-}
 
 }  // namespace
 
@@ -100,55 +91,6 @@ Status Qcow2Image::FindFreeSpaceLocked() {
   }
 }
 
-Result<std::shared_ptr<L2Table>> Qcow2Image::L2ForMappingLocked(uint64_t l1_index,
-                                                                uint64_t guest) {
-  const uint64_t l2_offset = L1EntryL2Offset(l1_[l1_index]);
-  const uint64_t file_size = file_size_.load(std::memory_order_acquire);
-  if (l2_offset % cluster_size_ != 0 || l2_offset > file_size ||
-      file_size - l2_offset < cluster_size_) {
-    return Status(ErrorCode::kCorrupt,
-                  "L1 entry " + std::to_string(l1_index) + " points to L2 table at " +
-                      Hex(l2_offset) + ", which is unaligned or past the end of " +
-                      "the file (mapping " + Where(guest) + ")");
-  }
-  return l2_cache_->Get(meta_mutex_, l2_offset,
-                        [this](uint64_t off, L2Table& t) { return LoadL2Table(off, t); });
-}
-
-Result<std::shared_ptr<L2Table>> Qcow2Image::L2ForWriteLocked(uint64_t l1_index) {
-  const uint64_t l1_entry = l1_[l1_index];
-  const uint64_t old_offset = L1EntryL2Offset(l1_entry);
-  if (old_offset != 0 && (l1_entry & kOflagCopied)) {
-    return L2ForMappingLocked(l1_index, l1_index * (l2_entries_ << cluster_bits_));
-  }
-  // No table yet, or one shared with a snapshot: make our own copy.
-  std::vector<uint64_t> old_entries;
-  std::vector<uint32_t> old_suspects;
-  if (old_offset != 0) {
-    QCOW2FS_ASSIGN_OR_RETURN(
-        auto old, L2ForMappingLocked(l1_index, l1_index * (l2_entries_ << cluster_bits_)));
-    old_entries = old->entries;
-    old_suspects = old->suspect_compressed;
-    // Another writer may have copied it while the load dropped the lock.
-    if (l1_[l1_index] != l1_entry) return L2ForWriteLocked(l1_index);
-  }
-  QCOW2FS_ASSIGN_OR_RETURN(uint64_t new_offset, AllocateClustersLocked(1));
-  auto table = l2_cache_->InsertNew(new_offset);
-  metadata_.Add(new_offset >> cluster_bits_, MetadataMap::kL2Table);
-  if (!old_entries.empty()) {
-    table->entries = std::move(old_entries);
-    table->suspect_compressed = std::move(old_suspects);
-    ReleaseClusterLocked(old_offset);
-    // The old table stays metadata only while a snapshot still uses it.
-    if (!snapshot_l2_tables_.count(old_offset >> cluster_bits_)) {
-      metadata_.RemoveKind(old_offset >> cluster_bits_, MetadataMap::kL2Table);
-    }
-  }
-  l1_[l1_index] = new_offset | kOflagCopied;
-  l1_dirty_.insert(l1_index);
-  return table;
-}
-
 Status Qcow2Image::CheckReleasableLocked(const L2Table& table, uint64_t index, uint64_t word,
                                          uint64_t guest) {
   const ClusterType type = ClassifyL2Entry(word, extended_l2_, has_data_file_);
@@ -205,29 +147,86 @@ void Qcow2Image::ReleaseEntryLocked(uint64_t word) {
   if (host != 0) ReleaseClusterLocked(host);
 }
 
+// One step of WriteShared: guest bytes [pos, run_end), all within one L2
+// table, written in place or, with the old content around them, to host
+// clusters the plan allocated (or, with extended L2, filled in place).
+struct Qcow2Image::WriteStep {
+  uint64_t pos = 0;
+  uint64_t run_end = 0;
+  bool in_place = false;
+  // In place: where guest byte `pos` lives. Allocating: where guest
+  // cluster `c0` goes; the run's other clusters follow it.
+  uint64_t host = 0;
+  // Pinned from the plan to the end of the step.
+  std::shared_ptr<L2Table> table;
+
+  // Allocating steps only.
+  uint64_t c0 = 0;  // guest offset of the first cluster
+  uint64_t clusters = 0;
+  // Extended L2: the one cluster is ours and gets its unallocated
+  // subclusters filled in place; nothing new is allocated or released.
+  bool reuse_host = false;
+  // The bytes the data step writes: the new ones and the old content
+  // around them, `head` before pos and `tail` from run_end (mapped by the
+  // plan, read by the data step).
+  uint64_t window_start = 0;
+  uint64_t window_end = 0;
+  Extent head[kSubclustersPerCluster + 1];
+  Extent tail[kSubclustersPerCluster + 1];
+  size_t head_count = 0;
+  size_t tail_count = 0;
+  // The entries the commit replaces, one per cluster.
+  std::vector<uint64_t> old_words;
+  std::vector<uint64_t> old_bitmaps;
+};
+
 Status Qcow2Image::WriteShared(uint64_t offset, std::span<const std::byte> data) {
   const uint64_t end = offset + data.size();
+  for (uint64_t pos = offset; pos < end;) {
+    MutexLock lk(meta_mutex_);
+    WriteStep step;
+    QCOW2FS_RETURN_IF_ERROR(PlanWriteStepLocked(pos, end, step));
+    lk.Unlock();
+    const Status io = WriteStepData(step, data.subspan(pos - offset, step.run_end - pos));
+    pos = step.run_end;
+    if (step.in_place) {
+      QCOW2FS_RETURN_IF_ERROR(io);
+      continue;
+    }
+    lk.Lock();
+    QCOW2FS_RETURN_IF_ERROR(CommitWriteStepLocked(step, io));
+  }
+  return Status();
+}
+
+Status Qcow2Image::PlanWriteStepLocked(uint64_t pos, uint64_t end, WriteStep& step) {
   const uint64_t l2_coverage = l2_entries_ << cluster_bits_;
   const uint64_t subcluster_size = uint64_t{1} << subcluster_bits_;
   const bool has_data_file = has_data_file_;
-  const std::byte* src = data.data();
+  const uint64_t l1_index = pos / l2_coverage;
+  const uint64_t table_end = std::min(end, (l1_index + 1) * l2_coverage);
+  const uint64_t first_cluster = pos >> cluster_bits_;
+  auto entry_index = [&](uint64_t guest) {
+    return (guest >> cluster_bits_) & (l2_entries_ - 1);
+  };
+  auto cluster_end = [&](uint64_t guest) {
+    return std::min(table_end, AlignDown(guest, cluster_size_) + cluster_size_);
+  };
 
-  for (uint64_t pos = offset; pos < end;) {
-    MutexLock lk(meta_mutex_);
-    QCOW2FS_RETURN_IF_ERROR(FindFreeSpaceLocked());
-    const uint64_t l1_index = pos / l2_coverage;
-    const uint64_t table_end = std::min(end, (l1_index + 1) * l2_coverage);
-    QCOW2FS_ASSIGN_OR_RETURN(auto table, L2ForWriteLocked(l1_index));
-
-    auto entry_index = [&](uint64_t guest) {
-      return (guest >> cluster_bits_) & (l2_entries_ - 1);
-    };
-    auto word_of = [&](uint64_t guest) {
-      return table->entries[extended_l2_ ? 2 * entry_index(guest) : entry_index(guest)];
-    };
-    auto bitmap_of = [&](uint64_t guest) {
-      return extended_l2_ ? table->entries[2 * entry_index(guest) + 1] : 0;
-    };
+  // The free-space search, once per step and only when the step allocates
+  // (an L2 table of its own, or data clusters). It may drop the lock, so
+  // everything is looked up again after it.
+  bool searched = false;
+  while (true) {
+    const uint64_t l1_entry = l1_[l1_index];
+    if (!searched && (L1EntryL2Offset(l1_entry) == 0 || !(l1_entry & kOflagCopied))) {
+      QCOW2FS_RETURN_IF_ERROR(FindFreeSpaceLocked());
+      searched = true;
+    }
+    QCOW2FS_ASSIGN_OR_RETURN(std::shared_ptr<L2Table> table, L2ForWriteLocked(l1_index));
+    const L2Entries entries(table->entries, extended_l2_);
+    auto word_of = [&](uint64_t guest) { return entries.word(entry_index(guest)); };
+    auto bitmap_of = [&](uint64_t guest) { return entries.bitmap(entry_index(guest)); };
     // Data can go straight to the cluster the entry names: it is ours alone
     // and every subcluster the write touches is allocated.
     auto in_place = [&](uint64_t guest, uint64_t until) {
@@ -237,15 +236,12 @@ Status Qcow2Image::WriteShared(uint64_t offset, std::span<const std::byte> data)
         return false;
       }
       if (!extended_l2_) return true;
-      const uint64_t cs = AlignDown(guest, cluster_size_);
-      const uint64_t touched = TouchedSubclusters(cs, guest, until, subcluster_bits_);
+      const uint64_t touched =
+          TouchedSubclusters(AlignDown(guest, cluster_size_), guest, until, subcluster_bits_);
       return (bitmap_of(guest) & touched) == touched;
     };
-    auto cluster_end = [&](uint64_t guest) {
-      return std::min(table_end, AlignDown(guest, cluster_size_) + cluster_size_);
-    };
 
-    // 1. A run of in-place clusters: one host write per contiguous piece.
+    // A run of in-place clusters: one host write per contiguous piece.
     if (in_place(pos, cluster_end(pos))) {
       const uint64_t host = (word_of(pos) & kL2OffsetMask) + (pos & (cluster_size_ - 1));
       uint64_t run_end = cluster_end(pos);
@@ -255,19 +251,19 @@ Status Qcow2Image::WriteShared(uint64_t offset, std::span<const std::byte> data)
       }
       // An L2 entry may point at metadata (a corrupt or hostile image).
       QCOW2FS_RETURN_IF_ERROR(CheckGuestWriteLocked(host, run_end - pos, pos));
-      lk.Unlock();
-      QCOW2FS_SYNC_POINT("Write:InPlaceBeforeData", pos);
-      QCOW2FS_RETURN_IF_ERROR(
-          data_file_->WriteAt(host, {src + (pos - offset), run_end - pos}));
-      pos = run_end;
-      continue;
+      step.pos = pos;
+      step.run_end = run_end;
+      step.in_place = true;
+      step.host = host;
+      step.table = std::move(table);
+      return Status();
     }
 
-    // 2. An allocating run. Wait out another writer allocating this cluster.
-    const uint64_t first_cluster = pos >> cluster_bits_;
+    // An allocating run. Wait out another writer allocating this cluster.
     if (inflight_.count(first_cluster)) {
       table.reset();
       inflight_done_.Wait(meta_mutex_);
+      searched = false;  // others allocated meanwhile
       continue;
     }
     const uint64_t c0 = AlignDown(pos, cluster_size_);
@@ -279,6 +275,12 @@ Status Qcow2Image::WriteShared(uint64_t offset, std::span<const std::byte> data)
     const bool reuse_host = extended_l2_ && first_type == ClusterType::kNormal &&
                             (first_word & kOflagCopied) &&
                             (first_word & kL2OffsetMask) % cluster_size_ == 0;
+    if (!reuse_host && !has_data_file && !searched) {
+      table.reset();
+      QCOW2FS_RETURN_IF_ERROR(FindFreeSpaceLocked());
+      searched = true;
+      continue;
+    }
     uint64_t run_end = cluster_end(pos);
     if (!reuse_host) {
       while (run_end < table_end && run_end - c0 < kMaxRunBytes &&
@@ -318,15 +320,13 @@ Status Qcow2Image::WriteShared(uint64_t offset, std::span<const std::byte> data)
                  AlignUp(run_end, unit_of(last)));
 
     // Old content around the new data, mapped now, read after unlocking.
-    Extent head[kSubclustersPerCluster + 1], tail[kSubclustersPerCluster + 1];
-    size_t head_count = 0, tail_count = 0;
     if (window_start < pos) {
-      QCOW2FS_ASSIGN_OR_RETURN(head_count, MapLocked(window_start, pos, head,
-                                                     std::size(head)));
+      QCOW2FS_ASSIGN_OR_RETURN(step.head_count, MapLocked(window_start, pos, step.head,
+                                                          std::size(step.head)));
     }
     if (run_end < window_end) {
-      QCOW2FS_ASSIGN_OR_RETURN(tail_count, MapLocked(run_end, window_end, tail,
-                                                     std::size(tail)));
+      QCOW2FS_ASSIGN_OR_RETURN(step.tail_count, MapLocked(run_end, window_end, step.tail,
+                                                          std::size(step.tail)));
     }
 
     // The entries this run replaces must be ours to release: one naming
@@ -347,74 +347,92 @@ Status Qcow2Image::WriteShared(uint64_t offset, std::span<const std::byte> data)
     } else {
       QCOW2FS_ASSIGN_OR_RETURN(host_base, AllocateClustersLocked(clusters));
     }
-    std::vector<uint64_t> old_words(clusters), old_bitmaps(clusters);
+    step.old_words.resize(clusters);
+    step.old_bitmaps.resize(clusters);
     for (uint64_t i = 0; i < clusters; i++) {
-      old_words[i] = word_of(c0 + (i << cluster_bits_));
-      old_bitmaps[i] = bitmap_of(c0 + (i << cluster_bits_));
+      step.old_words[i] = word_of(c0 + (i << cluster_bits_));
+      step.old_bitmaps[i] = bitmap_of(c0 + (i << cluster_bits_));
       inflight_.insert(first_cluster + i);
     }
-    lk.Unlock();
-
-    // Write the window [window_start, window_end) at host_base + (g - c0).
-    Status io;
-    const uint64_t window_bytes = window_end - window_start;
-    if (window_start == pos && window_end == run_end) {
-      QCOW2FS_SYNC_POINT("Write:AllocatingBeforeData", pos);
-      io = data_file_->WriteAt(host_base + (pos - c0), {src + (pos - offset), window_bytes});
-    } else {
-      std::vector<std::byte> staging(window_bytes);
-      for (size_t i = 0; i < head_count && io.ok(); i++) {
-        io = ReadExtent(head[i], staging.data() + (head[i].guest_offset - window_start));
-      }
-      for (size_t i = 0; i < tail_count && io.ok(); i++) {
-        io = ReadExtent(tail[i], staging.data() + (tail[i].guest_offset - window_start));
-      }
-      std::memcpy(staging.data() + (pos - window_start), src + (pos - offset), run_end - pos);
-      QCOW2FS_SYNC_POINT("Write:AllocatingBeforeData", pos);
-      if (io.ok()) io = data_file_->WriteAt(host_base + (window_start - c0), staging);
-    }
-
-    lk.Lock();
-    for (uint64_t i = 0; i < clusters; i++) inflight_.erase(first_cluster + i);
-    inflight_done_.NotifyAll();
-    if (!io.ok()) {
-      // The new clusters were never referenced: give them back.
-      if (!reuse_host && !has_data_file) {
-        for (uint64_t i = 0; i < clusters; i++) {
-          ReleaseClusterLocked(host_base + (i << cluster_bits_));
-        }
-      }
-      return io;
-    }
-    for (uint64_t i = 0; i < clusters; i++) {
-      const uint64_t g = c0 + (i << cluster_bits_);
-      const uint64_t idx = entry_index(g);
-      const uint64_t new_host = host_base + (i << cluster_bits_);
-      const uint64_t new_word = new_host | kOflagCopied;
-      if (extended_l2_) {
-        const uint64_t touched = TouchedSubclusters(
-            g, std::max(g, window_start), std::min(g + cluster_size_, window_end),
-            subcluster_bits_);
-        uint64_t alloc = old_bitmaps[i] & 0xffffffffull;
-        const ClusterType t = ClassifyL2Entry(old_words[i], true, has_data_file);
-        if (t == ClusterType::kCompressed) alloc = 0xffffffffull;
-        if (t == ClusterType::kUnallocated) alloc = 0;
-        alloc |= touched;
-        const uint64_t zero = (old_bitmaps[i] >> 32) & ~alloc;
-        table->entries[2 * idx] = new_word;
-        table->entries[2 * idx + 1] = alloc | (zero << 32);
-      } else {
-        table->entries[idx] = new_word;
-      }
-      if (!reuse_host && (old_words[i] & ~kOflagCopied) != 0 &&
-          (old_words[i] & kL2OffsetMask) != new_host) {
-        ReleaseEntryLocked(old_words[i]);
-      }
-    }
-    table->dirty = true;
-    if (l2_cache_->over_capacity()) QCOW2FS_RETURN_IF_ERROR(WriteBackLocked());
-    pos = run_end;
+    step.pos = pos;
+    step.run_end = run_end;
+    step.host = host_base;
+    step.table = std::move(table);
+    step.c0 = c0;
+    step.clusters = clusters;
+    step.reuse_host = reuse_host;
+    step.window_start = window_start;
+    step.window_end = window_end;
+    return Status();
   }
+}
+
+Status Qcow2Image::WriteStepData(const WriteStep& step, std::span<const std::byte> bytes) {
+  if (step.in_place) {
+    QCOW2FS_SYNC_POINT("Write:InPlaceBeforeData", step.pos);
+    return data_file_->WriteAt(step.host, bytes);
+  }
+  // The window [window_start, window_end) goes to host + (g - c0).
+  if (step.window_start == step.pos && step.window_end == step.run_end) {
+    QCOW2FS_SYNC_POINT("Write:AllocatingBeforeData", step.pos);
+    return data_file_->WriteAt(step.host + (step.pos - step.c0), bytes);
+  }
+  std::vector<std::byte> staging(step.window_end - step.window_start);
+  Status io;
+  for (size_t i = 0; i < step.head_count && io.ok(); i++) {
+    io = ReadExtent(step.head[i], staging.data() + (step.head[i].guest_offset - step.window_start));
+  }
+  for (size_t i = 0; i < step.tail_count && io.ok(); i++) {
+    io = ReadExtent(step.tail[i], staging.data() + (step.tail[i].guest_offset - step.window_start));
+  }
+  std::memcpy(staging.data() + (step.pos - step.window_start), bytes.data(), bytes.size());
+  QCOW2FS_SYNC_POINT("Write:AllocatingBeforeData", step.pos);
+  if (!io.ok()) return io;
+  return data_file_->WriteAt(step.host + (step.window_start - step.c0), staging);
+}
+
+Status Qcow2Image::CommitWriteStepLocked(WriteStep& step, const Status& io) {
+  const uint64_t first_cluster = step.c0 >> cluster_bits_;
+  for (uint64_t i = 0; i < step.clusters; i++) inflight_.erase(first_cluster + i);
+  inflight_done_.NotifyAll();
+  if (!io.ok()) {
+    // The new clusters were never referenced: give them back.
+    if (!step.reuse_host && !has_data_file_) {
+      for (uint64_t i = 0; i < step.clusters; i++) {
+        ReleaseClusterLocked(step.host + (i << cluster_bits_));
+      }
+    }
+    return io;
+  }
+  const L2Entries entries(step.table->entries, extended_l2_);
+  for (uint64_t i = 0; i < step.clusters; i++) {
+    const uint64_t g = step.c0 + (i << cluster_bits_);
+    const uint64_t new_host = step.host + (i << cluster_bits_);
+    const uint64_t old_word = step.old_words[i];
+    const uint64_t old_bitmap = step.old_bitmaps[i];
+    uint64_t bitmap = 0;
+    if (extended_l2_) {
+      // Allocated: what was, plus what the window wrote; a compressed
+      // cluster's content moved here whole.
+      const uint64_t touched = TouchedSubclusters(
+          g, std::max(g, step.window_start), std::min(g + cluster_size_, step.window_end),
+          subcluster_bits_);
+      uint64_t alloc = old_bitmap & kAllSubclustersAllocated;
+      const ClusterType t = ClassifyL2Entry(old_word, true, has_data_file_);
+      if (t == ClusterType::kCompressed) alloc = kAllSubclustersAllocated;
+      if (t == ClusterType::kUnallocated) alloc = 0;
+      alloc |= touched;
+      const uint64_t zero = (old_bitmap >> 32) & ~alloc;
+      bitmap = alloc | (zero << 32);
+    }
+    entries.Set((g >> cluster_bits_) & (l2_entries_ - 1), new_host | kOflagCopied, bitmap);
+    if (!step.reuse_host && (old_word & ~kOflagCopied) != 0 &&
+        (old_word & kL2OffsetMask) != new_host) {
+      ReleaseEntryLocked(old_word);
+    }
+  }
+  step.table->dirty = true;
+  if (l2_cache_->over_capacity()) return WriteBackLocked();
   return Status();
 }
 

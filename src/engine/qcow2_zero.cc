@@ -14,11 +14,6 @@
 #include "base/sync_point.h"
 
 namespace qcow2fs {
-namespace {
-
-constexpr uint64_t kAllZeroBitmap = 0xffffffffull << 32;
-
-}  // namespace
 
 Status Qcow2Image::WriteZeroBytes(uint64_t offset, uint64_t length) {
   static const std::vector<std::byte> kZeros(1 << 20);
@@ -47,10 +42,10 @@ Status Qcow2Image::ZeroClustersExclusive(uint64_t first_cluster, uint64_t count,
       continue;
     }
     QCOW2FS_ASSIGN_OR_RETURN(auto table, L2ForWriteLocked(l1_index));
+    const L2Entries entries(table->entries, extended_l2_);
     for (; c < table_last; c++) {
       const uint64_t idx = c & (l2_entries_ - 1);
-      uint64_t& word = table->entries[extended_l2_ ? 2 * idx : idx];
-      const uint64_t old = word;
+      const uint64_t old = entries.word(idx);
       const ClusterType type = ClassifyL2Entry(old, extended_l2_, has_data_file);
       const bool allocated = type == ClusterType::kNormal ||
                              type == ClusterType::kCompressed ||
@@ -66,7 +61,7 @@ Status Qcow2Image::ZeroClustersExclusive(uint64_t first_cluster, uint64_t count,
         // Data file clusters map 1:1 and are not counted: keep the mapping,
         // mark it zero, and punch the data file so its raw view agrees.
         new_word = extended_l2_ ? (old & ~kOflagZero) : ((host | kOflagCopied) | kOflagZero);
-        if (extended_l2_) new_bitmap = kAllZeroBitmap;
+        if (extended_l2_) new_bitmap = kAllSubclustersZero;
         // Punched under meta_mutex_ (and the exclusive discard lock, so no
         // guest I/O waits on it): no flush can write the zero entry back
         // before the raw data file reads as zeros.
@@ -76,7 +71,7 @@ Status Qcow2Image::ZeroClustersExclusive(uint64_t first_cluster, uint64_t count,
       } else if (extended_l2_) {
         // QEMU's rule for extended L2: all subclusters read as zeros.
         new_word = keep_host ? old : 0;
-        new_bitmap = kAllZeroBitmap;
+        new_bitmap = kAllSubclustersZero;
       } else if (v3) {
         if (discard && !allocated && !backing_) continue;
         new_word = keep_host ? ((host | kOflagCopied) | kOflagZero) : kOflagZero;
@@ -93,8 +88,7 @@ Status Qcow2Image::ZeroClustersExclusive(uint64_t first_cluster, uint64_t count,
         QCOW2FS_RETURN_IF_ERROR(CheckReleasableLocked(*table, idx, old, c << cluster_bits_));
         ReleaseEntryLocked(old);
       }
-      word = new_word;
-      if (extended_l2_) table->entries[2 * idx + 1] = new_bitmap;
+      entries.Set(idx, new_word, new_bitmap);
       table->dirty = true;
     }
   }

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 
 namespace qcow2fs {
 
@@ -79,6 +80,50 @@ inline uint64_t EncodeCompressed(uint64_t host_offset, uint64_t bytes,
   const uint64_t extra_sectors =
       (host_offset + bytes - 1) / kSectorSize - host_offset / kSectorSize;
   return kOflagCompressed | (extra_sectors << x) | host_offset;
+}
+
+// The entries of one L2 table as its words hold them: one word per entry,
+// or with extended L2 two, the descriptor and then the subcluster bitmap.
+// A view: the words outlive it, and writes go through to them.
+class L2Entries {
+ public:
+  L2Entries(std::span<uint64_t> words, bool extended_l2)
+      : words_(words), extended_l2_(extended_l2) {}
+
+  uint64_t size() const { return extended_l2_ ? words_.size() / 2 : words_.size(); }
+  // Entry i's descriptor word (the one ClassifyL2Entry takes).
+  uint64_t word(uint64_t i) const { return words_[extended_l2_ ? 2 * i : i]; }
+  // Entry i's subcluster bitmap; 0 without extended L2, where a cluster has
+  // no subclusters.
+  uint64_t bitmap(uint64_t i) const { return extended_l2_ ? words_[2 * i + 1] : 0; }
+  void set_word(uint64_t i, uint64_t word) const { words_[extended_l2_ ? 2 * i : i] = word; }
+  // Sets both words of entry i; without extended L2 `bitmap` is ignored.
+  void Set(uint64_t i, uint64_t word, uint64_t bitmap) const {
+    set_word(i, word);
+    if (extended_l2_) words_[2 * i + 1] = bitmap;
+  }
+
+ private:
+  std::span<uint64_t> words_;
+  bool extended_l2_;
+};
+
+// Bitmap halves of an extended L2 entry with every subcluster allocated,
+// or every one reading as zero.
+inline constexpr uint64_t kAllSubclustersAllocated = 0xffffffffull;
+inline constexpr uint64_t kAllSubclustersZero = kAllSubclustersAllocated << 32;
+
+// The allocation bits (bits 0-31) of the subclusters that guest bytes
+// [begin, end) touch, in the cluster starting at `cluster_start`
+// (cluster_start <= begin < end <= cluster_start + cluster size).
+inline uint64_t TouchedSubclusters(uint64_t cluster_start, uint64_t begin, uint64_t end,
+                                   uint32_t subcluster_bits) {
+  const uint64_t first = (begin - cluster_start) >> subcluster_bits;
+  const uint64_t last = (end - 1 - cluster_start) >> subcluster_bits;
+  const uint64_t count = last - first + 1;
+  return (count >= uint64_t{kSubclustersPerCluster} ? kAllSubclustersAllocated
+                                          : ((uint64_t{1} << count) - 1))
+         << first;
 }
 
 // Subcluster state in an extended L2 entry's bitmap word.

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -51,14 +52,20 @@ Bytes Random(size_t n, uint64_t seed) {
 }
 
 // An image in memory: a host file, and for each guest cluster what the L2
-// entry would say. Each method can be made to fail.
+// entry would say. Each call, and each step of storing a segment
+// (allocate, write, commit), can be made to fail.
 class FakeSink final : public CompressedClusterSink {
  public:
-  FakeSink(CompressionType type, uint64_t cluster_size, uint64_t max_per_host = 1000)
-      : type_(type), cs_(cluster_size), max_per_host_(max_per_host), next_free_(cluster_size) {}
+  FakeSink(CompressionType type, uint64_t cluster_size)
+      : type_(type), cs_(cluster_size), next_free_(cluster_size) {}
 
   struct Counts {
-    int fills = 0, allocs = 0, writes = 0, commits = 0, releases = 0, plain = 0, zeros = 0;
+    int fills = 0, stores = 0, allocs = 0, writes = 0, commits = 0, releases = 0, plain = 0,
+        zeros = 0;
+  };
+  // Where a compressed cluster went, in host offsets.
+  struct Committed {
+    uint64_t guest_offset, host_offset, bytes;
   };
 
   Status ReadClusterForFill(uint64_t guest_offset, std::span<std::byte> out) override {
@@ -70,45 +77,38 @@ class FakeSink final : public CompressedClusterSink {
     std::memcpy(out.data(), content.data(), out.size());
     return Status();
   }
-  Result<uint64_t> AllocateSegment(uint64_t count) override {
+  // The steps Qcow2Image takes, in its order: allocate the clusters `data`
+  // spans, write, then point the entries at it; the hold of a segment
+  // that could not be written is released.
+  Status StoreSegment(std::span<const std::byte> data, std::span<const Placed> placed) override {
     std::lock_guard lk(mu_);
+    counts_.stores++;
+    segment_sizes_.push_back(data.size());
+    const uint64_t count = (data.size() + cs_ - 1) / cs_;
     counts_.allocs++;
     if (Take(fail_alloc_)) return Status::FromErrno(ENOSPC, "injected allocation");
-    const uint64_t at = next_free_;
+    const uint64_t base = next_free_;
     next_free_ += count * cs_;
     host_.resize(next_free_);
-    return at;
-  }
-  Status WriteSegment(uint64_t host_offset, std::span<const std::byte> data) override {
-    std::lock_guard lk(mu_);
     counts_.writes++;
-    if (Take(fail_write_)) return Status(ErrorCode::kIoError, "injected write error", EIO);
-    if (host_offset + data.size() > host_.size()) {
-      ADD_FAILURE() << "segment write past its allocation";
-      return Status(ErrorCode::kIoError, "past the allocation", EIO);
+    if (Take(fail_write_)) {
+      counts_.releases++;
+      released_.push_back({base, count});
+      return Status(ErrorCode::kIoError, "injected write error", EIO);
     }
-    std::memcpy(host_.data() + host_offset, data.data(), data.size());
-    return Status();
-  }
-  Status CommitSegment(const std::vector<Placed>& placed, uint64_t segment_offset,
-                       uint64_t count) override {
-    std::lock_guard lk(mu_);
+    std::memcpy(host_.data() + base, data.data(), data.size());
     counts_.commits++;
     const bool fail = Take(fail_commit_);
     // A failing commit may have pointed some entries at the segment already.
+    std::vector<Committed> done;
     for (size_t i = 0; i < placed.size() && (!fail || i == 0); i++) {
       const Placed& p = placed[i];
-      EXPECT_GE(p.host_offset, segment_offset);
-      EXPECT_LE(p.host_offset + p.bytes, segment_offset + count * cs_);
-      stored_[p.guest_offset] = {Kind::kCompressed, p.host_offset, p.bytes, {}};
+      EXPECT_LE(p.offset + p.bytes, data.size()) << "placed past the segment's data";
+      stored_[p.guest_offset] = {Kind::kCompressed, base + p.offset, p.bytes, {}};
+      done.push_back({p.guest_offset, base + p.offset, p.bytes});
     }
-    if (!fail) committed_.push_back(placed);
+    if (!fail) committed_.push_back(std::move(done));
     return fail ? Status(ErrorCode::kIoError, "injected commit error", EIO) : Status();
-  }
-  void ReleaseSegment(uint64_t segment_offset, uint64_t count) override {
-    std::lock_guard lk(mu_);
-    counts_.releases++;
-    released_.push_back({segment_offset, count});
   }
   Status WriteUncompressedCluster(uint64_t guest_offset,
                                   std::span<const std::byte> data) override {
@@ -123,7 +123,6 @@ class FakeSink final : public CompressedClusterSink {
     stored_[guest_offset] = {Kind::kZero, 0, 0, {}};
     return Status();
   }
-  uint64_t MaxCompressedPerHostCluster() const override { return max_per_host_; }
 
   // The guest cluster at `guest_offset` as the image has it now.
   Bytes Content(uint64_t guest_offset) {
@@ -139,13 +138,17 @@ class FakeSink final : public CompressedClusterSink {
     std::lock_guard lk(mu_);
     return counts_;
   }
-  std::vector<std::vector<Placed>> committed() {
+  std::vector<std::vector<Committed>> committed() {
     std::lock_guard lk(mu_);
     return committed_;
   }
   std::vector<std::pair<uint64_t, uint64_t>> released() {
     std::lock_guard lk(mu_);
     return released_;
+  }
+  std::vector<uint64_t> segment_sizes() {
+    std::lock_guard lk(mu_);
+    return segment_sizes_;
   }
   std::vector<uint64_t> fill_order() {
     std::lock_guard lk(mu_);
@@ -186,12 +189,12 @@ class FakeSink final : public CompressedClusterSink {
 
   const CompressionType type_;
   const uint64_t cs_;
-  const uint64_t max_per_host_;
   std::mutex mu_;
   Bytes host_;
   uint64_t next_free_;
   std::map<uint64_t, Stored> stored_;
-  std::vector<std::vector<Placed>> committed_;
+  std::vector<std::vector<Committed>> committed_;
+  std::vector<uint64_t> segment_sizes_;
   std::vector<std::pair<uint64_t, uint64_t>> released_;
   std::vector<uint64_t> fill_order_;
   Counts counts_;
@@ -200,6 +203,8 @@ class FakeSink final : public CompressedClusterSink {
 
 constexpr uint64_t kCs = 4096;
 constexpr uint64_t kDisk = 1 << 20;
+// Compressed clusters per host cluster, unless a test sets a lower limit.
+constexpr uint64_t kMaxPerHost = 1000;
 
 // The bytes the image should end up with in one cluster: what it held,
 // then each write in order.
@@ -243,7 +248,7 @@ class CompressedWriteCacheTest : public ::testing::TestWithParam<CompressionType
 
 TEST_P(CompressedWriteCacheTest, ACompleteClusterIsPackedThenCommittedByFlush) {
   FakeSink sink(type(), kCs);
-  CompressedWriteCache cache(sink, type(), kCs, kDisk, 0);
+  CompressedWriteCache cache(sink, type(), kCs, kMaxPerHost, kDisk, 0);
   ASSERT_TRUE(Write(cache, 2 * kCs, Compressible(kCs, 1)).ok());
   // Compressed and waiting in the segment: nothing allocated yet.
   EXPECT_EQ(sink.counts().allocs, 0);
@@ -251,6 +256,7 @@ TEST_P(CompressedWriteCacheTest, ACompleteClusterIsPackedThenCommittedByFlush) {
   EXPECT_EQ(cache.staged_bytes(), kCs);
   ASSERT_TRUE(cache.Flush().ok());
   const FakeSink::Counts n = sink.counts();
+  EXPECT_EQ(n.stores, 1);
   EXPECT_EQ(n.allocs, 1);
   EXPECT_EQ(n.writes, 1);
   EXPECT_EQ(n.commits, 1);
@@ -265,7 +271,7 @@ TEST_P(CompressedWriteCacheTest, ACompleteClusterIsPackedThenCommittedByFlush) {
 
 TEST_P(CompressedWriteCacheTest, PiecesOfAClusterAreStagedAndTheRestFilledFromTheImage) {
   FakeSink sink(type(), kCs);
-  CompressedWriteCache cache(sink, type(), kCs, kDisk, 0);
+  CompressedWriteCache cache(sink, type(), kCs, kMaxPerHost, kDisk, 0);
   ASSERT_TRUE(Write(cache, 5 * kCs + 100, Compressible(700, 2)).ok());
   ASSERT_TRUE(Write(cache, 5 * kCs + 3000, Compressible(96, 3)).ok());
   EXPECT_EQ(sink.counts().fills, 0) << "an incomplete cluster stays staged";
@@ -277,7 +283,7 @@ TEST_P(CompressedWriteCacheTest, PiecesOfAClusterAreStagedAndTheRestFilledFromTh
 
 TEST_P(CompressedWriteCacheTest, PiecesThatCompleteAClusterNeedNoFill) {
   FakeSink sink(type(), kCs);
-  CompressedWriteCache cache(sink, type(), kCs, kDisk, 0);
+  CompressedWriteCache cache(sink, type(), kCs, kMaxPerHost, kDisk, 0);
   const Bytes data = Compressible(kCs, 4);
   // Out of order and overlapping.
   ASSERT_TRUE(Write(cache, 3 * kCs + 2048, {data.begin() + 2048, data.end()}).ok());
@@ -290,7 +296,7 @@ TEST_P(CompressedWriteCacheTest, PiecesThatCompleteAClusterNeedNoFill) {
 
 TEST_P(CompressedWriteCacheTest, ZeroAndIncompressibleClustersAreNotCompressed) {
   FakeSink sink(type(), kCs);
-  CompressedWriteCache cache(sink, type(), kCs, kDisk, 0);
+  CompressedWriteCache cache(sink, type(), kCs, kMaxPerHost, kDisk, 0);
   ASSERT_TRUE(Write(cache, 0, Bytes(kCs)).ok());
   ASSERT_TRUE(Write(cache, kCs, Random(kCs, 5)).ok());
   // Stored at once, without a segment.
@@ -308,7 +314,7 @@ TEST_P(CompressedWriteCacheTest, ZeroAndIncompressibleClustersAreNotCompressed) 
 
 TEST_P(CompressedWriteCacheTest, CaptureAndApplyOverlayTheStagedBytes) {
   FakeSink sink(type(), kCs);
-  CompressedWriteCache cache(sink, type(), kCs, kDisk, 0);
+  CompressedWriteCache cache(sink, type(), kCs, kMaxPerHost, kDisk, 0);
   const Bytes a = Compressible(300, 6), b = Compressible(500, 7);
   ASSERT_TRUE(cache.Write(kCs - 100, a).ok());  // across a cluster boundary
   ASSERT_TRUE(cache.Write(3 * kCs + 10, b).ok());
@@ -332,7 +338,7 @@ TEST_P(CompressedWriteCacheTest, CaptureAndApplyOverlayTheStagedBytes) {
 
 TEST_P(CompressedWriteCacheTest, AFailedCommitKeepsTheDataStagedAndARetryStoresIt) {
   FakeSink sink(type(), kCs);
-  CompressedWriteCache cache(sink, type(), kCs, kDisk, 0);
+  CompressedWriteCache cache(sink, type(), kCs, kMaxPerHost, kDisk, 0);
   ASSERT_TRUE(Write(cache, 0, Compressible(kCs, 8)).ok());
   ASSERT_TRUE(Write(cache, kCs, Compressible(kCs, 9)).ok());
   ASSERT_TRUE(Write(cache, 2 * kCs + 7, Compressible(100, 10)).ok());
@@ -355,7 +361,7 @@ TEST_P(CompressedWriteCacheTest, AFailedCommitKeepsTheDataStagedAndARetryStoresI
 
 TEST_P(CompressedWriteCacheTest, AFailedSegmentWriteReleasesItsClusters) {
   FakeSink sink(type(), kCs);
-  CompressedWriteCache cache(sink, type(), kCs, kDisk, 0);
+  CompressedWriteCache cache(sink, type(), kCs, kMaxPerHost, kDisk, 0);
   ASSERT_TRUE(Write(cache, 4 * kCs, Compressible(kCs, 11)).ok());
   sink.FailWrite(1);
   Status failed = cache.Flush();
@@ -371,7 +377,7 @@ TEST_P(CompressedWriteCacheTest, AFailedSegmentWriteReleasesItsClusters) {
 
 TEST_P(CompressedWriteCacheTest, AFullHostIsReportedAsNoSpace) {
   FakeSink sink(type(), kCs);
-  CompressedWriteCache cache(sink, type(), kCs, kDisk, 0);
+  CompressedWriteCache cache(sink, type(), kCs, kMaxPerHost, kDisk, 0);
   ASSERT_TRUE(Write(cache, 0, Compressible(kCs, 12)).ok());
   sink.FailAlloc(1);
   Status failed = cache.Flush();
@@ -386,7 +392,7 @@ TEST_P(CompressedWriteCacheTest, AFullHostIsReportedAsNoSpace) {
 
 TEST_P(CompressedWriteCacheTest, AFailedFillKeepsTheClusterStaged) {
   FakeSink sink(type(), kCs);
-  CompressedWriteCache cache(sink, type(), kCs, kDisk, 0);
+  CompressedWriteCache cache(sink, type(), kCs, kMaxPerHost, kDisk, 0);
   ASSERT_TRUE(Write(cache, 6 * kCs + 1, Compressible(10, 13)).ok());
   sink.FailFill(1);
   Status failed = cache.Flush();
@@ -398,8 +404,8 @@ TEST_P(CompressedWriteCacheTest, AFailedFillKeepsTheClusterStaged) {
 }
 
 TEST_P(CompressedWriteCacheTest, NoHostClusterHoldsMoreClustersThanItsRefcountAllows) {
-  FakeSink sink(type(), kCs, /*max_per_host=*/2);
-  CompressedWriteCache cache(sink, type(), kCs, kDisk, 0);
+  FakeSink sink(type(), kCs);
+  CompressedWriteCache cache(sink, type(), kCs, /*max_per_host_cluster=*/2, kDisk, 0);
   for (int i = 0; i < 20; i++) ASSERT_TRUE(Write(cache, i * kCs, Compressible(kCs, i)).ok());
   ASSERT_TRUE(cache.Flush().ok());
   std::map<uint64_t, int> users;
@@ -418,7 +424,7 @@ TEST_P(CompressedWriteCacheTest, NoHostClusterHoldsMoreClustersThanItsRefcountAl
 TEST_P(CompressedWriteCacheTest, RewritingAPackedClusterCommitsItFirst) {
   ScopedSyncPoints sync_points;
   FakeSink sink(type(), kCs);
-  CompressedWriteCache cache(sink, type(), kCs, kDisk, 0);
+  CompressedWriteCache cache(sink, type(), kCs, kMaxPerHost, kDisk, 0);
   ASSERT_TRUE(Write(cache, 0, Compressible(kCs, 14)).ok());  // packed
   ASSERT_TRUE(Write(cache, 100, Compressible(50, 15)).ok());
   EXPECT_EQ(SyncPoints::Passes("CompressCache:WaitingForCommit"), 1u);
@@ -433,7 +439,7 @@ TEST_P(CompressedWriteCacheTest, RewritingAPackedClusterCommitsItFirst) {
 
 TEST_P(CompressedWriteCacheTest, DirectWritesAndStagedClustersExcludeEachOther) {
   FakeSink sink(type(), kCs);
-  CompressedWriteCache cache(sink, type(), kCs, kDisk, 0);
+  CompressedWriteCache cache(sink, type(), kCs, kMaxPerHost, kDisk, 0);
   ASSERT_TRUE(cache.Write(kCs + 5, Compressible(10, 16)).ok());
   EXPECT_FALSE(cache.BeginDirectWrite(1)) << "cluster 1 is staged";
   EXPECT_TRUE(cache.BeginDirectWrite(2));
@@ -447,7 +453,7 @@ TEST_P(CompressedWriteCacheTest, DirectWritesAndStagedClustersExcludeEachOther) 
 
 TEST_P(CompressedWriteCacheTest, DropStagedForgetsFillingClustersOnly) {
   FakeSink sink(type(), kCs);
-  CompressedWriteCache cache(sink, type(), kCs, kDisk, 0);
+  CompressedWriteCache cache(sink, type(), kCs, kMaxPerHost, kDisk, 0);
   ASSERT_TRUE(cache.Write(kCs, Compressible(100, 18)).ok());      // filling
   ASSERT_TRUE(cache.Write(3 * kCs, Compressible(kCs, 19)).ok());  // packed
   EXPECT_FALSE(cache.DropStaged(0, 4 * kCs)) << "a packed cluster is past dropping";
@@ -464,7 +470,7 @@ TEST_P(CompressedWriteCacheTest, DropStagedForgetsFillingClustersOnly) {
 TEST_P(CompressedWriteCacheTest, BytesPastTheEndOfTheDiskAreKnownZeros) {
   FakeSink sink(type(), kCs);
   const uint64_t disk = 10 * kCs + 1000;
-  CompressedWriteCache cache(sink, type(), kCs, disk, 0);
+  CompressedWriteCache cache(sink, type(), kCs, kMaxPerHost, disk, 0);
   ASSERT_TRUE(cache.Write(10 * kCs, Compressible(1000, 20)).ok());  // completes the cluster
   ASSERT_TRUE(cache.Flush().ok());
   EXPECT_EQ(sink.counts().fills, 0);
@@ -482,7 +488,7 @@ TEST_P(CompressedWriteCacheTest, BytesPastTheEndOfTheDiskAreKnownZeros) {
 TEST_P(CompressedWriteCacheTest, AFullCacheStoresItsOldestClustersFirst) {
   FakeSink sink(type(), kCs);
   // 16 clusters of staging, the least there is.
-  CompressedWriteCache cache(sink, type(), kCs, kDisk, 16 * kCs);
+  CompressedWriteCache cache(sink, type(), kCs, kMaxPerHost, kDisk, 16 * kCs);
   for (uint64_t c = 0; c < 16; c++) ASSERT_TRUE(Write(cache, c * kCs + 1, Compressible(9, 22)).ok());
   EXPECT_EQ(sink.counts().fills, 0);
   ASSERT_TRUE(Write(cache, 16 * kCs + 1, Compressible(9, 23)).ok());
@@ -496,7 +502,7 @@ TEST_P(CompressedWriteCacheTest, AFullCacheStoresItsOldestClustersFirst) {
 TEST_P(CompressedWriteCacheTest, WithAnExecutorWritesReturnBeforeCompression) {
   FakeSink sink(type(), kCs);
   std::vector<std::function<void()>> jobs;
-  CompressedWriteCache cache(sink, type(), kCs, kDisk, 0,
+  CompressedWriteCache cache(sink, type(), kCs, kMaxPerHost, kDisk, 0,
                              [&](std::function<void()> job) { jobs.push_back(std::move(job)); });
   ASSERT_TRUE(Write(cache, 0, Compressible(kCs, 24)).ok());
   ASSERT_TRUE(Write(cache, kCs, Compressible(kCs, 25)).ok());
@@ -513,13 +519,29 @@ TEST_P(CompressedWriteCacheTest, WithAnExecutorWritesReturnBeforeCompression) {
 
 TEST_P(CompressedWriteCacheTest, AnExecutorWithNoRoomMeansCompressingInline) {
   FakeSink sink(type(), kCs);
-  CompressedWriteCache cache(sink, type(), kCs, kDisk, 0, [](std::function<void()>) {
-    throw std::runtime_error("no room for a task");
-  });
+  CompressedWriteCache cache(sink, type(), kCs, kMaxPerHost, kDisk, 0,
+                             [](std::function<void()>) { throw std::runtime_error("no room"); });
   ASSERT_TRUE(Write(cache, 0, Compressible(kCs, 26)).ok());
   ASSERT_TRUE(cache.Flush().ok());
   EXPECT_EQ(sink.counts().commits, 1);
   ExpectStored(sink, {0});
+}
+
+TEST_P(CompressedWriteCacheTest, ClustersShareOneStorePaddedTo4KiB) {
+  // 64 KiB clusters compress to far less than a host cluster each.
+  constexpr uint64_t kCs64 = 64 << 10;
+  FakeSink sink(type(), kCs64);
+  CompressedWriteCache cache(sink, type(), kCs64, kMaxPerHost, 16 * kCs64, 0);
+  for (int i = 0; i < 3; i++) ASSERT_TRUE(cache.Write(i * kCs64, Compressible(kCs64, i)).ok());
+  ASSERT_TRUE(cache.Flush().ok());
+  const FakeSink::Counts n = sink.counts();
+  EXPECT_EQ(n.fills, 0);
+  EXPECT_EQ(n.stores, 1) << "one store for the three clusters";
+  ASSERT_EQ(sink.segment_sizes().size(), 1u);
+  const uint64_t size = sink.segment_sizes()[0];
+  EXPECT_EQ(size % 4096, 0u) << "padded so that it can go O_DIRECT";
+  EXPECT_LT(size, kCs64) << "no further than the one host cluster it fills";
+  for (int i = 0; i < 3; i++) EXPECT_EQ(sink.Content(i * kCs64), Compressible(kCs64, i)) << i;
 }
 
 INSTANTIATE_TEST_SUITE_P(Codecs, CompressedWriteCacheTest,
@@ -529,22 +551,74 @@ INSTANTIATE_TEST_SUITE_P(Codecs, CompressedWriteCacheTest,
                          });
 
 // Packing does not depend on the codec: zstd only, which is the faster one
-// on these 10 MiB.
-TEST(CompressedWriteCachePacking, AFullSegmentIsWrittenWithoutAFlush) {
-  constexpr CompressionType kType = CompressionType::kZstd;
-  // 2 MiB clusters make a segment of four; one compressed cluster per host
-  // cluster (the refcount limit) fills it with four.
-  constexpr uint64_t kBig = 2 << 20;
-  FakeSink sink(kType, kBig, /*max_per_host=*/1);
-  CompressedWriteCache cache(sink, kType, kBig, 16 * kBig, 0);
-  for (int i = 0; i < 4; i++) ASSERT_TRUE(cache.Write(i * kBig, Compressible(kBig, i)).ok());
-  EXPECT_EQ(sink.counts().commits, 0);
-  ASSERT_TRUE(cache.Write(4 * kBig, Compressible(kBig, 4)).ok());
-  ASSERT_EQ(sink.committed().size(), 1u) << "the fifth cluster found the segment full";
-  EXPECT_EQ(sink.committed()[0].size(), 4u);
+// on these 10 MiB. 2 MiB clusters make a segment of four; one compressed
+// cluster per host cluster (the refcount limit) fills it with four.
+class CompressedWriteCachePacking : public ::testing::Test {
+ protected:
+  static constexpr CompressionType kType = CompressionType::kZstd;
+  static constexpr uint64_t kBig = 2 << 20;
+  CompressedWriteCache& Open(CompressedWriteCache::Executor executor = {}) {
+    cache_ = std::make_unique<CompressedWriteCache>(sink_, kType, kBig, /*max_per_host=*/1,
+                                                    16 * kBig, 0, std::move(executor));
+    return *cache_;
+  }
+  // Guest cluster i gets pattern i.
+  Status WriteCluster(int i) { return cache_->Write(i * kBig, Compressible(kBig, i)); }
+  void ExpectStored(int clusters) {
+    for (int i = 0; i < clusters; i++) {
+      EXPECT_EQ(sink_.Content(i * kBig), Compressible(kBig, i)) << "cluster " << i;
+    }
+  }
+  FakeSink sink_{kType, kBig};
+  std::unique_ptr<CompressedWriteCache> cache_;
+};
+
+TEST_F(CompressedWriteCachePacking, AFullSegmentIsWrittenWithoutAFlush) {
+  CompressedWriteCache& cache = Open();
+  for (int i = 0; i < 4; i++) ASSERT_TRUE(WriteCluster(i).ok());
+  EXPECT_EQ(sink_.counts().commits, 0);
+  ASSERT_TRUE(WriteCluster(4).ok());
+  ASSERT_EQ(sink_.committed().size(), 1u) << "the fifth cluster found the segment full";
+  EXPECT_EQ(sink_.committed()[0].size(), 4u);
   EXPECT_EQ(cache.staged_bytes(), kBig);
   ASSERT_TRUE(cache.Flush().ok());
-  for (int i = 0; i < 5; i++) EXPECT_EQ(sink.Content(i * kBig), Compressible(kBig, i)) << i;
+  ExpectStored(5);
+}
+
+// The writer whose cluster found the segment full seals it; a failed
+// commit is its error, and every cluster of the segment stays staged.
+TEST_F(CompressedWriteCachePacking, AFailedCommitOfAFullSegmentFailsTheWriteThatSealedIt) {
+  CompressedWriteCache& cache = Open();
+  for (int i = 0; i < 4; i++) ASSERT_TRUE(WriteCluster(i).ok());
+  sink_.FailCommit(1);
+  Status failed = WriteCluster(4);
+  ASSERT_FALSE(failed.ok());
+  EXPECT_EQ(failed.ToErrno(), EIO) << failed.ToString();
+  EXPECT_EQ(cache.staged_bytes(), 5 * kBig) << "nothing may be forgotten after a failed commit";
+  Bytes seen(kBig);
+  CompressedWriteCache::Apply(cache.Capture(2 * kBig, kBig), 2 * kBig, seen);
+  EXPECT_EQ(seen, Compressible(kBig, 2));
+  ASSERT_TRUE(cache.Flush().ok());
+  EXPECT_EQ(cache.staged_bytes(), 0u);
+  ExpectStored(5);
+}
+
+// A background job that seals a segment has no caller to report to: a
+// failed commit leaves the clusters staged, and the next flush stores them.
+TEST_F(CompressedWriteCachePacking, AFailedCommitOnTheExecutorIsRetriedByFlush) {
+  std::vector<std::function<void()>> jobs;
+  CompressedWriteCache& cache =
+      Open([&](std::function<void()> job) { jobs.push_back(std::move(job)); });
+  for (int i = 0; i < 5; i++) ASSERT_TRUE(WriteCluster(i).ok());
+  ASSERT_EQ(jobs.size(), 5u);
+  sink_.FailCommit(1);
+  for (auto& job : jobs) job();  // the fifth finds the segment full and seals it
+  EXPECT_EQ(sink_.counts().commits, 1);
+  EXPECT_TRUE(sink_.committed().empty());
+  EXPECT_EQ(cache.staged_bytes(), 5 * kBig);
+  ASSERT_TRUE(cache.Flush().ok());
+  EXPECT_EQ(cache.staged_bytes(), 0u);
+  ExpectStored(5);
 }
 
 }  // namespace

@@ -1,11 +1,12 @@
 // Unit tests of format/l2_entry.h: L1 entries, standard L2 entries,
-// compressed cluster descriptors and extended L2 subcluster bitmaps, against
-// the bit layouts of the spec.
+// compressed cluster descriptors, extended L2 subcluster bitmaps and the
+// word layout of L2 tables, against the bit layouts of the spec.
 #include "format/l2_entry.h"
 
 #include <gtest/gtest.h>
 
 #include <string>
+#include <vector>
 
 namespace qcow2fs {
 namespace {
@@ -115,6 +116,68 @@ TEST(SubclusterBitmap, EveryStateAtEveryIndex) {
     EXPECT_EQ(SubclusterStateOf(others & 0xffffffffull, i), SubclusterState::kUnallocated);
     EXPECT_EQ(SubclusterStateOf(others & 0xffffffff00000000ull, i),
               SubclusterState::kUnallocated);
+  }
+}
+
+TEST(L2Entries, StandardTablesHoldOneWordPerEntry) {
+  std::vector<uint64_t> words = {0x10000 | kOflagCopied, 0, kOflagZero, 0x30000};
+  const L2Entries entries(words, /*extended_l2=*/false);
+  EXPECT_EQ(entries.size(), 4u);
+  EXPECT_EQ(entries.word(0), 0x10000 | kOflagCopied);
+  EXPECT_EQ(entries.word(2), kOflagZero);
+  EXPECT_EQ(entries.word(3), 0x30000u);
+  // No subclusters: no bitmap, and setting one changes nothing else.
+  EXPECT_EQ(entries.bitmap(0), 0u);
+  EXPECT_EQ(entries.bitmap(3), 0u);
+  entries.Set(1, 0x20000 | kOflagCopied, kAllSubclustersAllocated);
+  entries.set_word(3, 0x40000);
+  EXPECT_EQ(words, (std::vector<uint64_t>{0x10000 | kOflagCopied, 0x20000 | kOflagCopied,
+                                          kOflagZero, 0x40000}));
+}
+
+TEST(L2Entries, ExtendedTablesPairEachEntryWithItsBitmap) {
+  // Entry i is words 2i (descriptor) and 2i+1 (bitmap), as on disk.
+  std::vector<uint64_t> words = {0x10000 | kOflagCopied, 0x0000000f, 0, kAllSubclustersZero};
+  const L2Entries entries(words, /*extended_l2=*/true);
+  EXPECT_EQ(entries.size(), 2u);
+  EXPECT_EQ(entries.word(0), 0x10000 | kOflagCopied);
+  EXPECT_EQ(entries.bitmap(0), 0x0000000fu);
+  EXPECT_EQ(entries.word(1), 0u);
+  EXPECT_EQ(entries.bitmap(1), kAllSubclustersZero);
+  entries.set_word(0, 0x50000);
+  entries.Set(1, 0x60000 | kOflagCopied, 0x3);
+  EXPECT_EQ(words, (std::vector<uint64_t>{0x50000, 0x0000000f, 0x60000 | kOflagCopied, 0x3}));
+}
+
+TEST(SubclusterBitmap, AllAllocatedAndAllZeroAreTheTwoHalves) {
+  EXPECT_EQ(kAllSubclustersAllocated | kAllSubclustersZero, ~uint64_t{0});
+  EXPECT_EQ(kAllSubclustersAllocated & kAllSubclustersZero, 0u);
+  for (int i = 0; i < kSubclustersPerCluster; i++) {
+    EXPECT_EQ(SubclusterStateOf(kAllSubclustersAllocated, i), SubclusterState::kAllocated);
+    EXPECT_EQ(SubclusterStateOf(kAllSubclustersZero, i), SubclusterState::kZero);
+  }
+}
+
+TEST(TouchedSubclusters, MarksEverySubclusterARangeTouches) {
+  // 64 KiB clusters: 2 KiB subclusters (subcluster_bits 11).
+  constexpr uint32_t kBits = 11;
+  constexpr uint64_t kCluster = 0x30000;  // a cluster's guest start
+  constexpr uint64_t kSub = uint64_t{1} << kBits;
+  // One byte, first and last subcluster.
+  EXPECT_EQ(TouchedSubclusters(kCluster, kCluster, kCluster + 1, kBits), 0x1u);
+  EXPECT_EQ(TouchedSubclusters(kCluster, kCluster + 32 * kSub - 1, kCluster + 32 * kSub, kBits),
+            uint64_t{1} << 31);
+  // Exactly subclusters 2-4, then the same range one byte wider each side.
+  EXPECT_EQ(TouchedSubclusters(kCluster, kCluster + 2 * kSub, kCluster + 5 * kSub, kBits), 0x1cu);
+  EXPECT_EQ(TouchedSubclusters(kCluster, kCluster + 2 * kSub - 1, kCluster + 5 * kSub + 1, kBits),
+            0x3eu);
+  // The whole cluster: the allocation half only, never a zero bit.
+  EXPECT_EQ(TouchedSubclusters(kCluster, kCluster, kCluster + 32 * kSub, kBits),
+            kAllSubclustersAllocated);
+  // Every single-subcluster range maps to its own bit.
+  for (uint64_t i = 0; i < 32; i++) {
+    EXPECT_EQ(TouchedSubclusters(kCluster, kCluster + i * kSub, kCluster + (i + 1) * kSub, kBits),
+              uint64_t{1} << i);
   }
 }
 
