@@ -23,28 +23,33 @@ constexpr uint64_t kCluster = 512;
 constexpr uint64_t kHeaderRefcountTableOffset = header_field::kRefcountTableOffset;
 constexpr uint64_t kHeaderRefcountTableClusters = header_field::kRefcountTableClusters;
 
-// Appends `blocks` refcount blocks whose every entry is non-zero (each
-// block a repetition of `entry`), marks every cluster of the first block in
-// use too, and points the entries 1..blocks of a new refcount table at the
-// end of the file at the new blocks. Returns the number of clusters the
-// refcounts then cover, all in use.
+// Appends `blocks` refcount blocks of `cluster` bytes, each a repetition of
+// `entry`, fills the first block with `block0_entry` repeated (all ones or
+// an entry that is not zero: every cluster it covers in use), and points
+// the entries 1..blocks of a new refcount table at the end of the file at
+// the new blocks. Returns the number of clusters the refcounts then cover.
 uint64_t FillRefcounts(const std::string& path, uint64_t blocks, const std::string& entry,
-                       uint64_t entries_per_block) {
-  std::string fill;
-  while (fill.size() < kCluster) fill += entry;
+                       uint64_t entries_per_block, const std::string& block0_entry = "",
+                       uint64_t cluster = kCluster) {
+  auto repeat = [cluster](const std::string& unit) {
+    std::string out;
+    while (out.size() < cluster) out += unit;
+    return out;
+  };
+  const std::string fill = repeat(entry);
   std::string img;
   EXPECT_TRUE(ReadWholeFile(path, &img));
   const uint64_t table = GetBE64(img, kHeaderRefcountTableOffset);
   const uint64_t block0 = GetBE64(img, table);
-  img.replace(block0, kCluster, fill);
-  img.resize((img.size() + kCluster - 1) / kCluster * kCluster, '\0');
+  img.replace(block0, cluster, block0_entry.empty() ? fill : repeat(block0_entry));
+  img.resize((img.size() + cluster - 1) / cluster * cluster, '\0');
   const uint64_t first_block = img.size();
   for (uint64_t i = 0; i < blocks; i++) img += fill;
   const uint64_t entries = blocks + 1;
-  const uint64_t table_clusters = (entries * 8 + kCluster - 1) / kCluster;
-  std::string new_table(table_clusters * kCluster, '\0');
+  const uint64_t table_clusters = (entries * 8 + cluster - 1) / cluster;
+  std::string new_table(table_clusters * cluster, '\0');
   PutBE64(new_table, 0, block0);
-  for (uint64_t i = 0; i < blocks; i++) PutBE64(new_table, 8 * (i + 1), first_block + i * kCluster);
+  for (uint64_t i = 0; i < blocks; i++) PutBE64(new_table, 8 * (i + 1), first_block + i * cluster);
   const uint64_t new_table_offset = img.size();
   img.append(new_table);
   PutBE64(img, kHeaderRefcountTableOffset, new_table_offset);
@@ -141,6 +146,79 @@ TEST_F(FreeSpaceSearchTest, InUseFarPastEndOfFileFailsTheWrite) {
   Status in_place = image->Write(0, AsBytes(data));
   EXPECT_TRUE(in_place.ok()) << Describe(in_place);
   EXPECT_FALSE(image->info().corrupt);
+}
+
+// refcount_bits=1 and 64 KiB clusters: eight blocks of alternating bits
+// leave every other cluster free over four million clusters, nearly all past
+// the end of the file. Growing the disk to 8 TiB needs a two-cluster L1
+// table, and no two free clusters in a row exist there: the search gives up
+// a million clusters past the end of the file with a message, instead of
+// walking all eight blocks (a table of thousands of such blocks would keep
+// it walking, with the metadata mutex held, for minutes). The disk keeps
+// its size and the image is not fenced.
+TEST_F(FreeSpaceSearchTest, FragmentedPastEndOfFileBoundsTheRunSearch) {
+  constexpr uint64_t kBigCluster = 64 * 1024;
+  const std::string path = dir_.Join("fragmented.qcow2");
+  ASSERT_TRUE(QemuImg("create -q -f qcow2 -o cluster_size=64k,refcount_bits=1 " +
+                      ShellQuote(path) + " 1M"));
+  ASSERT_TRUE(QemuIo(path, {"write -P 0x61 0 64k"}));
+  FillRefcounts(path, 8, "\x55", kBigCluster * 8, "\xff", kBigCluster);
+
+  auto image = OpenWritable(path);
+  ASSERT_NE(image, nullptr);
+  Status grown = image->Resize(uint64_t{8} << 40);
+  ASSERT_FALSE(grown.ok()) << "the L1 table found a run the refcounts leave no room for";
+  EXPECT_EQ(grown.code(), ErrorCode::kNoSpace) << Describe(grown);
+  EXPECT_TRUE(ContainsNoCase(grown.message(), "runs shorter than 2 clusters")) << Describe(grown);
+  EXPECT_EQ(image->size(), uint64_t{1} << 20);
+  EXPECT_FALSE(image->info().corrupt);
+
+  std::string back(4096, '\0');
+  Status r = image->Read(0, AsWritableBytes(back));
+  ASSERT_TRUE(r.ok()) << Describe(r);
+  EXPECT_EQ(back, std::string(4096, 'a'));
+}
+
+// The same fragmented refcounts: a 1 MiB data write needs sixteen new
+// clusters and no two free ones are adjacent. The write sizes each run by
+// the free clusters at the search's starting point, so it lands one cluster
+// at a time on clusters the refcounts mark free, without a search for
+// sixteen in a row.
+TEST_F(FreeSpaceSearchTest, FragmentedFreeSpaceTakesShorterRuns) {
+  constexpr uint64_t kBigCluster = 64 * 1024;
+  const std::string path = dir_.Join("fragmented.qcow2");
+  ASSERT_TRUE(QemuImg("create -q -f qcow2 -o cluster_size=64k,refcount_bits=1 " +
+                      ShellQuote(path) + " 4M"));
+  ASSERT_TRUE(QemuIo(path, {"write -P 0x61 0 64k"}));
+  FillRefcounts(path, 8, "\x55", kBigCluster * 8, "\xff", kBigCluster);
+
+  auto image = OpenWritable(path);
+  ASSERT_NE(image, nullptr);
+  std::string data(1 << 20, '\0');
+  for (size_t i = 0; i < data.size(); i++) data[i] = static_cast<char>('A' + i / kBigCluster);
+  Status written = image->Write(1 << 20, AsBytes(data));
+  ASSERT_TRUE(written.ok()) << Describe(written);
+  for (uint64_t g = 1 << 20; g < 2 << 20; g += kBigCluster) {
+    auto status = image->GetBlockStatus(g, kBigCluster);
+    ASSERT_TRUE(status.ok()) << Describe(status.status());
+    ASSERT_TRUE(status->host_offset.has_value());
+    // Block 0 covers the first 512 Ki clusters, all in use.
+    EXPECT_GE(*status->host_offset, kBigCluster * kBigCluster * 8)
+        << "guest " << g << " took a cluster marked in use";
+  }
+  std::string back(data.size(), '\0');
+  ASSERT_TRUE(image->Read(1 << 20, AsWritableBytes(back)).ok());
+  EXPECT_TRUE(back == data) << "the data read back differs";
+  ASSERT_TRUE(image->Flush().ok());
+  image.reset();
+
+  // Leaks (the edit's) and nothing worse; QEMU reads the data back.
+  CommandResult check = RunCommand("qemu-img check " + ShellQuote(path));
+  EXPECT_EQ(check.exit_code, 3) << check.output;
+  CommandResult read = RunCommand("qemu-io -f qcow2 -c 'read -P 0x41 1M 64k' -c 'read -P 0x50 1984k 64k' " +
+                                  ShellQuote(path));
+  EXPECT_EQ(read.exit_code, 0) << read.output;
+  EXPECT_EQ(read.output.find("Pattern verification failed"), std::string::npos) << read.output;
 }
 
 }  // namespace

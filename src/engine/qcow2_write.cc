@@ -283,7 +283,23 @@ Status Qcow2Image::PlanWriteStepLocked(uint64_t pos, uint64_t end, WriteStep& st
     }
     uint64_t run_end = cluster_end(pos);
     if (!reuse_host) {
-      while (run_end < table_end && run_end - c0 < kMaxRunBytes &&
+      // New clusters come from the free run at the search's cursor (the
+      // lock is held since the search): a fragmented image gives shorter
+      // runs, never a search for a long one. 0 (no free cluster found)
+      // leaves one cluster, whose allocation fails with the reason.
+      uint64_t run_bytes = kMaxRunBytes;
+      if (!has_data_file) {
+        auto free_clusters = refcounts_->FreeRunAtCursor(kMaxRunBytes >> cluster_bits_);
+        if (!free_clusters.ok()) {
+          // As in AllocateClustersLocked: a metadata cluster with refcount 0.
+          if (free_clusters.status().code() == ErrorCode::kCorrupt) {
+            return FenceCorruptLocked(free_clusters.status());
+          }
+          return free_clusters.status();
+        }
+        run_bytes = std::max<uint64_t>(*free_clusters, 1) << cluster_bits_;
+      }
+      while (run_end < table_end && run_end - c0 < run_bytes &&
              !in_place(run_end, cluster_end(run_end)) &&
              !inflight_.count(run_end >> cluster_bits_) &&
              !(extended_l2_ && (word_of(run_end) & kOflagCopied))) {

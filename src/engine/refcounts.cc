@@ -131,32 +131,40 @@ Status Refcounts::Add(uint64_t cluster, int64_t delta) {
   return Set(cluster, next);
 }
 
+bool Refcounts::IsReserved(uint64_t cluster) const {
+  return std::any_of(reserved_.begin(), reserved_.end(), [cluster](const auto& r) {
+    return cluster >= r.first && cluster < r.second;
+  });
+}
+
+Result<bool> Refcounts::IsFree(uint64_t cluster) {
+  if (cluster == 0 || IsReserved(cluster)) return false;
+  QCOW2FS_ASSIGN_OR_RETURN(uint64_t rc, Get(cluster));
+  if (rc != 0) return false;
+  if (map_ && map_->KindsOf(cluster) != 0) {
+    return Status(ErrorCode::kCorrupt,
+                  "cluster " + Hex(cluster << cluster_bits_) + " holds " +
+                      MetadataMap::Describe(map_->KindsOf(cluster)) + " but its refcount is 0");
+  }
+  return true;
+}
+
 Result<uint64_t> Refcounts::FindFree(uint64_t count) {
-  uint64_t run_start = free_cursor_, run_len = 0, used_since = free_cursor_;
+  // How often, in clusters, the search asks whether it has gone too far
+  // past the end of the file (the question costs a stat).
+  constexpr uint64_t kReachCheckInterval = uint64_t{1} << 16;
+  const uint64_t start = free_cursor_;
+  uint64_t run_start = start, run_len = 0;
   bool first_free_seen = false;
-  for (uint64_t c = free_cursor_;; c++) {
+  for (uint64_t c = start;; c++) {
     if ((c << cluster_bits_) > limits::kMaxHostOffset) {
       return Status(ErrorCode::kNoSpace, "image file has no room for more clusters");
     }
-    bool used = c == 0 || std::any_of(reserved_.begin(), reserved_.end(),
-                                      [c](const auto& r) {
-                                        return c >= r.first && c < r.second;
-                                      });
-    if (!used) {
-      QCOW2FS_ASSIGN_OR_RETURN(uint64_t rc, Get(c));
-      used = rc != 0;
+    if (c >= kMaxUsedPastEnd && c % kReachCheckInterval == 0) {
+      QCOW2FS_RETURN_IF_ERROR(CheckSearchReach(start, c, count));
     }
-    if (!used && map_ && map_->KindsOf(c) != 0) {
-      return Status(ErrorCode::kCorrupt,
-                    "cluster " + Hex(c << cluster_bits_) + " holds " +
-                        MetadataMap::Describe(map_->KindsOf(c)) +
-                        " but its refcount is 0");
-    }
-    if (used) {
-      if (run_len != 0) used_since = c;
-      if (((c + 1 - used_since) & 0xffff) == 0) {
-        QCOW2FS_RETURN_IF_ERROR(CheckUsedRun(used_since, c + 1));
-      }
+    QCOW2FS_ASSIGN_OR_RETURN(bool free, IsFree(c));
+    if (!free) {
       run_start = c + 1;
       run_len = 0;
       continue;
@@ -167,6 +175,16 @@ Result<uint64_t> Refcounts::FindFree(uint64_t count) {
     }
     if (++run_len == count) return run_start;
   }
+}
+
+Result<uint64_t> Refcounts::FreeRunAtCursor(uint64_t max_count) {
+  uint64_t length = 0;
+  while (length < max_count) {
+    QCOW2FS_ASSIGN_OR_RETURN(bool free, IsFree(free_cursor_ + length));
+    if (!free) break;
+    length++;
+  }
+  return length;
 }
 
 Result<bool> Refcounts::AdvanceFreeCursor(size_t max_block_reads) {
@@ -194,15 +212,15 @@ Result<bool> Refcounts::AdvanceFreeCursor(size_t max_block_reads) {
         return true;
       }
     }
-    QCOW2FS_RETURN_IF_ERROR(CheckUsedRun(start, c));
+    QCOW2FS_RETURN_IF_ERROR(CheckSearchReach(start, c, 1));
   }
 }
 
-Status Refcounts::CheckUsedRun(uint64_t first, uint64_t end) {
+Status Refcounts::CheckSearchReach(uint64_t first, uint64_t end, uint64_t count) {
   if (end < kMaxUsedPastEnd) return Status();
   // Clusters past the end of the file are only ever in use while this
-  // process allocates them, a few at a time; a long run of them marked in
-  // use is refcounts gone wrong, and searching on would walk every block
+  // process allocates them, a few at a time; a long stretch of them marked
+  // in use is refcounts gone wrong, and searching on would walk every block
   // the table names.
   QCOW2FS_ASSIGN_OR_RETURN(uint64_t file_size, file_.Size());
   const uint64_t file_end = (file_size + cluster_size_ - 1) >> cluster_bits_;
@@ -210,8 +228,11 @@ Status Refcounts::CheckUsedRun(uint64_t first, uint64_t end) {
   // Not corruption that endangers data (the clusters are leaked, not
   // shared), so it does not fence the image: what needs no new cluster
   // goes on.
+  const std::string what = count == 1 ? std::string("every cluster")
+                                      : "all but runs shorter than " + std::to_string(count) +
+                                            " clusters";
   return Status(ErrorCode::kNoSpace,
-                "refcounts mark every cluster from the end of the image file (" +
+                "refcounts mark " + what + " from the end of the image file (" +
                     Hex(std::max(first, file_end) << cluster_bits_) + ") to " +
                     Hex(end << cluster_bits_) +
                     " in use: no free cluster to allocate (the refcounts need a repair)");

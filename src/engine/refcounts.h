@@ -68,9 +68,17 @@ class Refcounts {
   // the metadata mutex, so that a search over many full blocks does not
   // keep every reader waiting). Fails with kNoSpace when more than
   // kMaxUsedPastEnd clusters in a row past the end of the file are marked
-  // in use (Allocate fails the same way).
+  // in use (Allocate fails the same way, and also when it would have to
+  // search that far past the end for a long enough run of free clusters).
   Result<bool> AdvanceFreeCursor(size_t max_block_reads);
   static constexpr uint64_t kMaxUsedPastEnd = uint64_t{1} << 20;
+  // How many free clusters, at most `max_count`, follow from the search's
+  // starting point (0 when it is not on a free cluster). After
+  // AdvanceFreeCursor returned true, with the metadata mutex held since,
+  // Allocate(n) for any n up to this length takes exactly those clusters
+  // and searches no further: a data write sizes its run with it, so a
+  // fragmented image costs it shorter runs, never a long search.
+  Result<uint64_t> FreeRunAtCursor(uint64_t max_count);
 
   // Lowest cluster worth searching for free space (after a free).
   void HintFree(uint64_t cluster) {
@@ -82,11 +90,19 @@ class Refcounts {
   // Drops clean blocks when the cache is full.
   void EvictCleanBlocks();
   Status GrowTable(uint64_t min_entries);
+  // First cluster of `count` free ones in a row, searching from the cursor
+  // (which it moves to the first free cluster it sees).
   Result<uint64_t> FindFree(uint64_t count);
-  // Fails when [first, end), all found in use, ends more than
-  // kMaxUsedPastEnd clusters past the end of the file (asked of the file
-  // only once `end` is that far from cluster 0).
-  Status CheckUsedRun(uint64_t first, uint64_t end);
+  // Whether `cluster` may be handed out: not cluster 0, not reserved, and
+  // refcount 0. kCorrupt when the refcount is 0 but the metadata map knows
+  // the cluster as metadata.
+  Result<bool> IsFree(uint64_t cluster);
+  bool IsReserved(uint64_t cluster) const;
+  // Fails with kNoSpace when a search for `count` free clusters in a row,
+  // which found none in [first, end), has gone more than kMaxUsedPastEnd
+  // clusters past the end of the file (asked of the file only once `end`
+  // is that far from cluster 0).
+  Status CheckSearchReach(uint64_t first, uint64_t end, uint64_t count);
 
   File& file_;
   const uint32_t cluster_bits_;
