@@ -32,8 +32,7 @@ constexpr int kMountFailure = 32;
   }
   if (WIFEXITED(status) && WEXITSTATUS(status) != 0) _exit(WEXITSTATUS(status));
   if (WIFSIGNALED(status)) {
-    Log(LOG_ERR, "daemon died from signal %d before the mount was ready",
-        WTERMSIG(status));
+    Log(LOG_ERR, "daemon died from signal %d before the mount was ready", WTERMSIG(status));
   }
   _exit(kMountFailure);
 }
@@ -60,9 +59,7 @@ Result<Daemon> Daemon::Start() {
   return Daemon(fds[1]);
 }
 
-Daemon::Daemon(Daemon&& other) noexcept : ready_fd_(other.ready_fd_) {
-  other.ready_fd_ = -1;
-}
+Daemon::Daemon(Daemon&& other) noexcept : ready_fd_(other.ready_fd_) { other.ready_fd_ = -1; }
 
 Daemon::~Daemon() {
   // Closing without Ready() tells the parent that we failed.

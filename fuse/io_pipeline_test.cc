@@ -3,8 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
-#include <chrono>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <future>
 #include <memory>
@@ -163,8 +163,7 @@ TEST(WriteBehind, OverlappingRequestsWaitAndApplyInOrder) {
     SyncPoints::Reached("Test:SecondReturned", 0);
     return queued;
   });
-  EXPECT_EQ(SyncPoints::WaitUntilAnyReached({"WriteBehind:SubmitWaits", "Test:SecondReturned"}),
-            0);
+  EXPECT_EQ(SyncPoints::WaitUntilAnyReached({"WriteBehind:SubmitWaits", "Test:SecondReturned"}), 0);
   // A reader of those bytes waits too; one elsewhere does not.
   std::byte on_disk_for_reader{0};
   auto reader = std::async(std::launch::async, [&] {

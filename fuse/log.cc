@@ -55,9 +55,7 @@ LogState& State() {
   return state;
 }
 
-const char* WarningPrefix(int priority) {
-  return priority == LOG_WARNING ? "warning: " : "";
-}
+const char* WarningPrefix(int priority) { return priority == LOG_WARNING ? "warning: " : ""; }
 
 // One write() per line, so lines from several threads (and, with O_APPEND,
 // several processes) do not interleave.
@@ -80,9 +78,8 @@ void EmitToFile(int fd, int priority, const char* message) noexcept {
     std::strftime(stamp, sizeof(stamp), "%Y-%m-%d %H:%M:%S", &local);
   }
   char line[1280];
-  int length = std::snprintf(line, sizeof(line), "%s %s[%d]: %s%s\n", stamp,
-                             State().program, static_cast<int>(getpid()),
-                             WarningPrefix(priority), message);
+  int length = std::snprintf(line, sizeof(line), "%s %s[%d]: %s%s\n", stamp, State().program,
+                             static_cast<int>(getpid()), WarningPrefix(priority), message);
   if (length < 0) return;
   if (static_cast<size_t>(length) >= sizeof(line)) {
     length = sizeof(line) - 1;
@@ -93,9 +90,8 @@ void EmitToFile(int fd, int priority, const char* message) noexcept {
 
 void EmitToKernel(int fd, int priority, const char* message) noexcept {
   char line[1280];
-  int length = std::snprintf(line, sizeof(line), "<%d>%s[%d]: %s\n",
-                             LOG_DAEMON | priority, State().program,
-                             static_cast<int>(getpid()), message);
+  int length = std::snprintf(line, sizeof(line), "<%d>%s[%d]: %s\n", LOG_DAEMON | priority,
+                             State().program, static_cast<int>(getpid()), message);
   if (length < 0) return;
   if (static_cast<size_t>(length) >= sizeof(line)) length = sizeof(line) - 1;
   WriteLine(fd, line, static_cast<size_t>(length));
@@ -109,16 +105,14 @@ void Emit(int priority, const char* message) noexcept {
     case Sink::kTerminal:
       // One fprintf per line so lines from several threads do not
       // interleave.
-      std::fprintf(stderr, "%s: %s%s\n", state.program,
-                   WarningPrefix(priority), message);
+      std::fprintf(stderr, "%s: %s%s\n", state.program, WarningPrefix(priority), message);
       if (file_fd >= 0) EmitToFile(file_fd, priority, message);
       return;
     case Sink::kFile:
       EmitToFile(file_fd, priority, message);
       return;
     case Sink::kKernel:
-      EmitToKernel(state.kernel_fd.load(std::memory_order_acquire), priority,
-                   message);
+      EmitToKernel(state.kernel_fd.load(std::memory_order_acquire), priority, message);
       return;
     case Sink::kSyslog:
       syslog(priority, "%s", message);
@@ -143,8 +137,7 @@ void EmitSummaries(bool all) noexcept {
       // The cause starts with the priority digit (see LogMessage).
       int priority = summary.cause.empty() ? LOG_ERR : summary.cause[0] - '0';
       Emit(priority, summary.Text().c_str());
-    } catch (...) {
-    }
+    } catch (...) {}
   }
 }
 
@@ -208,8 +201,7 @@ std::string FormatMessage(const char* format, va_list args) noexcept {
   if (out.empty() && n > 0) {
     try {
       out = small;
-    } catch (...) {
-    }
+    } catch (...) {}
   }
   return out;
 }
@@ -248,8 +240,7 @@ bool SyslogListens() {
   for (int type : {SOCK_DGRAM, SOCK_STREAM}) {
     int fd = socket(AF_UNIX, type | SOCK_CLOEXEC, 0);
     if (fd < 0) continue;
-    bool connected = connect(fd, reinterpret_cast<const sockaddr*>(&address),
-                             sizeof(address)) == 0;
+    bool connected = connect(fd, reinterpret_cast<const sockaddr*>(&address), sizeof(address)) == 0;
     close(fd);
     if (connected) return true;
   }
@@ -259,15 +250,13 @@ bool SyslogListens() {
 }  // namespace
 
 void InitLog(const std::string& program_name) {
-  std::snprintf(State().program, sizeof(State().program), "%s",
-                program_name.c_str());
+  std::snprintf(State().program, sizeof(State().program), "%s", program_name.c_str());
   fuse_set_log_func(LibfuseLogHook);
   std::atexit([] { FlushLogSummaries(); });
 }
 
 Status LogToFile(const std::string& path) {
-  int fd = open(path.c_str(),
-                O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOCTTY, 0640);
+  int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOCTTY, 0640);
   if (fd < 0) return Status::FromErrno(errno, "cannot open log file " + path);
   int old = State().file_fd.exchange(fd, std::memory_order_acq_rel);
   if (old >= 0) close(old);

@@ -42,8 +42,7 @@ void LogToSyslog();
 // On standard error and in the log file, warnings read "PROGRAM: warning:
 // MESSAGE". Never throws, never allocates unboundedly; long messages are
 // truncated.
-void Log(int priority, const char* format, ...) noexcept
-    __attribute__((format(printf, 2, 3)));
+void Log(int priority, const char* format, ...) noexcept __attribute__((format(printf, 2, 3)));
 
 // Prints the summaries of rate-limited messages still held back. Runs at
 // exit by itself; callable earlier.

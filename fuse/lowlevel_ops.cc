@@ -26,9 +26,7 @@
 namespace qcow2fs::fusefs {
 namespace {
 
-RawFileFs& Fs(fuse_req_t req) {
-  return *static_cast<RawFileFs*>(fuse_req_userdata(req));
-}
+RawFileFs& Fs(fuse_req_t req) { return *static_cast<RawFileFs*>(fuse_req_userdata(req)); }
 
 // Runs a work function at the C border.
 template <typename Work>
@@ -47,9 +45,8 @@ int Guarded(Work&& work) noexcept {
 }
 
 // With -d, one line per request: operation, arguments, outcome, caller.
-__attribute__((format(printf, 4, 5))) void Trace(fuse_req_t req, const char* op,
-                                                 int err, const char* format,
-                                                 ...) noexcept {
+__attribute__((format(printf, 4, 5))) void Trace(fuse_req_t req, const char* op, int err,
+                                                 const char* format, ...) noexcept {
   if (!Fs(req).config().debug) return;
   char args[256];
   va_list list;
@@ -57,8 +54,7 @@ __attribute__((format(printf, 4, 5))) void Trace(fuse_req_t req, const char* op,
   std::vsnprintf(args, sizeof(args), format, list);
   va_end(list);
   const char* outcome = err == 0 ? "OK" : strerrorname_np(err);
-  Log(LOG_DEBUG, "%s %s -> %s (pid %d)", op, args,
-      outcome != nullptr ? outcome : "?",
+  Log(LOG_DEBUG, "%s %s -> %s (pid %d)", op, args, outcome != nullptr ? outcome : "?",
       static_cast<int>(fuse_req_ctx(req)->pid));
 }
 
@@ -115,8 +111,7 @@ void OnSetAttr(fuse_req_t req, fuse_ino_t ino, struct stat* wanted, int to_set,
                fuse_file_info*) noexcept {
   struct stat attr;
   double timeout = 0;
-  int err = Guarded(
-      [&] { return Fs(req).SetAttr(ino, *wanted, to_set, attr, timeout); });
+  int err = Guarded([&] { return Fs(req).SetAttr(ino, *wanted, to_set, attr, timeout); });
   Trace(req, "SETATTR", err, "ino=%" PRIu64 " to_set=0x%x size=%jd", Ino(ino),
         static_cast<unsigned>(to_set), Off(wanted->st_size));
   if (err != 0) {
@@ -149,8 +144,7 @@ void OnRmdir(fuse_req_t req, fuse_ino_t parent, const char* name) noexcept {
 void OnOpen(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) noexcept {
   uint64_t handle = 0;
   int err = Guarded([&] { return Fs(req).Open(ino, fi->flags, handle); });
-  Trace(req, "OPEN", err, "ino=%" PRIu64 " flags=0%o", Ino(ino),
-        static_cast<unsigned>(fi->flags));
+  Trace(req, "OPEN", err, "ino=%" PRIu64 " flags=0%o", Ino(ino), static_cast<unsigned>(fi->flags));
   if (err != 0) {
     fuse_reply_err(req, err);
     return;
@@ -166,15 +160,12 @@ void OnOpen(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) noexcept {
   fuse_reply_open(req, fi);
 }
 
-void OnRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
-            fuse_file_info* fi) noexcept {
+void OnRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) noexcept {
   ReadBuffer data;
   int err = Guarded([&] {
-    return off < 0 ? EINVAL
-                   : Fs(req).Read(ino, fi->fh, static_cast<uint64_t>(off), size, data);
+    return off < 0 ? EINVAL : Fs(req).Read(ino, fi->fh, static_cast<uint64_t>(off), size, data);
   });
-  Trace(req, "READ", err, "off=%jd size=%zu got=%zu", Off(off), size,
-        data.size);
+  Trace(req, "READ", err, "off=%jd size=%zu got=%zu", Off(off), size, data.size);
   if (err != 0) {
     fuse_reply_err(req, err);
     return;
@@ -182,19 +173,17 @@ void OnRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
   fuse_reply_buf(req, reinterpret_cast<const char*>(data.data), data.size);
 }
 
-void OnWrite(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size,
-             off_t off, fuse_file_info*) noexcept {
+void OnWrite(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t off,
+             fuse_file_info*) noexcept {
   // `buf` points into the request's own buffer, which the pool keeps until
   // this callback returns; the core has consumed the data by then.
   size_t written = 0;
   int err = Guarded([&] {
-    return off < 0
-               ? EINVAL
-               : Fs(req).Write(ino, static_cast<uint64_t>(off),
-                               std::as_bytes(std::span(buf, size)), written);
+    return off < 0 ? EINVAL
+                   : Fs(req).Write(ino, static_cast<uint64_t>(off),
+                                   std::as_bytes(std::span(buf, size)), written);
   });
-  Trace(req, "WRITE", err, "off=%jd size=%zu written=%zu", Off(off), size,
-        written);
+  Trace(req, "WRITE", err, "off=%jd size=%zu written=%zu", Off(off), size, written);
   if (err != 0) {
     fuse_reply_err(req, err);
     return;
@@ -223,8 +212,7 @@ void OnRelease(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) noexcept {
   fuse_reply_err(req, err);
 }
 
-void OnFsync(fuse_req_t req, fuse_ino_t ino, int datasync,
-             fuse_file_info*) noexcept {
+void OnFsync(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info*) noexcept {
   // fdatasync and fsync are the same here: the metadata that matters is the
   // image's own, and Flush writes it either way.
   int err = Guarded([&] { return Fs(req).Fsync(ino); });
@@ -244,8 +232,7 @@ void OnOpenDir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) noexcept {
   fuse_reply_open(req, fi);
 }
 
-void OnReadDir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
-               fuse_file_info*) noexcept {
+void OnReadDir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) noexcept {
   std::vector<char> buf;
   size_t used = 0;
   int err = Guarded([&] {
@@ -266,8 +253,7 @@ void OnReadDir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     }
     return 0;
   });
-  Trace(req, "READDIR", err, "ino=%" PRIu64 " off=%jd size=%zu", Ino(ino),
-        Off(off), size);
+  Trace(req, "READDIR", err, "ino=%" PRIu64 " off=%jd size=%zu", Ino(ino), Off(off), size);
   if (err != 0) {
     fuse_reply_err(req, err);
     return;
@@ -299,24 +285,22 @@ void OnStatFs(fuse_req_t req, fuse_ino_t ino) noexcept {
   fuse_reply_statfs(req, &stats);
 }
 
-void OnFallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
-                 off_t length, fuse_file_info*) noexcept {
+void OnFallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
+                 fuse_file_info*) noexcept {
   int err = Guarded([&] {
     if (offset < 0 || length <= 0) return EINVAL;
     return Fs(req).Fallocate(ino, mode, static_cast<uint64_t>(offset),
                              static_cast<uint64_t>(length));
   });
-  Trace(req, "FALLOCATE", err, "mode=0x%x off=%jd len=%jd",
-        static_cast<unsigned>(mode), Off(offset), Off(length));
+  Trace(req, "FALLOCATE", err, "mode=0x%x off=%jd len=%jd", static_cast<unsigned>(mode),
+        Off(offset), Off(length));
   fuse_reply_err(req, err);
 }
 
-void OnLseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
-             fuse_file_info* fi) noexcept {
+void OnLseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, fuse_file_info* fi) noexcept {
   uint64_t result = 0;
   int err = Guarded([&] {
-    return off < 0 ? ENXIO
-                   : Fs(req).Lseek(ino, fi->fh, static_cast<uint64_t>(off), whence, result);
+    return off < 0 ? ENXIO : Fs(req).Lseek(ino, fi->fh, static_cast<uint64_t>(off), whence, result);
   });
   Trace(req, "LSEEK", err, "off=%jd whence=%s -> %" PRIu64, Off(off),
         whence == SEEK_DATA   ? "DATA"

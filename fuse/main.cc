@@ -137,8 +137,7 @@ Status CheckMountpoint(const std::string& mountpoint, bool nonempty) {
     return Status::FromErrno(errno, "mount point " + mountpoint);
   }
   if (!S_ISDIR(st.st_mode)) {
-    return Status(ErrorCode::kInvalidArgument,
-                  "mount point " + mountpoint + " is not a directory");
+    return Status(ErrorCode::kInvalidArgument, "mount point " + mountpoint + " is not a directory");
   }
   return Status::Ok();
 }
@@ -166,8 +165,7 @@ int RecordMount(const std::string& image_path, const std::string& mountpoint,
   Result<int> fd = WriteMountRecord(record);
   if (!fd.ok()) {
     if (geteuid() == 0) {
-      Log(LOG_WARNING, "umount will not wait for this daemon: %s",
-          fd.status().message().c_str());
+      Log(LOG_WARNING, "umount will not wait for this daemon: %s", fd.status().message().c_str());
     }
     return -1;
   }
@@ -185,8 +183,7 @@ std::string Absolute(const std::string& path) {
   return error ? path : absolute.lexically_normal().string();
 }
 
-Status CreateImageIfMissing(const std::string& path,
-                            const MountOptions& options) {
+Status CreateImageIfMissing(const std::string& path, const MountOptions& options) {
   if (!options.create) return Status::Ok();
   struct stat st;
   if (stat(path.c_str(), &st) == 0) return Status::Ok();
@@ -198,8 +195,7 @@ Status CreateImageIfMissing(const std::string& path,
 }
 
 std::vector<std::string> KernelMountOptions(const std::string& image_path,
-                                            const MountOptions& options,
-                                            bool read_only) {
+                                            const MountOptions& options, bool read_only) {
   std::vector<std::string> kernel = {
       "fsname=" + image_path,  // the source column of /proc/mounts
       "subtype=qcow2fs",       // the type reads fuse.qcow2fs
@@ -209,8 +205,7 @@ std::vector<std::string> KernelMountOptions(const std::string& image_path,
   };
   if (options.allow_other) kernel.emplace_back("allow_other");
   if (read_only) kernel.emplace_back("ro");
-  kernel.insert(kernel.end(), options.kernel_flags.begin(),
-                options.kernel_flags.end());
+  kernel.insert(kernel.end(), options.kernel_flags.begin(), options.kernel_flags.end());
   return kernel;
 }
 
@@ -224,8 +219,7 @@ void LogStopSignal(int signal_fd) {
 }
 
 // Creates the image if asked to, then opens it as the mount will use it.
-Result<std::unique_ptr<Image>> OpenImage(const std::string& image_path,
-                                         const MountOptions& options,
+Result<std::unique_ptr<Image>> OpenImage(const std::string& image_path, const MountOptions& options,
                                          oneapi::tbb::task_arena& compress_arena) {
   struct stat existing;
   const bool existed = options.create && stat(image_path.c_str(), &existing) == 0;
@@ -251,14 +245,13 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& image_path,
   // write-protected device. If the retry fails too, the first error stands.
   const int open_errno = opened.ok() ? 0 : opened.status().sys_errno();
   bool fell_back = false;
-  if (!options.read_only &&
-      (open_errno == EACCES || open_errno == EPERM || open_errno == EROFS)) {
+  if (!options.read_only && (open_errno == EACCES || open_errno == EPERM || open_errno == EROFS)) {
     open_options.read_only = true;
     open_options.compress.reset();
     Result<std::unique_ptr<Image>> retry = Image::Open(image_path, open_options);
     if (retry.ok()) {
-      Log(LOG_WARNING, "%s is not writable (%s); mounting read-only",
-          image_path.c_str(), std::strerror(open_errno));
+      Log(LOG_WARNING, "%s is not writable (%s); mounting read-only", image_path.c_str(),
+          std::strerror(open_errno));
       opened = std::move(retry);
       fell_back = true;
     }
@@ -271,13 +264,11 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& image_path,
     Log(LOG_WARNING, "%s: %s", image_path.c_str(), warning.c_str());
   }
   if (existed) {
-    std::string warning =
-        ExistingImageWarning(image_path, options, opened.value()->info());
+    std::string warning = ExistingImageWarning(image_path, options, opened.value()->info());
     if (!warning.empty()) Log(LOG_WARNING, "%s", warning.c_str());
   }
   if (opened.value()->read_only() && !options.read_only && !fell_back) {
-    Log(LOG_WARNING, "%s: opened read-only, mounting read-only",
-        image_path.c_str());
+    Log(LOG_WARNING, "%s: opened read-only, mounting read-only", image_path.c_str());
   }
   return opened;
 }
@@ -290,8 +281,7 @@ bool CloseImage(std::unique_ptr<Image> image, const std::string& image_path) {
   if (!image->read_only()) {
     Status status = image->Flush();
     if (!status.ok()) {
-      Log(LOG_ERR, "final flush of %s failed: %s", image_path.c_str(),
-          status.ToString().c_str());
+      Log(LOG_ERR, "final flush of %s failed: %s", image_path.c_str(), status.ToString().c_str());
       flushed = false;
     }
   }
@@ -304,9 +294,8 @@ bool CloseImage(std::unique_ptr<Image> image, const std::string& image_path) {
 int Run(const CommandLine& line) {
   const MountOptions& options = line.options;
   const std::string image_path = Absolute(line.image);
-  std::string mountpoint = IsPassedFuseFd(line.mountpoint)
-                                     ? line.mountpoint
-                                     : Absolute(line.mountpoint);
+  std::string mountpoint =
+      IsPassedFuseFd(line.mountpoint) ? line.mountpoint : Absolute(line.mountpoint);
 
   std::optional<Daemon> daemon;
   if (!line.foreground) {
@@ -350,9 +339,9 @@ int Run(const CommandLine& line) {
   // the default is well above the CPU count: random reads scale with it
   // (4 -> 16 workers: +30 % IOPS on 2 CPUs). Memory stays bounded: a 1 MiB
   // request buffer and at most a 1 MiB reply per worker.
-  const unsigned threads =
-      options.threads != 0 ? options.threads
-                           : std::max(16u, 4 * std::thread::hardware_concurrency());
+  const unsigned threads = options.threads != 0
+                               ? options.threads
+                               : std::max(16u, 4 * std::thread::hardware_concurrency());
   const unsigned max_in_flight = threads;
 
   FsConfig config;
@@ -367,8 +356,8 @@ int Run(const CommandLine& line) {
   config.snapshot_dir = !options.snapshot.has_value();
   RawFileFs fs(*image, image_path_fd.get(), config);
 
-  Result<std::unique_ptr<FuseSession>> created = FuseSession::Create(
-      KernelMountOptions(image_path, options, read_only), LowLevelOps(), &fs);
+  Result<std::unique_ptr<FuseSession>> created =
+      FuseSession::Create(KernelMountOptions(image_path, options, read_only), LowLevelOps(), &fs);
   if (!created.ok()) return fail(created.status());
   std::unique_ptr<FuseSession> session = std::move(created).value();
   if (Status s = session->Mount(mountpoint); !s.ok()) return fail(s);
@@ -378,15 +367,14 @@ int Run(const CommandLine& line) {
   // finds the record and waits for this process.
   UniqueFd record_fd(RecordMount(image_path, mountpoint, *session));
   if (daemon) daemon->Ready();
-  Log(LOG_INFO, "mounted %s on %s (%s, %u threads)", image_path.c_str(),
-      mountpoint.c_str(), read_only ? "read-only" : "read-write", threads);
+  Log(LOG_INFO, "mounted %s on %s (%s, %u threads)", image_path.c_str(), mountpoint.c_str(),
+      read_only ? "read-only" : "read-write", threads);
 
   int exit_code = 0;
   // On a signal: stop receiving, detach the mount point with /dev/fuse
   // still open, answer what was read (see RequestPool::Serve). /dev/fuse
   // is closed by session.reset() below, after every worker is done.
-  Status served = pool.Serve(session->get(), signal_fd.get(),
-                             [&session] { session->Detach(); });
+  Status served = pool.Serve(session->get(), signal_fd.get(), [&session] { session->Detach(); });
   if (!served.ok()) {
     Log(LOG_ERR, "%s", served.message().c_str());
     exit_code = 1;
@@ -430,8 +418,7 @@ int Main(int argc, char** argv) {
     return 0;
   }
   if (parsed->version) {
-    std::printf("mount.qcow2fs %s (libfuse %d)\n", QCOW2FS_VERSION,
-                fuse_version());
+    std::printf("mount.qcow2fs %s (libfuse %d)\n", QCOW2FS_VERSION, fuse_version());
     return 0;
   }
   // Opened here, before daemonizing: relative to the caller's directory,

@@ -23,9 +23,8 @@ constexpr const char kStateDir[] = "/run/qcow2fs";
 std::string Unescape(const std::string& field) {
   std::string out;
   for (size_t i = 0; i < field.size(); i++) {
-    if (field[i] == '\\' && i + 3 < field.size() &&
-        field[i + 1] >= '0' && field[i + 1] <= '3' && field[i + 2] >= '0' &&
-        field[i + 2] <= '7' && field[i + 3] >= '0' && field[i + 3] <= '7') {
+    if (field[i] == '\\' && i + 3 < field.size() && field[i + 1] >= '0' && field[i + 1] <= '3' &&
+        field[i + 2] >= '0' && field[i + 2] <= '7' && field[i + 3] >= '0' && field[i + 3] <= '7') {
       out += static_cast<char>((field[i + 1] - '0') * 64 + (field[i + 2] - '0') * 8 +
                                (field[i + 3] - '0'));
       i += 3;
@@ -45,8 +44,7 @@ std::vector<MountEntry> ReadMountTable() {
     std::istringstream fields(line);
     std::string id, parent, dev, root, target, options, word;
     if (!(fields >> id >> parent >> dev >> root >> target >> options)) continue;
-    while (fields >> word && word != "-") {
-    }
+    while (fields >> word && word != "-") {}
     std::string fstype, source;
     if (!(fields >> fstype >> source)) continue;
     entries.push_back({dev, Unescape(target), Unescape(fstype), Unescape(source)});
@@ -107,8 +105,7 @@ std::string Mangle(const std::string& field) {
 
 // Rewrites utab under libmount's lock: drops the lines for `target` (and
 // `source`, unless empty), then appends `add` (a whole line, or nothing).
-Status RewriteUtab(const std::string& source, const std::string& target,
-                   const std::string& add) {
+Status RewriteUtab(const std::string& source, const std::string& target, const std::string& add) {
   if (mkdir(kUtabDir, 0755) != 0 && errno != EEXIST) return Status::FromErrno(errno, kUtabDir);
   int lock = open(kUtabLock, O_RDONLY | O_CREAT | O_CLOEXEC, 0644);
   if (lock < 0) return Status::FromErrno(errno, kUtabLock);
@@ -159,8 +156,7 @@ Status RewriteUtab(const std::string& source, const std::string& target,
     if (fd < 0) {
       status = Status::FromErrno(errno, kUtabDir);
     } else {
-      if (fchmod(fd, 0644) != 0 || !WriteAll(fd, text) ||
-          rename(temporary.c_str(), kUtab) != 0) {
+      if (fchmod(fd, 0644) != 0 || !WriteAll(fd, text) || rename(temporary.c_str(), kUtab) != 0) {
         status = Status::FromErrno(errno, kUtab);
         unlink(temporary.c_str());
       }
@@ -174,8 +170,9 @@ Status RewriteUtab(const std::string& source, const std::string& target,
 }  // namespace
 
 Status AddUtabEntry(const std::string& source, const std::string& target) {
-  return RewriteUtab("", target, "SRC=" + Mangle(source) + " TARGET=" + Mangle(target) +
-                                 " ROOT=/ OPTS=helper=fuse.qcow2fs\n");
+  return RewriteUtab(
+      "", target,
+      "SRC=" + Mangle(source) + " TARGET=" + Mangle(target) + " ROOT=/ OPTS=helper=fuse.qcow2fs\n");
 }
 
 void RemoveUtabEntry(const std::string& source, const std::string& target) {
@@ -273,8 +270,8 @@ Result<int> WriteMountRecord(const MountRecord& record) {
   const std::string temporary = path + ".new." + std::to_string(getpid());
   int fd = open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return Status::FromErrno(errno, temporary);
-  std::string text = "pid=" + std::to_string(record.pid) + "\nstart=" +
-                     std::to_string(record.start) + "\ndev=" + record.dev +
+  std::string text = "pid=" + std::to_string(record.pid) +
+                     "\nstart=" + std::to_string(record.start) + "\ndev=" + record.dev +
                      "\nimage=" + record.image + "\nmountpoint=" + record.mountpoint + "\n";
   if (!WriteAll(fd, text) || rename(temporary.c_str(), path.c_str()) != 0) {
     Status status = Status::FromErrno(errno, path);

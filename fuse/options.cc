@@ -54,30 +54,27 @@ bool Contains(const std::string_view (&list)[N], std::string_view word) {
 Result<bool> ParseOnOff(std::string_view name, std::string_view value) {
   if (value == "on") return true;
   if (value == "off") return false;
-  return Invalid(std::string(name) + "= must be on or off, not '" +
-                 std::string(value) + "'");
+  return Invalid(std::string(name) + "= must be on or off, not '" + std::string(value) + "'");
 }
 
-Result<CompressionType> ParseCompression(std::string_view name,
-                                         std::string_view value) {
+Result<CompressionType> ParseCompression(std::string_view name, std::string_view value) {
   if (value == "zlib") return CompressionType::kZlib;
   if (value == "zstd") return CompressionType::kZstd;
-  return Invalid(std::string(name) + "= must be zlib or zstd, not '" +
-                 std::string(value) + "'");
+  return Invalid(std::string(name) + "= must be zlib or zstd, not '" + std::string(value) + "'");
 }
 
 // Remembers which creation-only options were given, to reject them without
 // `create`.
 struct ParseState {
   bool sloppy = false;
-  bool rw_last = false;  // the last of ro and rw given was an explicit rw
+  bool rw_last = false;            // the last of ro and rw given was an explicit rw
   std::string create_only_option;  // first one seen, for the message
   bool has_size = false;
   bool has_compression_type = false;
 };
 
-using Handler = std::function<Status(std::string_view value,
-                                     MountOptions& options, ParseState& state)>;
+using Handler =
+    std::function<Status(std::string_view value, MountOptions& options, ParseState& state)>;
 
 // Whether an option is for every mount or only describes the image that
 // `create` makes (refused without create); a required one is listed
@@ -162,13 +159,11 @@ const std::vector<OptionSpec>& OptionTable() {
        "(default 5; 0: only at fsync and unmount)",
        [](std::string_view v, MountOptions& o, ParseState&) {
          unsigned seconds = 0;
-         auto [end, error] =
-             std::from_chars(v.data(), v.data() + v.size(), seconds);
+         auto [end, error] = std::from_chars(v.data(), v.data() + v.size(), seconds);
          if (v.empty() || error != std::errc() || end != v.data() + v.size() ||
              seconds > kMaxCommitSeconds) {
            return Invalid("commit= must be a number of seconds from 0 (off) to " +
-                          std::to_string(kMaxCommitSeconds) + ", not '" +
-                          std::string(v) + "'");
+                          std::to_string(kMaxCommitSeconds) + ", not '" + std::string(v) + "'");
          }
          o.commit_seconds = seconds;
          return Status::Ok();
@@ -176,12 +171,9 @@ const std::vector<OptionSpec>& OptionTable() {
       {"threads", "N", Use::kMount, "worker threads",
        [](std::string_view v, MountOptions& o, ParseState&) {
          unsigned threads = 0;
-         auto [end, error] =
-             std::from_chars(v.data(), v.data() + v.size(), threads);
-         if (error != std::errc() || end != v.data() + v.size() ||
-             threads < 1 || threads > 256) {
-           return Invalid("threads= must be a number from 1 to 256, not '" +
-                          std::string(v) + "'");
+         auto [end, error] = std::from_chars(v.data(), v.data() + v.size(), threads);
+         if (error != std::errc() || end != v.data() + v.size() || threads < 1 || threads > 256) {
+           return Invalid("threads= must be a number from 1 to 256, not '" + std::string(v) + "'");
          }
          o.threads = threads;
          return Status::Ok();
@@ -217,8 +209,7 @@ const std::vector<OptionSpec>& OptionTable() {
       {"filename", "NAME", Use::kMount, "name of the file in the mount",
        [](std::string_view v, MountOptions& o, ParseState&) {
          if (!IsValidFileName(std::string(v))) {
-           return Invalid("filename= must be a plain file name, not '" +
-                          std::string(v) + "'");
+           return Invalid("filename= must be a plain file name, not '" + std::string(v) + "'");
          }
          o.filename = std::string(v);
          return Status::Ok();
@@ -256,8 +247,7 @@ const std::vector<OptionSpec>& OptionTable() {
          uint64_t bytes = 0;
          QCOW2FS_RETURN_IF_ERROR(SetSize("cluster_size", v, bytes));
          if (bytes < 512 || bytes > (2u << 20) || (bytes & (bytes - 1)) != 0) {
-           return Invalid(
-               "cluster_size= must be a power of two from 512 to 2M");
+           return Invalid("cluster_size= must be a power of two from 512 to 2M");
          }
          o.create_cluster_size_given = true;
          o.create_options.cluster_size = static_cast<uint32_t>(bytes);
@@ -366,8 +356,7 @@ std::string Normalize(std::string_view name) {
 }
 
 template <size_t N>
-bool ContainsNormalized(const std::string_view (&list)[N],
-                        std::string_view word) {
+bool ContainsNormalized(const std::string_view (&list)[N], std::string_view word) {
   std::string normal = Normalize(word);
   for (std::string_view entry : list) {
     if (Normalize(entry) == normal) return true;
@@ -378,15 +367,13 @@ bool ContainsNormalized(const std::string_view (&list)[N],
 // Edit distance with adjacent transpositions counting one (optimal string
 // alignment), on short option names.
 size_t EditDistance(std::string_view a, std::string_view b) {
-  std::vector<std::vector<size_t>> d(a.size() + 1,
-                                     std::vector<size_t>(b.size() + 1));
+  std::vector<std::vector<size_t>> d(a.size() + 1, std::vector<size_t>(b.size() + 1));
   for (size_t i = 0; i <= a.size(); ++i) d[i][0] = i;
   for (size_t j = 0; j <= b.size(); ++j) d[0][j] = j;
   for (size_t i = 1; i <= a.size(); ++i) {
     for (size_t j = 1; j <= b.size(); ++j) {
       size_t cost = a[i - 1] == b[j - 1] ? 0 : 1;
-      d[i][j] = std::min({d[i - 1][j] + 1, d[i][j - 1] + 1,
-                          d[i - 1][j - 1] + cost});
+      d[i][j] = std::min({d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost});
       if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1]) {
         d[i][j] = std::min(d[i][j], d[i - 2][j - 2] + 1);
       }
@@ -395,8 +382,7 @@ size_t EditDistance(std::string_view a, std::string_view b) {
   return d[a.size()][b.size()];
 }
 
-Status ParseOne(std::string_view option, MountOptions& options,
-                ParseState& state) {
+Status ParseOne(std::string_view option, MountOptions& options, ParseState& state) {
   if (option.empty() || ContainsNormalized(kIgnoredOptions, option)) {
     return Status::Ok();
   }
@@ -417,10 +403,9 @@ Status ParseOne(std::string_view option, MountOptions& options,
     if (Normalize(spec.name) != normal_name) continue;
     name = spec.name;  // the canonical spelling, for messages
     if (spec.takes_value() != has_value) {
-      return Invalid(spec.takes_value()
-                         ? "option " + std::string(name) + " needs a value (" +
-                               std::string(name) + "=...)"
-                         : "option " + std::string(name) + " takes no value");
+      return Invalid(spec.takes_value() ? "option " + std::string(name) + " needs a value (" +
+                                              std::string(name) + "=...)"
+                                        : "option " + std::string(name) + " takes no value");
     }
     if (spec.use != Use::kMount && state.create_only_option.empty()) {
       state.create_only_option = std::string(name);
@@ -435,14 +420,13 @@ Status ParseOne(std::string_view option, MountOptions& options,
   return Invalid(message);
 }
 
-Status ParseList(const std::string& list, MountOptions& options,
-                 ParseState& state) {
+Status ParseList(const std::string& list, MountOptions& options, ParseState& state) {
   size_t start = 0;
   while (start <= list.size()) {
     size_t comma = list.find(',', start);
     if (comma == std::string::npos) comma = list.size();
-    QCOW2FS_RETURN_IF_ERROR(ParseOne(
-        std::string_view(list).substr(start, comma - start), options, state));
+    QCOW2FS_RETURN_IF_ERROR(
+        ParseOne(std::string_view(list).substr(start, comma - start), options, state));
     start = comma + 1;
   }
   return Status::Ok();
@@ -451,12 +435,10 @@ Status ParseList(const std::string& list, MountOptions& options,
 // Rules that involve more than one option; checked once all lists are in.
 Status CheckCombinations(MountOptions& options, const ParseState& state) {
   if (!state.create_only_option.empty() && !options.create) {
-    return Invalid(state.create_only_option +
-                   "= only applies together with the create option");
+    return Invalid(state.create_only_option + "= only applies together with the create option");
   }
   if (options.snapshot) {
-    if (options.create)
-      return Invalid("create and snapshot= exclude each other");
+    if (options.create) return Invalid("create and snapshot= exclude each other");
     // A snapshot is never written. An explicit rw is not refused (fstab
     // lines carry it by habit) but is not silently ignored either, as
     // mount(8) warns when it mounts a write-protected device read-only.
@@ -466,8 +448,7 @@ Status CheckCombinations(MountOptions& options, const ParseState& state) {
     options.read_only = true;
   }
   if (options.create) {
-    if (options.read_only)
-      return Invalid("create needs a writable mount, not ro");
+    if (options.read_only) return Invalid("create needs a writable mount, not ro");
     if (!state.has_size && options.create_options.backing_file.empty()) {
       return Invalid("create needs size= (or backing= to take its size)");
     }
@@ -521,8 +502,7 @@ Result<uint64_t> ParseSize(const std::string& text) {
         shift = 40;
         break;
       default:
-        return Invalid("'" + text +
-                       "' has an unknown size suffix (K, M, G, T)");
+        return Invalid("'" + text + "' has an unknown size suffix (K, M, G, T)");
     }
     if (rest + 1 != end) {
       return Invalid("'" + text + "' is not a size (examples: 512, 64K, 20G)");
@@ -546,8 +526,7 @@ std::string FormatSize(uint64_t bytes) {
   return std::to_string(bytes);
 }
 
-std::string ExistingImageWarning(const std::string& image_path,
-                                 const MountOptions& options,
+std::string ExistingImageWarning(const std::string& image_path, const MountOptions& options,
                                  const ImageInfo& info) {
   if (!options.create) return "";
   std::string differences;
@@ -557,16 +536,13 @@ std::string ExistingImageWarning(const std::string& image_path,
   };
   const CreateOptions& wanted = options.create_options;
   if (options.create_size_given && info.virtual_size != wanted.size) {
-    add("size " + FormatSize(info.virtual_size) + ", not size=" +
-        FormatSize(wanted.size));
+    add("size " + FormatSize(info.virtual_size) + ", not size=" + FormatSize(wanted.size));
   }
-  if (options.create_cluster_size_given &&
-      info.cluster_size != wanted.cluster_size) {
+  if (options.create_cluster_size_given && info.cluster_size != wanted.cluster_size) {
     add("cluster size " + FormatSize(info.cluster_size) +
         ", not cluster_size=" + FormatSize(wanted.cluster_size));
   }
-  if (options.create_compression_given &&
-      info.compression != wanted.compression) {
+  if (options.create_compression_given && info.compression != wanted.compression) {
     auto name = [](CompressionType type) {
       return type == CompressionType::kZstd ? "zstd" : "zlib";
     };
@@ -574,8 +550,8 @@ std::string ExistingImageWarning(const std::string& image_path,
         ", not compression_type=" + name(wanted.compression));
   }
   if (differences.empty()) return "";
-  return image_path + " already exists and is mounted as it is (" +
-         differences + "); create only makes missing images";
+  return image_path + " already exists and is mounted as it is (" + differences +
+         "); create only makes missing images";
 }
 
 std::string ClosestOption(std::string_view name) {
@@ -611,8 +587,7 @@ std::string DefaultFileName(const std::string& image_path) {
 
 bool IsValidFileName(const std::string& name) {
   return !name.empty() && name.size() <= 255 && name != "." && name != ".." &&
-         name.find('/') == std::string::npos &&
-         name.find('\0') == std::string::npos;
+         name.find('/') == std::string::npos && name.find('\0') == std::string::npos;
 }
 
 std::string UsageText() {
@@ -631,8 +606,7 @@ std::vector<OptionDescription> KnownOptions() {
   return known;
 }
 
-Status ParseMountOptions(const std::string& list, bool sloppy,
-                         MountOptions& options) {
+Status ParseMountOptions(const std::string& list, bool sloppy, MountOptions& options) {
   ParseState state;
   state.sloppy = sloppy;
   QCOW2FS_RETURN_IF_ERROR(ParseList(list, options, state));
@@ -681,8 +655,7 @@ Result<CommandLine> ParseCommandLine(std::span<const char* const> args) {
       // mount(8) and mount.fuse3 name the type they were asked for.
       QCOW2FS_ASSIGN_OR_RETURN(std::string type, next_value(arg));
       if (type != "fuse.qcow2fs" && type != "qcow2fs") {
-        return Invalid("file system type '" + type +
-                       "' is not qcow2fs (expected fuse.qcow2fs)");
+        return Invalid("file system type '" + type + "' is not qcow2fs (expected fuse.qcow2fs)");
       }
     } else {
       return Invalid("unknown option '" + std::string(arg) + "'");
@@ -698,17 +671,15 @@ Result<CommandLine> ParseCommandLine(std::span<const char* const> args) {
   QCOW2FS_RETURN_IF_ERROR(CheckCombinations(line.options, state));
 
   if (positional.size() != 2) {
-    return Invalid(positional.size() < 2
-                       ? "expected an image and a mount point"
-                       : "too many arguments: '" + positional[2] + "'");
+    return Invalid(positional.size() < 2 ? "expected an image and a mount point"
+                                         : "too many arguments: '" + positional[2] + "'");
   }
   line.image = positional[0];
   line.mountpoint = positional[1];
   if (line.options.filename.empty()) {
     line.options.filename = DefaultFileName(line.image);
     if (!IsValidFileName(line.options.filename)) {
-      return Invalid("cannot name the file after '" + line.image +
-                     "'; give filename=");
+      return Invalid("cannot name the file after '" + line.image + "'; give filename=");
     }
   }
   return line;

@@ -82,8 +82,7 @@ Result<CommandLine> ParseCommandLine(std::span<const char* const> args);
 
 // Parses one -o list ("ro,cache-size=64M,...") into `options`, on top of what
 // it already holds. With `sloppy` (mount -s) unknown options are ignored.
-Status ParseMountOptions(const std::string& list, bool sloppy,
-                         MountOptions& options);
+Status ParseMountOptions(const std::string& list, bool sloppy, MountOptions& options);
 
 // "512", "64K", "20G", "1t": a byte count with an optional binary suffix.
 Result<uint64_t> ParseSize(const std::string& text);
@@ -94,8 +93,7 @@ std::string FormatSize(uint64_t bytes);
 // With `create`, for an image that already existed and is mounted as it is:
 // a warning naming the creation options it does not match ("" if it
 // matches them all, or if create was not given).
-std::string ExistingImageWarning(const std::string& image_path,
-                                 const MountOptions& options,
+std::string ExistingImageWarning(const std::string& image_path, const MountOptions& options,
                                  const ImageInfo& info);
 
 // The text of --help: the command line, then every -o option.

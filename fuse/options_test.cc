@@ -36,8 +36,8 @@ TEST(ParseSize, PlainAndSuffixed) {
 }
 
 TEST(ParseSize, Rejects) {
-  for (const char* text : {"", "K", "-1", "1.5G", "12X", "1KB", "10 M",
-                           "99999999999999999999", "17179869184T"}) {
+  for (const char* text :
+       {"", "K", "-1", "1.5G", "12X", "1KB", "10 M", "99999999999999999999", "17179869184T"}) {
     EXPECT_FALSE(ParseSize(text).ok()) << text;
   }
 }
@@ -86,8 +86,7 @@ TEST(ParseCommandLine, Defaults) {
 }
 
 TEST(ParseCommandLine, FlagsAnywhere) {
-  Result<CommandLine> line =
-      Parse({"-f", "vm.qcow2", "-d", "-o", "ro", "/mnt", "-oallow_other"});
+  Result<CommandLine> line = Parse({"-f", "vm.qcow2", "-d", "-o", "ro", "/mnt", "-oallow_other"});
   ASSERT_TRUE(line.ok()) << line.status().ToString();
   EXPECT_TRUE(line->foreground);
   EXPECT_TRUE(line->debug);
@@ -96,12 +95,12 @@ TEST(ParseCommandLine, FlagsAnywhere) {
 }
 
 TEST(ParseCommandLine, QcowOptions) {
-  Result<CommandLine> line = Parse(
-      {"-o",
-       "ro,cache-size=64M,compress-cache-size=128M,threads=8,discard=off,lock=off,"
-       "host-cache=on,write-behind=0,filename=disk.img,"
-       "snapshot=before-upgrade",
-       "vm.qcow2", "/mnt"});
+  Result<CommandLine> line =
+      Parse({"-o",
+             "ro,cache-size=64M,compress-cache-size=128M,threads=8,discard=off,lock=off,"
+             "host-cache=on,write-behind=0,filename=disk.img,"
+             "snapshot=before-upgrade",
+             "vm.qcow2", "/mnt"});
   ASSERT_TRUE(line.ok()) << line.status().ToString();
   const MountOptions& o = line->options;
   EXPECT_TRUE(o.read_only);
@@ -122,27 +121,22 @@ TEST(ParseCommandLine, CommitInterval) {
   EXPECT_EQ(Parse({"-o", "commit=0", "i", "m"})->options.commit_seconds, 0u);
   EXPECT_EQ(Parse({"-o", "commit=1", "i", "m"})->options.commit_seconds, 1u);
   EXPECT_EQ(Parse({"-o", "commit=30", "i", "m"})->options.commit_seconds, 30u);
-  EXPECT_EQ(Parse({"-o", "commit=86400", "i", "m"})->options.commit_seconds,
-            86400u);
+  EXPECT_EQ(Parse({"-o", "commit=86400", "i", "m"})->options.commit_seconds, 86400u);
   // The last one given wins, as for every option.
-  EXPECT_EQ(Parse({"-o", "commit=1,commit=7", "i", "m"})->options.commit_seconds,
-            7u);
+  EXPECT_EQ(Parse({"-o", "commit=1,commit=7", "i", "m"})->options.commit_seconds, 7u);
   // Read-only mounts accept it (there is nothing to commit), as ext4 does.
   EXPECT_TRUE(Parse({"-o", "ro,commit=1", "i", "m"}).ok());
   for (const char* bad :
-       {"commit=-1", "commit=", "commit=abc", "commit=5s", "commit=1.5",
-        "commit= 5", "commit=+5", "commit=86401", "commit=4294967296",
-        "commit=99999999999999999999"}) {
+       {"commit=-1", "commit=", "commit=abc", "commit=5s", "commit=1.5", "commit= 5", "commit=+5",
+        "commit=86401", "commit=4294967296", "commit=99999999999999999999"}) {
     std::string error = ErrorOf({"-o", bad, "i", "m"});
     // One clear line that names the option and the value given.
     EXPECT_NE(error.find("commit="), std::string::npos) << bad << ": " << error;
     EXPECT_EQ(error.find('\n'), std::string::npos) << bad << ": " << error;
     std::string value = std::string(bad).substr(7);
-    EXPECT_NE(error.find("'" + value + "'"), std::string::npos)
-        << bad << ": " << error;
+    EXPECT_NE(error.find("'" + value + "'"), std::string::npos) << bad << ": " << error;
   }
-  EXPECT_NE(ErrorOf({"-o", "commit", "i", "m"}).find("needs a value"),
-            std::string::npos);
+  EXPECT_NE(ErrorOf({"-o", "commit", "i", "m"}).find("needs a value"), std::string::npos);
 }
 
 TEST(ParseCommandLine, LastOfRoAndRwWins) {
@@ -151,33 +145,30 @@ TEST(ParseCommandLine, LastOfRoAndRwWins) {
 }
 
 TEST(ParseCommandLine, KernelFlagsPassThrough) {
-  Result<CommandLine> line =
-      Parse({"-o", "nosuid,nodev,noexec,sync,dev,suid", "i", "m"});
+  Result<CommandLine> line = Parse({"-o", "nosuid,nodev,noexec,sync,dev,suid", "i", "m"});
   ASSERT_TRUE(line.ok()) << line.status().ToString();
   EXPECT_EQ(line->options.kernel_flags,
-            (std::vector<std::string>{"nosuid", "nodev", "noexec", "sync",
-                                      "dev", "suid"}));
+            (std::vector<std::string>{"nosuid", "nodev", "noexec", "sync", "dev", "suid"}));
 }
 
 TEST(ParseCommandLine, MountHelperNoiseIsAccepted) {
   // What mount(8), mount.fuse3 and fstab lines add.
-  Result<CommandLine> line = Parse(
-      {"/srv/vm.qcow2", "/mnt", "-n", "-v", "-o",
-       "defaults,auto,noauto,user,users,nouser,owner,group,_netdev,nofail,"
-       "noatime,relatime,default_permissions,x-systemd.automount,"
-       "comment=x,user=alice,,",
-       "-t", "fuse.qcow2fs"});
+  Result<CommandLine> line =
+      Parse({"/srv/vm.qcow2", "/mnt", "-n", "-v", "-o",
+             "defaults,auto,noauto,user,users,nouser,owner,group,_netdev,nofail,"
+             "noatime,relatime,default_permissions,x-systemd.automount,"
+             "comment=x,user=alice,,",
+             "-t", "fuse.qcow2fs"});
   ASSERT_TRUE(line.ok()) << line.status().ToString();
   EXPECT_TRUE(line->options.kernel_flags.empty());
   EXPECT_EQ(line->options.filename, "vm.raw");
 }
 
 TEST(ParseCommandLine, Create) {
-  Result<CommandLine> line =
-      Parse({"-o",
-             "create,size=20G,cluster_size=1M,compression_type=zstd,"
-             "backing=base.qcow2,backing_fmt=qcow2",
-             "new.qcow2", "/mnt"});
+  Result<CommandLine> line = Parse({"-o",
+                                    "create,size=20G,cluster_size=1M,compression_type=zstd,"
+                                    "backing=base.qcow2,backing_fmt=qcow2",
+                                    "new.qcow2", "/mnt"});
   ASSERT_TRUE(line.ok()) << line.status().ToString();
   const MountOptions& o = line->options;
   EXPECT_TRUE(o.create);
@@ -197,15 +188,11 @@ TEST(ParseCommandLine, Compress) {
 }
 
 TEST(ParseCommandLine, CreateTakesTheCompressionOfCompress) {
-  Result<CommandLine> line =
-      Parse({"-o", "create,size=1G,compress=zstd", "i", "m"});
+  Result<CommandLine> line = Parse({"-o", "create,size=1G,compress=zstd", "i", "m"});
   ASSERT_TRUE(line.ok()) << line.status().ToString();
   EXPECT_EQ(line->options.create_options.compression, CompressionType::kZstd);
-  EXPECT_TRUE(Parse({"-o", "create,size=1G,compress=zlib,compression_type=zlib",
-                     "i", "m"})
-                  .ok());
-  ErrorOf(
-      {"-o", "create,size=1G,compress=zlib,compression_type=zstd", "i", "m"});
+  EXPECT_TRUE(Parse({"-o", "create,size=1G,compress=zlib,compression_type=zlib", "i", "m"}).ok());
+  ErrorOf({"-o", "create,size=1G,compress=zlib,compression_type=zstd", "i", "m"});
 }
 
 TEST(ParseCommandLine, CreateWithBackingNeedsNoSize) {
@@ -229,8 +216,7 @@ TEST(ParseCommandLine, SloppyIgnoresUnknownOptions) {
 }
 
 TEST(ParseCommandLine, Errors) {
-  EXPECT_NE(ErrorOf({"-o", "frobnicate", "i", "m"}).find("frobnicate"),
-            std::string::npos);
+  EXPECT_NE(ErrorOf({"-o", "frobnicate", "i", "m"}).find("frobnicate"), std::string::npos);
   EXPECT_NE(ErrorOf({"-x", "i", "m"}).find("-x"), std::string::npos);
   ErrorOf({"i"});
   ErrorOf({"i", "m", "extra"});
@@ -252,11 +238,9 @@ TEST(ParseCommandLine, Errors) {
 }
 
 TEST(ParseCommandLine, RejectedCombinations) {
-  EXPECT_NE(ErrorOf({"-o", "lock=off", "i", "m"}).find("lock=off"),
-            std::string::npos);
+  EXPECT_NE(ErrorOf({"-o", "lock=off", "i", "m"}).find("lock=off"), std::string::npos);
   EXPECT_TRUE(Parse({"-o", "lock=off,ro", "i", "m"}).ok());
-  EXPECT_NE(ErrorOf({"-o", "size=1G", "i", "m"}).find("create"),
-            std::string::npos);
+  EXPECT_NE(ErrorOf({"-o", "size=1G", "i", "m"}).find("create"), std::string::npos);
   ErrorOf({"-o", "cluster_size=64K", "i", "m"});
   ErrorOf({"-o", "create", "i", "m"});  // no size
   ErrorOf({"-o", "create,size=1G,ro", "i", "m"});
@@ -267,12 +251,12 @@ TEST(ParseCommandLine, RejectedCombinations) {
 }
 
 TEST(ParseCommandLine, DashAndUnderscoreSpellings) {
-  Result<CommandLine> line = Parse(
-      {"-o",
-       "cache_size=64M,compress_cache_size=1M,write_behind=0,host_cache=on,"
-       "allow-other,create,size=1G,cluster-size=1M,compression-type=zstd,"
-       "backing-fmt=raw,backing=b,default-permissions,_netdev",
-       "i", "m"});
+  Result<CommandLine> line =
+      Parse({"-o",
+             "cache_size=64M,compress_cache_size=1M,write_behind=0,host_cache=on,"
+             "allow-other,create,size=1G,cluster-size=1M,compression-type=zstd,"
+             "backing-fmt=raw,backing=b,default-permissions,_netdev",
+             "i", "m"});
   ASSERT_TRUE(line.ok()) << line.status().ToString();
   const MountOptions& o = line->options;
   EXPECT_EQ(o.cache_bytes, 64u << 20);
@@ -284,30 +268,23 @@ TEST(ParseCommandLine, DashAndUnderscoreSpellings) {
   EXPECT_EQ(o.create_options.compression, CompressionType::kZstd);
   EXPECT_EQ(o.create_options.backing_format, "raw");
   // Creation-only options are recognised as such in either spelling.
-  EXPECT_NE(ErrorOf({"-o", "cluster-size=64K", "i", "m"}).find("create"),
-            std::string::npos);
+  EXPECT_NE(ErrorOf({"-o", "cluster-size=64K", "i", "m"}).find("create"), std::string::npos);
   // Errors name the option by its documented spelling.
-  EXPECT_NE(ErrorOf({"-o", "cache_size=lots", "i", "m"}).find("cache-size="),
-            std::string::npos);
+  EXPECT_NE(ErrorOf({"-o", "cache_size=lots", "i", "m"}).find("cache-size="), std::string::npos);
 }
 
 TEST(ParseCommandLine, UnknownOptionSuggestsTheClosest) {
   EXPECT_EQ(ErrorOf({"-o", "cach-size=64M", "i", "m"}),
             "unknown option 'cach-size'; did you mean 'cache-size'?");
-  EXPECT_NE(ErrorOf({"-o", "writebehind=0", "i", "m"})
-                .find("did you mean 'write-behind'?"),
+  EXPECT_NE(ErrorOf({"-o", "writebehind=0", "i", "m"}).find("did you mean 'write-behind'?"),
             std::string::npos);
-  EXPECT_NE(ErrorOf({"-o", "snapshto=a", "i", "m"})
-                .find("did you mean 'snapshot'?"),
+  EXPECT_NE(ErrorOf({"-o", "snapshto=a", "i", "m"}).find("did you mean 'snapshot'?"),
             std::string::npos);
-  EXPECT_NE(ErrorOf({"-o", "allow_others", "i", "m"})
-                .find("did you mean 'allow_other'?"),
+  EXPECT_NE(ErrorOf({"-o", "allow_others", "i", "m"}).find("did you mean 'allow_other'?"),
             std::string::npos);
-  EXPECT_NE(ErrorOf({"-o", "nosiud", "i", "m"}).find("did you mean 'nosuid'?"),
-            std::string::npos);
+  EXPECT_NE(ErrorOf({"-o", "nosiud", "i", "m"}).find("did you mean 'nosuid'?"), std::string::npos);
   // Nothing close: no guess.
-  EXPECT_EQ(ErrorOf({"-o", "frobnicate", "i", "m"}),
-            "unknown option 'frobnicate'");
+  EXPECT_EQ(ErrorOf({"-o", "frobnicate", "i", "m"}), "unknown option 'frobnicate'");
   EXPECT_EQ(ErrorOf({"-o", "xyz", "i", "m"}), "unknown option 'xyz'");
   EXPECT_EQ(ClosestOption("threds"), "threads");
   EXPECT_EQ(ClosestOption("compres"), "compress");
@@ -330,8 +307,7 @@ TEST(ParseCommandLine, SnapshotWithExplicitRwWarns) {
 }
 
 TEST(ParseCommandLine, LogFile) {
-  EXPECT_EQ(Parse({"-o", "log=/var/log/q.log", "i", "m"})->options.log_file,
-            "/var/log/q.log");
+  EXPECT_EQ(Parse({"-o", "log=/var/log/q.log", "i", "m"})->options.log_file, "/var/log/q.log");
   EXPECT_TRUE(Parse({"i", "m"})->options.log_file.empty());
   ErrorOf({"-o", "log=", "i", "m"});
   ErrorOf({"-o", "log", "i", "m"});
@@ -364,14 +340,11 @@ TEST(ExistingImageWarning, NamesWhatDiffers) {
   // Without create there is nothing to compare.
   EXPECT_EQ(ExistingImageWarning("vm.qcow2", Parse({"i", "m"})->options, info), "");
 
-  line = Parse({"-o", "create,size=5G,cluster_size=1M,compression_type=zlib",
-                "vm.qcow2", "m"});
+  line = Parse({"-o", "create,size=5G,cluster_size=1M,compression_type=zlib", "vm.qcow2", "m"});
   ASSERT_TRUE(line.ok());
   warning = ExistingImageWarning("vm.qcow2", line->options, info);
-  EXPECT_NE(warning.find("cluster size 64K, not cluster_size=1M"), std::string::npos)
-      << warning;
-  EXPECT_NE(warning.find("compression type zstd, not compression_type=zlib"),
-            std::string::npos)
+  EXPECT_NE(warning.find("cluster size 64K, not cluster_size=1M"), std::string::npos) << warning;
+  EXPECT_NE(warning.find("compression type zstd, not compression_type=zlib"), std::string::npos)
       << warning;
   EXPECT_EQ(warning.find("size 5G"), std::string::npos) << warning;
   EXPECT_EQ(warning.find('\n'), std::string::npos) << warning;
@@ -392,12 +365,23 @@ TEST(ParseMountOptions, AddsToExistingOptions) {
 // an option is added without one here.
 const std::map<std::string_view, const char*>& SampleValues() {
   static const std::map<std::string_view, const char*> values = {
-      {"cache-size", "4M"},     {"compress-cache-size", "16M"}, {"write-behind", "1M"},
-      {"commit", "10"},         {"threads", "8"},               {"discard", "off"},
-      {"host-cache", "on"},     {"compress", "zstd"},           {"lock", "on"},
-      {"snapshot", "s1"},       {"filename", "disk.img"},       {"log", "/tmp/q.log"},
-      {"size", "1G"},           {"cluster_size", "64K"},        {"compression_type", "zstd"},
-      {"backing", "base.qcow2"}, {"backing_fmt", "qcow2"},
+      {"cache-size", "4M"},
+      {"compress-cache-size", "16M"},
+      {"write-behind", "1M"},
+      {"commit", "10"},
+      {"threads", "8"},
+      {"discard", "off"},
+      {"host-cache", "on"},
+      {"compress", "zstd"},
+      {"lock", "on"},
+      {"snapshot", "s1"},
+      {"filename", "disk.img"},
+      {"log", "/tmp/q.log"},
+      {"size", "1G"},
+      {"cluster_size", "64K"},
+      {"compression_type", "zstd"},
+      {"backing", "base.qcow2"},
+      {"backing_fmt", "qcow2"},
   };
   return values;
 }

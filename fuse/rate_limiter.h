@@ -43,8 +43,7 @@ class RateLimiter {
   // One occurrence of `cause`. Returns whether to print `message` now: the
   // first of its cause, or the first after a whole quiet interval. Otherwise
   // it is counted for a later Summary.
-  bool Admit(std::string_view cause, std::string_view message,
-             Clock::time_point now);
+  bool Admit(std::string_view cause, std::string_view message, Clock::time_point now);
 
   // Summaries that are due at `now`: for each cause with messages held back
   // whose interval has ended. Each starts a new interval for its cause.

@@ -65,16 +65,16 @@ std::unique_ptr<SpaceBank> MakeSpaceBank(const Image& image, const FsConfig& con
   }
   const std::string& path = info.path;
   const size_t slash = path.rfind('/');
-  const std::string directory =
-      slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+  const std::string directory = slash == std::string::npos ? "."
+                                : slash == 0               ? "/"
+                                                           : path.substr(0, slash);
   // Grown in steps of a quarter of the queue (at least 4 MiB): a handful
   // of fallocate calls per queue's worth of writes.
   const uint64_t chunk = std::max<uint64_t>(4 << 20, config.write_behind_bytes / 4);
   Result<std::unique_ptr<SpaceBank>> bank =
       SpaceBank::Create(directory, std::max<uint32_t>(info.cluster_size, 4096), chunk);
   if (!bank.ok()) {
-    Log(LOG_WARNING,
-        "write-behind is off: no host space can be reserved for queued writes (%s)",
+    Log(LOG_WARNING, "write-behind is off: no host space can be reserved for queued writes (%s)",
         bank.status().ToString().c_str());
     return nullptr;
   }
@@ -98,8 +98,7 @@ int SeekDataOrHole(Image& image, uint64_t offset, int whence, uint64_t& result) 
       return 0;
     }
     if (status->length == 0) {
-      Log(LOG_ERR, "block status at guest offset %" PRIu64 " returned an empty extent",
-          position);
+      Log(LOG_ERR, "block status at guest offset %" PRIu64 " returned an empty extent", position);
       return EIO;
     }
     position += std::min(status->length, disk_size - position);
@@ -116,12 +115,11 @@ std::unique_ptr<SnapshotDir> MakeSnapshotDir(Image& image, int image_path_fd,
                                              const FsConfig& config, uint32_t block_size) {
   if (!config.snapshot_dir) return nullptr;
   if (config.file_name == SnapshotDir::kDirName) {
-    Log(LOG_WARNING, "the disk is named %s: snapshots are not shown",
-        config.file_name.c_str());
+    Log(LOG_WARNING, "the disk is named %s: snapshots are not shown", config.file_name.c_str());
     return nullptr;
   }
-  return std::make_unique<SnapshotDir>(image, image_path_fd, config.file_name,
-                                       config.read_only, block_size);
+  return std::make_unique<SnapshotDir>(image, image_path_fd, config.file_name, config.read_only,
+                                       block_size);
 }
 
 // Kernel cache lifetimes of the live disk and the root (seconds). The one
@@ -139,22 +137,19 @@ RawFileFs::RawFileFs(Image& image, int image_path_fd, FsConfig config)
       image_path_fd_(image_path_fd),
       config_(std::move(config)),
       has_backing_(!image.info().backing_file.empty()),
-      block_size_(
-          std::clamp<uint32_t>(image.info().cluster_size, 4096, 2u << 20)),
+      block_size_(std::clamp<uint32_t>(image.info().cluster_size, 4096, 2u << 20)),
       // Streams of reads of 64 KiB or more; ten pieces of 1 MiB follow two
       // streams (each has the piece it reads and the next four).
-      read_ahead_([&image](uint64_t offset, std::span<std::byte> out) {
-                    return image.Read(offset, out);
-                  },
-                  64 << 10, kMaxWrite, 10),
+      read_ahead_(
+          [&image](uint64_t offset, std::span<std::byte> out) { return image.Read(offset, out); },
+          64 << 10, kMaxWrite, 10),
       bank_(MakeSpaceBank(image, config_)),
       // Two threads: one writes to the disk while the other maps its piece.
       write_behind_(!bank_ ? nullptr
                            : std::make_unique<WriteBehind>(
                                  [this](uint64_t offset, std::span<const std::byte> data) {
-                                   return Changing(offset, data.size(), [&] {
-                                     return image_.Write(offset, data);
-                                   });
+                                   return Changing(offset, data.size(),
+                                                   [&] { return image_.Write(offset, data); });
                                  },
                                  config_.write_behind_bytes, kMaxWrite, 2, bank_.get())),
       snapshots_(MakeSnapshotDir(image, image_path_fd, config_, block_size_)),
@@ -225,8 +220,7 @@ Status RawFileFs::Commit(bool* queued_failed) {
   }
   if (!flushed.ok()) return flushed.Annotate("flushing the image");
   uint64_t committed = committed_.load();
-  while (committed < changes && !committed_.compare_exchange_weak(committed, changes)) {
-  }
+  while (committed < changes && !committed_.compare_exchange_weak(committed, changes)) {}
   return Status::Ok();
 }
 
@@ -301,8 +295,7 @@ void RawFileFs::ConfigureConnection(fuse_conn_info& conn) const noexcept {
   conn.max_write = kMaxWrite;
   // The request pool gives every request a buffer of its own. Spliced
   // requests would instead sit in a pipe owned by the receiving thread.
-  conn.want &=
-      ~(FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_MOVE | FUSE_CAP_SPLICE_WRITE);
+  conn.want &= ~(FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_MOVE | FUSE_CAP_SPLICE_WRITE);
   // open(O_TRUNC) then arrives as a flag on OPEN, which Open() ignores: the
   // file is a disk, and `cp disk.raw /mnt/vm.raw` must fill it, not shrink
   // it to nothing first. Explicit truncate(2) still resizes via SETATTR.
@@ -330,13 +323,13 @@ void RawFileFs::Shutdown() {
     Log(LOG_ERR, "writing queued data at unmount failed: %s", status.ToString().c_str());
   }
   if (background_failed_.load()) {
-    Log(LOG_ERR, "queued data or a background commit failed during this mount: "
+    Log(LOG_ERR,
+        "queued data or a background commit failed during this mount: "
         "data acknowledged to writers may be lost");
   }
   status = FlushImage();
   if (!status.ok()) {
-    Log(LOG_ERR, "flushing the image at unmount failed: %s",
-        status.ToString().c_str());
+    Log(LOG_ERR, "flushing the image at unmount failed: %s", status.ToString().c_str());
     background_failed_.store(true);
   }
 }
@@ -406,8 +399,8 @@ int RawFileFs::CheckWritable(fuse_ino_t ino) const {
   return config_.read_only ? EROFS : 0;
 }
 
-int RawFileFs::SetAttr(fuse_ino_t ino, const struct stat& wanted, int to_set,
-                       struct stat& attr, double& attr_timeout) {
+int RawFileFs::SetAttr(fuse_ino_t ino, const struct stat& wanted, int to_set, struct stat& attr,
+                       double& attr_timeout) {
   if (InSnapshots(ino)) {
     if (to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) return EPERM;
     if (to_set & FUSE_SET_ATTR_SIZE) return CheckWritable(ino);
@@ -508,8 +501,7 @@ int RawFileFs::Read(fuse_ino_t ino, uint64_t handle, uint64_t offset, size_t siz
   if (offset >= disk_size || size == 0) return 0;  // EOF
   // The kernel never asks for more than max_write (it is also the read
   // limit); the clamp keeps a bogus request from sizing our allocation.
-  size_t length = static_cast<size_t>(
-      std::min<uint64_t>({size, disk_size - offset, kMaxWrite}));
+  size_t length = static_cast<size_t>(std::min<uint64_t>({size, disk_size - offset, kMaxWrite}));
   std::byte* buffer = ThreadReadBuffer();
   if (buffer == nullptr) return ENOMEM;
   WaitForQueued(offset, length);
@@ -521,8 +513,8 @@ int RawFileFs::Read(fuse_ino_t ino, uint64_t handle, uint64_t offset, size_t siz
   return 0;
 }
 
-int RawFileFs::Write(fuse_ino_t ino, uint64_t offset,
-                     std::span<const std::byte> data, size_t& written) {
+int RawFileFs::Write(fuse_ino_t ino, uint64_t offset, std::span<const std::byte> data,
+                     size_t& written) {
   written = 0;
   if (int err = CheckWritable(ino)) return err;
   if (data.empty()) return 0;
@@ -530,8 +522,7 @@ int RawFileFs::Write(fuse_ino_t ino, uint64_t offset,
   // straddling the end is cut short; one entirely past it finds no space.
   uint64_t disk_size = image_.size();
   if (offset >= disk_size) return ENOSPC;
-  size_t length =
-      static_cast<size_t>(std::min<uint64_t>(data.size(), disk_size - offset));
+  size_t length = static_cast<size_t>(std::min<uint64_t>(data.size(), disk_size - offset));
   // Queued only if the host holds room for it; else (the host is full, or
   // nearly) applied now below, so that ENOSPC reaches this writer.
   if (write_behind_ && length >= kMinQueuedWrite &&
@@ -575,11 +566,9 @@ int RawFileFs::Flush(fuse_ino_t ino) {
   return TakeCommitError(Reporter::kFlush);
 }
 
-int RawFileFs::Fallocate(fuse_ino_t ino, int mode, uint64_t offset,
-                         uint64_t length) {
+int RawFileFs::Fallocate(fuse_ino_t ino, int mode, uint64_t offset, uint64_t length) {
   if (int err = CheckWritable(ino)) return err;
-  constexpr int kSupported =
-      FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE;
+  constexpr int kSupported = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE;
   if ((mode & ~kSupported) != 0) return EOPNOTSUPP;
   if (length == 0 || offset + length < offset) return EINVAL;
   uint64_t end = offset + length;
@@ -601,9 +590,9 @@ int RawFileFs::Fallocate(fuse_ino_t ino, int mode, uint64_t offset,
       return ErrnoFrom(Changing(offset, span, [&] { return image_.Discard(offset, span); }),
                        "discard", offset);
     }
-    return ErrnoFrom(Changing(offset, span,
-                              [&] { return image_.WriteZeroes(offset, span, config_.discard); }),
-                     "write zeroes", offset);
+    return ErrnoFrom(
+        Changing(offset, span, [&] { return image_.WriteZeroes(offset, span, config_.discard); }),
+        "write zeroes", offset);
   }
 
   // Without KEEP_SIZE, allocating past the end grows the file, and so the
@@ -615,9 +604,10 @@ int RawFileFs::Fallocate(fuse_ino_t ino, int mode, uint64_t offset,
   if (mode & FALLOC_FL_ZERO_RANGE) {
     if (offset >= disk_size) return 0;
     uint64_t span = std::min(end, disk_size) - offset;
-    return ErrnoFrom(Changing(offset, span,
-                              [&] { return image_.WriteZeroes(offset, span, /*may_unmap=*/false); }),
-                     "write zeroes", offset);
+    return ErrnoFrom(
+        Changing(offset, span,
+                 [&] { return image_.WriteZeroes(offset, span, /*may_unmap=*/false); }),
+        "write zeroes", offset);
   }
   // Plain allocation: qcow2 allocates clusters when they are written, and
   // there is nothing to reserve ahead of that.

@@ -130,8 +130,8 @@ class RawFileFs {
   int Lookup(fuse_ino_t parent, std::string_view name, Entry& out);
   int GetAttr(fuse_ino_t ino, struct stat& attr, double& attr_timeout);
   // Applies the parts of a setattr named by `to_set` (FUSE_SET_ATTR_*).
-  int SetAttr(fuse_ino_t ino, const struct stat& wanted, int to_set,
-              struct stat& attr, double& attr_timeout);
+  int SetAttr(fuse_ino_t ino, const struct stat& wanted, int to_set, struct stat& attr,
+              double& attr_timeout);
   // `handle` is what Read, Lseek and Release get back for this open.
   int Open(fuse_ino_t ino, int flags, uint64_t& handle);
   void Release(fuse_ino_t ino, uint64_t handle);
@@ -139,8 +139,7 @@ class RawFileFs {
   int OpenDir(fuse_ino_t ino, bool& cache_listing) const;
   int ReadDir(fuse_ino_t ino, std::vector<DirEntry>& entries);
   int Read(fuse_ino_t ino, uint64_t handle, uint64_t offset, size_t size, ReadBuffer& out);
-  int Write(fuse_ino_t ino, uint64_t offset, std::span<const std::byte> data,
-            size_t& written);
+  int Write(fuse_ino_t ino, uint64_t offset, std::span<const std::byte> data, size_t& written);
   int Fsync(fuse_ino_t ino);
   // FLUSH, sent at close(2): waits for the write-behind queue to drain and
   // returns the first failure of a queued write or a background commit not

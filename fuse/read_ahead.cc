@@ -2,8 +2,8 @@
 #include "read_ahead.h"
 
 #include <algorithm>
-#include <new>
 #include <cstring>
+#include <new>
 #include <utility>
 
 namespace qcow2fs::fusefs {

@@ -75,8 +75,8 @@ class ReadAhead {
   // in progress), held by `pin` until it is destroyed, so the reply needs
   // no copy; or in `scratch`, read from the image now. Then starts the
   // next fetches if this read continues a stream.
-  Result<const std::byte*> Read(uint64_t offset, std::span<std::byte> scratch,
-                                uint64_t disk_size, Pin& pin);
+  Result<const std::byte*> Read(uint64_t offset, std::span<std::byte> scratch, uint64_t disk_size,
+                                Pin& pin);
   // The image's content changes in [offset, offset + length).
   void Invalidate(uint64_t offset, uint64_t length);
 
@@ -86,9 +86,9 @@ class ReadAhead {
     State state = State::kFree;
     uint64_t offset = 0;
     size_t length = 0;
-    bool stale = false;  // the range changed since the fetch began: never served
-    int users = 0;       // readers waiting on it or copying out of it
-    bool served = false; // a read was served from it (its stream moves on)
+    bool stale = false;   // the range changed since the fetch began: never served
+    int users = 0;        // readers waiting on it or copying out of it
+    bool served = false;  // a read was served from it (its stream moves on)
     uint64_t last_used = 0;
     Status status;
     AlignedBuffer buffer;  // page-aligned, so the image can read it with O_DIRECT

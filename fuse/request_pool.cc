@@ -33,8 +33,7 @@ class ReceiveBuffer {
     try {
       storage_ = AlignedBuffer(kPage + bytes);
       buf_.mem = storage_.data() + kPage - kWriteDataOffset;
-    } catch (const std::bad_alloc&) {
-    }
+    } catch (const std::bad_alloc&) {}
   }
   bool ok() const { return !storage_.empty(); }
   fuse_buf* get() { return &buf_; }
@@ -119,8 +118,7 @@ void RequestPool::InterruptWorkers() {
   for (pthread_t thread : workers_) pthread_kill(thread, InterruptSignal());
 }
 
-Status RequestPool::Serve(fuse_session* session, int stop_fd,
-                          const std::function<void()>& detach) {
+Status RequestPool::Serve(fuse_session* session, int stop_fd, const std::function<void()>& detach) {
   InstallInterruptHandler();
   // The kernel sends INIT first and nothing else until it is answered.
   // Serving it here keeps libfuse's set-up of the connection ahead of the

@@ -32,8 +32,7 @@ std::string EscapeOption(const std::string& option) {
 }  // namespace
 
 Result<std::unique_ptr<FuseSession>> FuseSession::Create(
-    const std::vector<std::string>& mount_options, const fuse_lowlevel_ops& ops,
-    void* userdata) {
+    const std::vector<std::string>& mount_options, const fuse_lowlevel_ops& ops, void* userdata) {
   std::string joined;
   for (const std::string& option : mount_options) {
     if (!joined.empty()) joined += ',';
@@ -43,8 +42,7 @@ Result<std::unique_ptr<FuseSession>> FuseSession::Create(
   // has copied what it keeps.
   std::string program = "qcow2fs";
   std::string dash_o = "-o";
-  std::vector<char*> argv = {program.data(), dash_o.data(), joined.data(),
-                             nullptr};
+  std::vector<char*> argv = {program.data(), dash_o.data(), joined.data(), nullptr};
   fuse_args args = FUSE_ARGS_INIT(3, argv.data());
 
   LibfuseErrorCapture capture;
@@ -67,8 +65,7 @@ Status FuseSession::Mount(const std::string& mountpoint) {
   if (fuse_session_mount(session_, mountpoint.c_str()) != 0) {
     std::string cause = capture.errors();
     return Status(ErrorCode::kIoError,
-                  "cannot mount on " + mountpoint +
-                      (cause.empty() ? std::string() : ": " + cause));
+                  "cannot mount on " + mountpoint + (cause.empty() ? std::string() : ": " + cause));
   }
   mounted_ = true;
   // mount.fuse3 -o drop_privileges passes /dev/fd/N: no path to unmount.
@@ -89,8 +86,7 @@ void FuseSession::Detach() {
   if (mountpoint_.empty()) return;
   std::optional<MountEntry> entry = FindMount(mountpoint_);
   // Already gone, or covered by another mount (which must stay).
-  if (!entry || !entry->fstype.starts_with("fuse") ||
-      (!device_.empty() && entry->dev != device_)) {
+  if (!entry || !entry->fstype.starts_with("fuse") || (!device_.empty() && entry->dev != device_)) {
     return;
   }
   if (geteuid() == 0) {
@@ -107,8 +103,7 @@ void FuseSession::Detach() {
     return;
   }
   int status;
-  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
+  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
 }
 
 void FuseSession::Unmount() {

@@ -19,9 +19,8 @@ class FuseSession {
  public:
   // `mount_options` are libfuse -o options (fsname=, ro, allow_other, ...).
   // `userdata` is what fuse_req_userdata() returns in the callbacks.
-  static Result<std::unique_ptr<FuseSession>> Create(
-      const std::vector<std::string>& mount_options,
-      const fuse_lowlevel_ops& ops, void* userdata);
+  static Result<std::unique_ptr<FuseSession>> Create(const std::vector<std::string>& mount_options,
+                                                     const fuse_lowlevel_ops& ops, void* userdata);
 
   FuseSession(const FuseSession&) = delete;
   FuseSession& operator=(const FuseSession&) = delete;

@@ -43,8 +43,7 @@ constexpr double kDirAttrTimeout = 1.0;
 
 bool UsableFileName(std::string_view name) {
   return !name.empty() && name != "." && name != ".." && name.size() <= NAME_MAX &&
-         name.find('/') == std::string_view::npos &&
-         name.find('\0') == std::string_view::npos;
+         name.find('/') == std::string_view::npos && name.find('\0') == std::string_view::npos;
 }
 
 // A decimal number as QEMU writes IDs: digits, no leading zero, and small
@@ -132,8 +131,8 @@ std::vector<SnapshotDir::Listed> SnapshotDir::List() {
     if (known.generation == 0 || known.name != s.name || known.date_sec != s.date_sec ||
         known.date_nsec != s.date_nsec || known.vm_clock_nsec != s.vm_clock_nsec ||
         known.disk_size != s.disk_size) {
-      known = Incarnation{s.name, s.date_sec, s.date_nsec, s.vm_clock_nsec, s.disk_size,
-                          next_generation_++};
+      known = Incarnation{s.name,          s.date_sec,  s.date_nsec,
+                          s.vm_clock_nsec, s.disk_size, next_generation_++};
     }
     Listed entry;
     entry.dir_ino = DirInoLocked(s.id);
@@ -198,8 +197,8 @@ void SnapshotDir::FillDirAttr(const Listed& snapshot, const struct stat& host,
   attr.st_atim = attr.st_mtim = attr.st_ctim = DateOf(snapshot.info);
 }
 
-void SnapshotDir::FillFileAttr(const Listed& snapshot, const struct stat& host,
-                               uint64_t allocated, struct stat& attr) const {
+void SnapshotDir::FillFileAttr(const Listed& snapshot, const struct stat& host, uint64_t allocated,
+                               struct stat& attr) const {
   attr = {};
   attr.st_ino = snapshot.dir_ino + 1;
   attr.st_mode = S_IFREG | (host.st_mode & 0444);
@@ -331,9 +330,8 @@ int SnapshotDir::ReadDir(fuse_ino_t ino, std::vector<DirEntry>& entries) {
   }
   std::optional<Listed> snapshot = FindByDirIno(ino);
   if (!snapshot) return ENOENT;
-  entries = {{".", ino, S_IFDIR, 1},
-             {"..", kDirIno, S_IFDIR, 2},
-             {file_name_, ino + 1, S_IFREG, 3}};
+  entries = {
+      {".", ino, S_IFDIR, 1}, {"..", kDirIno, S_IFDIR, 2}, {file_name_, ino + 1, S_IFREG, 3}};
   return 0;
 }
 
@@ -423,8 +421,8 @@ int SnapshotDir::Drop(std::string_view name) {
   Status status = image_.DeleteSnapshot(id);
   if (!status.ok()) {
     if (status.code() != ErrorCode::kBusy && status.code() != ErrorCode::kNotFound) {
-      Log(LOG_ERR, "cannot drop snapshot '%s' (ID %s): %s", snapshot->info.name.c_str(),
-          id.c_str(), status.ToString().c_str());
+      Log(LOG_ERR, "cannot drop snapshot '%s' (ID %s): %s", snapshot->info.name.c_str(), id.c_str(),
+          status.ToString().c_str());
     }
     return status.ToErrno();
   }

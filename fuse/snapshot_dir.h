@@ -63,8 +63,8 @@ class SnapshotDir {
   // `image` is the live image and must outlive CloseAll(); `image_path_fd`
   // an O_PATH descriptor of its file (owner, mode); `file_name` the name of
   // each snapshot's disk file; `block_size` the files' st_blksize.
-  SnapshotDir(Image& image, int image_path_fd, std::string file_name,
-              bool read_only, uint32_t block_size);
+  SnapshotDir(Image& image, int image_path_fd, std::string file_name, bool read_only,
+              uint32_t block_size);
   ~SnapshotDir();
   SnapshotDir(const SnapshotDir&) = delete;
   SnapshotDir& operator=(const SnapshotDir&) = delete;
@@ -159,7 +159,7 @@ class SnapshotDir {
   std::map<std::string, Allocated> allocated_ GUARDED_BY(views_mu_);  // by ID
 
   Mutex names_mu_;
-  std::map<std::string, fuse_ino_t> other_inos_ GUARDED_BY(names_mu_);  // non-decimal IDs
+  std::map<std::string, fuse_ino_t> other_inos_ GUARDED_BY(names_mu_);     // non-decimal IDs
   std::map<std::string, Incarnation> incarnations_ GUARDED_BY(names_mu_);  // by ID
   uint64_t next_generation_ GUARDED_BY(names_mu_) = 1;
 };

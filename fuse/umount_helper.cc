@@ -70,10 +70,20 @@ std::optional<Args> Parse(int argc, char** argv) {
     if (arg.size() > 1 && arg[0] == '-') {
       for (char c : arg.substr(1)) {
         switch (c) {
-          case 'l': args.lazy = true; break;
-          case 'f': args.force = true; break;
-          case 'v': args.verbose = true; break;
-          case 'n': case 'r': case 'i': case 'd': break;  // nothing to do here
+          case 'l':
+            args.lazy = true;
+            break;
+          case 'f':
+            args.force = true;
+            break;
+          case 'v':
+            args.verbose = true;
+            break;
+          case 'n':
+          case 'r':
+          case 'i':
+          case 'd':
+            break;  // nothing to do here
           default:
             std::fprintf(stderr, "%s: unknown option -%c\n", kName, c);
             return std::nullopt;
@@ -102,8 +112,8 @@ void WaitForExit(int pidfd, pid_t pid, const std::string& image) {
     if (ready > 0) return;
     if (ready < 0 && errno != EINTR) return;
     if (ready == 0 && timeout > 0) {
-      std::fprintf(stderr, "%s: waiting for mount.qcow2fs (pid %d) to flush and close %s\n",
-                   kName, static_cast<int>(pid), image.c_str());
+      std::fprintf(stderr, "%s: waiting for mount.qcow2fs (pid %d) to flush and close %s\n", kName,
+                   static_cast<int>(pid), image.c_str());
       timeout = -1;
     }
   }
@@ -116,8 +126,7 @@ void WaitForImageLock(const std::string& image) {
   if (fd < 0) return;
   struct stat st;
   if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
-    while (flock(fd, LOCK_SH) != 0 && errno == EINTR) {
-    }
+    while (flock(fd, LOCK_SH) != 0 && errno == EINTR) {}
   }
   close(fd);
 }

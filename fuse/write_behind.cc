@@ -34,7 +34,8 @@ Result<std::unique_ptr<SpaceBank>> SpaceBank::Create(const std::string& director
 }
 
 SpaceBank::SpaceBank(int fd, uint64_t cluster_size, uint64_t chunk)
-    : fd_(fd), cluster_size_(std::max<uint64_t>(cluster_size, 512)),
+    : fd_(fd),
+      cluster_size_(std::max<uint64_t>(cluster_size, 512)),
       chunk_(std::max<uint64_t>(chunk, 4096)),
       floor_(4 * cluster_size_) {}
 
@@ -178,8 +179,7 @@ bool WriteBehind::Submit(uint64_t offset, std::span<const std::byte> data) {
   if (bank_ && bank_->Reserve(reserved) != 0) return false;
   MutexLock lk(mu_);
   auto admitted = [&]() REQUIRES(mu_) {
-    return !OverlapsLocked(offset, data.size()) &&
-           (!spare_.empty() || buffers_ < max_buffers_);
+    return !OverlapsLocked(offset, data.size()) && (!spare_.empty() || buffers_ < max_buffers_);
   };
   if (!admitted()) QCOW2FS_SYNC_POINT("WriteBehind:SubmitWaits", offset);
   while (!admitted()) done_.Wait(mu_);
@@ -194,9 +194,8 @@ bool WriteBehind::Submit(uint64_t offset, std::span<const std::byte> data) {
     buffers_++;
   }
   // Listed before the copy, so overlapping requests wait for it from now on.
-  auto it = queue_.insert(queue_.end(),
-                          Pending{next_sequence_++, offset, data.size(), reserved,
-                                  std::move(buffer)});
+  auto it = queue_.insert(
+      queue_.end(), Pending{next_sequence_++, offset, data.size(), reserved, std::move(buffer)});
   lk.Unlock();
   std::memcpy(it->buffer.data(), data.data(), data.size());
   lk.Lock();
@@ -216,9 +215,7 @@ void WriteBehind::WaitFor(uint64_t offset, uint64_t length) {
 Status WriteBehind::Drain() {
   MutexLock lk(mu_);
   const uint64_t last = next_sequence_;
-  auto drained = [&]() REQUIRES(mu_) {
-    return queue_.empty() || queue_.front().sequence >= last;
-  };
+  auto drained = [&]() REQUIRES(mu_) { return queue_.empty() || queue_.front().sequence >= last; };
   if (!drained()) QCOW2FS_SYNC_POINT("WriteBehind:DrainWaits", last);
   while (!drained()) done_.Wait(mu_);
   Status error = std::move(error_);
@@ -262,8 +259,10 @@ void WriteBehind::Run() {
         }
         lk.Unlock();
         bank_->Give(given);
-        Log(LOG_WARNING, "queued write at guest offset %llu found the host full; retrying "
-            "with the space reserved for it", static_cast<unsigned long long>(next->offset));
+        Log(LOG_WARNING,
+            "queued write at guest offset %llu found the host full; retrying "
+            "with the space reserved for it",
+            static_cast<unsigned long long>(next->offset));
         status = apply_(next->offset, data);
       }
       lk.Lock();
@@ -273,10 +272,10 @@ void WriteBehind::Run() {
     }
     lk.Lock();
     if (!status.ok()) {
-      Log(LOG_ERR, "queued write of %zu bytes at guest offset %llu failed "
+      Log(LOG_ERR,
+          "queued write of %zu bytes at guest offset %llu failed "
           "(reported at the next close, fsync and unmount): %s",
-          next->length, static_cast<unsigned long long>(next->offset),
-          status.ToString().c_str());
+          next->length, static_cast<unsigned long long>(next->offset), status.ToString().c_str());
       if (error_.ok()) error_ = status;
     }
     spare_.push_back(std::move(next->buffer));

@@ -186,14 +186,14 @@ class WriteBehind {
   // submitter copies into it, and then one thread applies it, without the
   // lock (`ready` and `started` say who owns it).
   mutable Mutex mu_;
-  CondVar work_;   // a write was queued, or stopping
-  CondVar done_;   // a write was applied
+  CondVar work_;  // a write was queued, or stopping
+  CondVar done_;  // a write was applied
   // Queued and being applied, in arrival order.
   std::list<Pending> queue_ GUARDED_BY(mu_);
   uint64_t next_sequence_ GUARDED_BY(mu_) = 0;
   std::vector<AlignedBuffer> spare_ GUARDED_BY(mu_);  // buffers not in use
-  size_t buffers_ GUARDED_BY(mu_) = 0;  // buffers allocated so far
-  Status error_ GUARDED_BY(mu_);        // first failure since the last Drain()
+  size_t buffers_ GUARDED_BY(mu_) = 0;                // buffers allocated so far
+  Status error_ GUARDED_BY(mu_);                      // first failure since the last Drain()
   bool stopping_ GUARDED_BY(mu_) = false;
   std::vector<std::thread> threads_;
 };

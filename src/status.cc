@@ -7,18 +7,30 @@ namespace qcow2fs {
 
 const char* ErrorCodeName(ErrorCode code) {
   switch (code) {
-    case ErrorCode::kOk: return "OK";
-    case ErrorCode::kIoError: return "I/O error";
-    case ErrorCode::kCorrupt: return "corrupt image";
-    case ErrorCode::kInvalidArgument: return "invalid argument";
-    case ErrorCode::kUnsupported: return "unsupported";
-    case ErrorCode::kNoSpace: return "no space left";
-    case ErrorCode::kReadOnly: return "read-only";
-    case ErrorCode::kLocked: return "locked";
-    case ErrorCode::kNotFound: return "not found";
-    case ErrorCode::kOutOfRange: return "out of range";
-    case ErrorCode::kAlreadyExists: return "already exists";
-    case ErrorCode::kBusy: return "busy";
+    case ErrorCode::kOk:
+      return "OK";
+    case ErrorCode::kIoError:
+      return "I/O error";
+    case ErrorCode::kCorrupt:
+      return "corrupt image";
+    case ErrorCode::kInvalidArgument:
+      return "invalid argument";
+    case ErrorCode::kUnsupported:
+      return "unsupported";
+    case ErrorCode::kNoSpace:
+      return "no space left";
+    case ErrorCode::kReadOnly:
+      return "read-only";
+    case ErrorCode::kLocked:
+      return "locked";
+    case ErrorCode::kNotFound:
+      return "not found";
+    case ErrorCode::kOutOfRange:
+      return "out of range";
+    case ErrorCode::kAlreadyExists:
+      return "already exists";
+    case ErrorCode::kBusy:
+      return "busy";
   }
   return "unknown error";
 }
@@ -49,18 +61,30 @@ std::string Status::ToString() const {
 
 int Status::ToErrno() const {
   switch (code()) {
-    case ErrorCode::kOk: return 0;
-    case ErrorCode::kIoError: return rep_->sys_errno ? rep_->sys_errno : EIO;
-    case ErrorCode::kCorrupt: return EIO;
-    case ErrorCode::kInvalidArgument: return EINVAL;
-    case ErrorCode::kUnsupported: return EOPNOTSUPP;
-    case ErrorCode::kNoSpace: return ENOSPC;
-    case ErrorCode::kReadOnly: return EROFS;
-    case ErrorCode::kLocked: return EBUSY;
-    case ErrorCode::kNotFound: return ENOENT;
-    case ErrorCode::kOutOfRange: return EINVAL;
-    case ErrorCode::kAlreadyExists: return EEXIST;
-    case ErrorCode::kBusy: return EBUSY;
+    case ErrorCode::kOk:
+      return 0;
+    case ErrorCode::kIoError:
+      return rep_->sys_errno ? rep_->sys_errno : EIO;
+    case ErrorCode::kCorrupt:
+      return EIO;
+    case ErrorCode::kInvalidArgument:
+      return EINVAL;
+    case ErrorCode::kUnsupported:
+      return EOPNOTSUPP;
+    case ErrorCode::kNoSpace:
+      return ENOSPC;
+    case ErrorCode::kReadOnly:
+      return EROFS;
+    case ErrorCode::kLocked:
+      return EBUSY;
+    case ErrorCode::kNotFound:
+      return ENOENT;
+    case ErrorCode::kOutOfRange:
+      return EINVAL;
+    case ErrorCode::kAlreadyExists:
+      return EEXIST;
+    case ErrorCode::kBusy:
+      return EBUSY;
   }
   return EIO;
 }

@@ -72,11 +72,13 @@ AssertionResult Finish(const TempDir& dir, const std::string& img, Scenario* s) 
 // Lazy refcounts and a killed QEMU: dirty, refcounts missing (a rebuild).
 AssertionResult MakeDirty(const TempDir& dir, Scenario* s) {
   const std::string img = dir.Join("dirty.qcow2");
-  auto r = QemuImg("create -q -f qcow2 -o lazy_refcounts=on,cluster_size=4096 " +
-                   ShellQuote(img) + " 8M");
+  auto r = QemuImg("create -q -f qcow2 -o lazy_refcounts=on,cluster_size=4096 " + ShellQuote(img) +
+                   " 8M");
   if (!r) return r;
-  CommandResult k = RunCommand("qemu-io -f qcow2 -c 'write -P 1 0 300k' -c 'write -P 2 5M 64k' "
-                               "-c 'sigraise 9' " + ShellQuote(img));
+  CommandResult k = RunCommand(
+      "qemu-io -f qcow2 -c 'write -P 1 0 300k' -c 'write -P 2 5M 64k' "
+      "-c 'sigraise 9' " +
+      ShellQuote(img));
   if (k.exit_code != 128 + 9) return AssertionFailure() << "qemu-io: " << k.output;
   s->name = "dirty";
   return Finish(dir, img, s);
@@ -175,8 +177,7 @@ AssertionResult RepairsToClean(const Scenario& s, const std::string& survivor,
   if (again->ExitCode() != 0) {
     std::string lines;
     for (const auto& m : again->messages) lines += "  " + m + "\n";
-    return AssertionFailure() << "still exits " << again->ExitCode() << " after repair:\n"
-                              << lines;
+    return AssertionFailure() << "still exits " << again->ExitCode() << " after repair:\n" << lines;
   }
   *repaired = file.CurrentImage();
   std::string data;
@@ -193,8 +194,8 @@ AssertionResult JudgedByQemu(const TempDir& dir, const Scenario& s, const std::s
   if (!r) return r;
   r = WriteWholeFile(dir.Join("judged-ref.raw"), s.reference);
   if (!r) return r;
-  return RunOk("qemu-img compare -f raw -F qcow2 " + ShellQuote(dir.Join("judged-ref.raw")) +
-               " " + ShellQuote(path));
+  return RunOk("qemu-img compare -f raw -F qcow2 " + ShellQuote(dir.Join("judged-ref.raw")) + " " +
+               ShellQuote(path));
 }
 
 void CrashEverywhere(const TempDir& dir, const Scenario& s) {
@@ -224,7 +225,8 @@ void CrashEverywhere(const TempDir& dir, const Scenario& s) {
     return std::vector<std::string>{
         f.DurableImageKeepNone(),
         f.DurableImageKeepAll(),
-        f.DurableImage([n](const FaultInjectionFile::UnsyncedWrite& w) { return w.index + 1 == n; }),
+        f.DurableImage(
+            [n](const FaultInjectionFile::UnsyncedWrite& w) { return w.index + 1 == n; }),
         f.DurableImage([n](const FaultInjectionFile::UnsyncedWrite& w) { return w.index + 1 < n; }),
         f.DurableImage(seed),
         f.DurableImage(seed * 7919 + 1)};

@@ -109,8 +109,10 @@ AssertionResult SameAsQemu(const std::string& image, const CheckReport& ours) {
   if (diff.empty()) return AssertionSuccess();
   std::string all;
   for (const auto& m : ours.messages) all += "    " + m + "\n";
-  return AssertionFailure() << image << ":\n" << diff << "qemu-img said:\n" << q.output
-                            << "\nour messages:\n" << all;
+  return AssertionFailure() << image << ":\n"
+                            << diff << "qemu-img said:\n"
+                            << q.output << "\nour messages:\n"
+                            << all;
 }
 
 Result<CheckReport> Check(const std::string& image, RepairMode mode = RepairMode::kNone) {
@@ -238,7 +240,7 @@ struct CleanCase {
   std::string opts;
   bool snapshot;
   bool bitmap;
-  std::string compressed = "4M 512k";  // whole clusters, written with -c
+  std::string compressed = "4M 512k";        // whole clusters, written with -c
   std::string compressed_after = "5M 256k";  // the same, after the snapshot
 };
 
@@ -478,7 +480,8 @@ TEST(CheckCorrupt, DataClusterOnARefcountBlockMovesTheRefcounts) {
   ASSERT_TRUE(CheckMatchesQemu(img, &report));
   EXPECT_EQ(report.ExitCode(), 2);
   bool named = false;
-  for (const auto& m : report.messages) named = named || m.find("refcount block 0") != std::string::npos;
+  for (const auto& m : report.messages)
+    named = named || m.find("refcount block 0") != std::string::npos;
   EXPECT_TRUE(named) << "the shared refcount block is reported";
 
   auto fixed = Check(img, RepairMode::kAll);
@@ -517,8 +520,10 @@ AssertionResult MakeDirtyImage(const Env& env, const std::string& name, const st
   auto r = MakeImage(env, name, "lazy_refcounts=on" + (opts.empty() ? "" : "," + opts), "16M",
                      {"write -q -P 9 0 64k"});
   if (!r) return r;
-  CommandResult k = RunCommand("qemu-io -f qcow2 -c 'write -P 1 0 1M' -c 'write -P 2 3M 512k' "
-                               "-c 'sigraise 9' " + ShellQuote(env.Path(name)));
+  CommandResult k = RunCommand(
+      "qemu-io -f qcow2 -c 'write -P 1 0 1M' -c 'write -P 2 3M 512k' "
+      "-c 'sigraise 9' " +
+      ShellQuote(env.Path(name)));
   if (k.exit_code != 128 + 9) {
     return AssertionFailure() << "qemu-io should die by SIGKILL, exit " << k.exit_code << "\n"
                               << k.output;

@@ -3,10 +3,10 @@
 // compressed clusters with exactly the data written.
 #include <gtest/gtest.h>
 
+#include <sys/stat.h>
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <sys/stat.h>
 #include <thread>
 
 #include "base/sync_point.h"
@@ -71,12 +71,13 @@ class CompressedWriteTest : public ::testing::TestWithParam<CompressCase> {
     const std::string reference = dir_.Join("reference.qcow2");
     ASSERT_TRUE(QemuImg("convert -q -c -O qcow2 -o " + GetParam().create_options + " " +
                         ShellQuote(dir_.Join("expected.raw")) + " " + ShellQuote(reference)));
-    struct stat ours {}, theirs {};
+    struct stat ours {
+    }, theirs{};
     ASSERT_EQ(stat(path_.c_str(), &ours), 0);
     ASSERT_EQ(stat(reference.c_str(), &theirs), 0);
     const int64_t ours_du = ours.st_blocks * 512, theirs_du = theirs.st_blocks * 512;
-    EXPECT_LE(ours_du, theirs_du)
-        << "allocated: qcow2fs " << ours_du << " bytes vs qemu-img convert -c " << theirs_du;
+    EXPECT_LE(ours_du, theirs_du) << "allocated: qcow2fs " << ours_du
+                                  << " bytes vs qemu-img convert -c " << theirs_du;
     std::string header;
     ASSERT_TRUE(ReadWholeFile(path_, &header));
     const int64_t cluster_size = int64_t{1} << GetBE32(header, 20);
@@ -243,12 +244,12 @@ TEST_P(CompressedWriteTest, DiscardOfStagedDataAndRewriteOfCompressedData) {
 
 INSTANTIATE_TEST_SUITE_P(
     Types, CompressedWriteTest,
-    ::testing::Values(CompressCase{"zlib_64k", "cluster_size=64k", CompressionType::kZlib},
-                      CompressCase{"zstd_64k", "cluster_size=64k,compression_type=zstd",
-                                   CompressionType::kZstd},
-                      CompressCase{"zlib_4k", "cluster_size=4k", CompressionType::kZlib},
-                      CompressCase{"zstd_ext_l2", "cluster_size=64k,extended_l2=on,compression_type=zstd",
-                                   CompressionType::kZstd}),
+    ::testing::Values(
+        CompressCase{"zlib_64k", "cluster_size=64k", CompressionType::kZlib},
+        CompressCase{"zstd_64k", "cluster_size=64k,compression_type=zstd", CompressionType::kZstd},
+        CompressCase{"zlib_4k", "cluster_size=4k", CompressionType::kZlib},
+        CompressCase{"zstd_ext_l2", "cluster_size=64k,extended_l2=on,compression_type=zstd",
+                     CompressionType::kZstd}),
     [](const auto& param_info) { return param_info.param.name; });
 
 TEST(CompressedWriteOptionsTest, MismatchedCompressionTypeIsRefused) {

@@ -10,13 +10,13 @@
 #include <atomic>
 #include <barrier>
 #include <condition_variable>
-#include <mutex>
 #include <cstring>
+#include <mutex>
 #include <thread>
 #include <vector>
 
-#include "engine/image_open.h"
 #include "base/sync_point.h"
+#include "engine/image_open.h"
 #include "forwarding_file.h"
 #include "qcow2fs/image.h"
 #include "test_support.h"
@@ -75,7 +75,8 @@ class SlowReadFile final : public ForwardingFile {
  public:
   explicit SlowReadFile(std::unique_ptr<File> f) : ForwardingFile(*f), f_(std::move(f)) {}
   Status ReadAt(uint64_t o, std::span<std::byte> b) override {
-    if ((counter_.fetch_add(1) & 3) == 0) std::this_thread::sleep_for(std::chrono::microseconds(300));
+    if ((counter_.fetch_add(1) & 3) == 0)
+      std::this_thread::sleep_for(std::chrono::microseconds(300));
     {
       std::unique_lock lock(mu_);
       if (gated_ && o < gate_offset_ + gate_length_ && gate_offset_ < o + b.size()) {
@@ -128,8 +129,8 @@ TEST_P(ConcurrencyStressTest, NoRequestSeesAFreedClusterReused) {
   const std::string path = dir.Join("stress.qcow2");
   // Layout: [0, 8M) shared churn; [8M, 12M) one private range per writer;
   // [12M, 16M) fresh clusters written in halves by two threads at once.
-  ASSERT_TRUE(QemuImg("create -q -f qcow2 -o " + sc.create_options + " " + ShellQuote(path) +
-                      " 16M"));
+  ASSERT_TRUE(
+      QemuImg("create -q -f qcow2 -o " + sc.create_options + " " + ShellQuote(path) + " 16M"));
   OpenOptions options;
   options.read_only = false;
   options.l2_cache_bytes = 4 * cs;
@@ -208,8 +209,10 @@ TEST_P(ConcurrencyStressTest, NoRequestSeesAFreedClusterReused) {
         Status s = image.Write(off, AsBytes(buf));
         std::string back(len, '\0');
         if (s.ok()) s = image.Read(off, AsWritableBytes(back));
-        if (!s.ok()) fail(5 + t, Describe(s));
-        else if (back != buf) fail(5 + t, "private range read back wrong at " + std::to_string(off));
+        if (!s.ok())
+          fail(5 + t, Describe(s));
+        else if (back != buf)
+          fail(5 + t, "private range read back wrong at " + std::to_string(off));
       }
     });
   }
@@ -306,12 +309,12 @@ TEST(DiscardDuringReadTest, InFlightReadKeepsItsCluster) {
   EXPECT_TRUE(QemuImg("check " + ShellQuote(path), &out)) << out;
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Images, ConcurrencyStressTest,
-    ::testing::Values(StressCase{"v3_64k", "cluster_size=64k", 65536},
-                      StressCase{"v3_4k", "cluster_size=4k", 4096},
-                      StressCase{"extended_l2_64k", "cluster_size=64k,extended_l2=on", 65536}),
-    [](const auto& param_info) { return param_info.param.name; });
+INSTANTIATE_TEST_SUITE_P(Images, ConcurrencyStressTest,
+                         ::testing::Values(StressCase{"v3_64k", "cluster_size=64k", 65536},
+                                           StressCase{"v3_4k", "cluster_size=4k", 4096},
+                                           StressCase{"extended_l2_64k",
+                                                      "cluster_size=64k,extended_l2=on", 65536}),
+                         [](const auto& param_info) { return param_info.param.name; });
 
 }  // namespace
 }  // namespace qcow2fs::test

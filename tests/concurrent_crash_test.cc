@@ -96,8 +96,9 @@ RunResult RunWorkload(Image& image, uint64_t seed, uint64_t cluster_size) {
       Op op;
       const uint64_t kind = rng.Uniform(0, 19);
       op.offset = base + rng.Uniform(0, kRegion - 1);
-      op.length = std::min<uint64_t>(base + kRegion - op.offset,
-                                     rng.Uniform(1, kind < 2 ? 4 * cluster_size : 2 * cluster_size));
+      op.length =
+          std::min<uint64_t>(base + kRegion - op.offset,
+                             rng.Uniform(1, kind < 2 ? 4 * cluster_size : 2 * cluster_size));
       Status s;
       if (kind < 14) {
         op.data = RandomBytes(op.length, seed ^ (static_cast<uint64_t>(t) << 32) ^ i);
@@ -105,7 +106,8 @@ RunResult RunWorkload(Image& image, uint64_t seed, uint64_t cluster_size) {
         // and full-cluster allocation are exercised too.
         if (kind == 13) {
           op.offset = base + rng.Uniform(0, kRegion / cluster_size - 2) * cluster_size;
-          op.length = std::min<uint64_t>(base + kRegion - op.offset, cluster_size * rng.Uniform(1, 2));
+          op.length =
+              std::min<uint64_t>(base + kRegion - op.offset, cluster_size * rng.Uniform(1, 2));
           op.data = SemiCompressible(op.length, seed + i);
         }
         s = image.Write(op.offset, AsBytes(op.data));
@@ -243,8 +245,7 @@ TEST_P(ConcurrentCrashTest, CrashAtSyncsAndWritesWhileWritingAndFlushing) {
   }
   ASSERT_TRUE(QemuImg("create -q -f qcow2 -o " + kind.create_options + backing_args + " " +
                       ShellQuote(fresh) + " " + size));
-  ASSERT_TRUE(QemuIo(fresh, {"write -P 0x5a 0 1M", "write -P 0xa5 3M 512k",
-                             "write -z 4608k 64k"}));
+  ASSERT_TRUE(QemuIo(fresh, {"write -P 0x5a 0 1M", "write -P 0xa5 3M 512k", "write -z 4608k 64k"}));
   if (kind.snapshot) {
     ASSERT_TRUE(QemuImg("snapshot -c before " + ShellQuote(fresh)));
     ASSERT_TRUE(QemuIo(fresh, {"write -P 0x77 2M 256k"}));
@@ -302,7 +303,8 @@ TEST_P(ConcurrentCrashTest, CrashAtSyncsAndWritesWhileWritingAndFlushing) {
     uint64_t n;
   };
   std::vector<Point> points;
-  const uint64_t sync_step = std::max<uint64_t>(1, (total_syncs + kMaxSyncPoints - 1) / kMaxSyncPoints);
+  const uint64_t sync_step =
+      std::max<uint64_t>(1, (total_syncs + kMaxSyncPoints - 1) / kMaxSyncPoints);
   for (uint64_t n = 0; n < total_syncs; n += sync_step) points.push_back({true, n});
   const uint64_t op_step = std::max<uint64_t>(1, total_ops / kMaxOpPoints);
   for (uint64_t n = op_step / 2; n < total_ops; n += op_step) points.push_back({false, n});
@@ -342,13 +344,15 @@ TEST_P(ConcurrentCrashTest, CrashAtSyncsAndWritesWhileWritingAndFlushing) {
         {"random subset, seed " + std::to_string(seed), [&] { return f->DurableImage(seed); }},
         // Only the newest half of the unsynced writes: metadata written
         // last survives, the data written before it does not.
-        {"keep newest half", [&] {
+        {"keep newest half",
+         [&] {
            const uint64_t n = f->unsynced_writes();
            return f->DurableImage(
                [n](const FaultInjectionFile::UnsyncedWrite& w) { return w.index >= n / 2; });
          }},
         // Only the oldest half: an in-order write cache.
-        {"keep oldest half", [&] {
+        {"keep oldest half",
+         [&] {
            const uint64_t n = f->unsynced_writes();
            return f->DurableImage(
                [n](const FaultInjectionFile::UnsyncedWrite& w) { return w.index < n / 2; });
@@ -356,8 +360,8 @@ TEST_P(ConcurrentCrashTest, CrashAtSyncsAndWritesWhileWritingAndFlushing) {
     };
     std::unordered_set<size_t> seen;
     for (const Policy& policy : policies) {
-      SCOPED_TRACE("durable image: " + policy.name + " of " +
-                   std::to_string(f->unsynced_writes()) + " unsynced writes");
+      SCOPED_TRACE("durable image: " + policy.name + " of " + std::to_string(f->unsynced_writes()) +
+                   " unsynced writes");
       const std::string durable = policy.build();
       if (!seen.insert(std::hash<std::string>{}(durable)).second) continue;
       checked++;
@@ -382,10 +386,11 @@ TEST_P(ConcurrentCrashTest, CrashAtSyncsAndWritesWhileWritingAndFlushing) {
   EXPECT_GE(crashes, static_cast<int>(points.size() / 3));
   RecordProperty("crash_points", static_cast<int>(points.size()));
   RecordProperty("images_checked", checked);
-  std::printf("[ %s ] %llu syncs, %llu mutating ops in the counting run; %d crashes of %zu "
-              "points; %d durable images checked\n",
-              kind.name.c_str(), static_cast<unsigned long long>(total_syncs),
-              static_cast<unsigned long long>(total_ops), crashes, points.size(), checked);
+  std::printf(
+      "[ %s ] %llu syncs, %llu mutating ops in the counting run; %d crashes of %zu "
+      "points; %d durable images checked\n",
+      kind.name.c_str(), static_cast<unsigned long long>(total_syncs),
+      static_cast<unsigned long long>(total_ops), crashes, points.size(), checked);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -397,8 +402,8 @@ INSTANTIATE_TEST_SUITE_P(
         CrashKind{"backing_raw", "cluster_size=64k", 65536, Backing::kRaw},
         CrashKind{"refcount_bits_1", "cluster_size=16k,refcount_bits=1", 16384},
         CrashKind{"compat_0_10", "compat=0.10", 65536},
-        CrashKind{"compress_zstd", "cluster_size=64k,compression_type=zstd", 65536,
-                  Backing::kNone, 0, true},
+        CrashKind{"compress_zstd", "cluster_size=64k,compression_type=zstd", 65536, Backing::kNone,
+                  0, true},
         CrashKind{"internal_snapshot", "cluster_size=64k", 65536, Backing::kNone, 0, false, true}),
     [](const auto& param_info) { return param_info.param.name; });
 

@@ -6,8 +6,8 @@
 #include <sys/resource.h>
 
 #include <chrono>
-#include <cstdio>
 #include <cstdint>
+#include <cstdio>
 #include <functional>
 #include <memory>
 #include <ostream>
@@ -97,8 +97,8 @@ struct HeaderCase {
   std::string name;
   // Patches the image (header already loaded for convenience).
   std::function<AssertionResult(const std::string& path, const Qcow2Header& h)> patch;
-  std::vector<ErrorCode> codes;        // any of these
-  std::vector<std::string> keywords;   // message contains any of these (no case)
+  std::vector<ErrorCode> codes;       // any of these
+  std::vector<std::string> keywords;  // message contains any of these (no case)
 };
 
 void PrintTo(const HeaderCase& c, std::ostream* os) { *os << c.name; }
@@ -118,13 +118,12 @@ TEST_P(CorruptHeader, OpenFailsWithSpecificError) {
   const long rss_before = MaxRssKiB();
   const auto t0 = std::chrono::steady_clock::now();
   auto r = Image::Open(img, Qcow2Options());
-  const double secs =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const long rss_growth_mib = (MaxRssKiB() - rss_before) / 1024;
 
   EXPECT_LT(secs, 10.0) << "open of a corrupt image must fail fast";
-  EXPECT_LT(rss_growth_mib, 512) << "open of a corrupt image allocated "
-                                 << rss_growth_mib << " MiB";
+  EXPECT_LT(rss_growth_mib, 512) << "open of a corrupt image allocated " << rss_growth_mib
+                                 << " MiB";
   ASSERT_FALSE(r.ok()) << c.name << ": the corrupt image opened";
   const Status& s = r.status();
   EXPECT_FALSE(s.message().empty()) << "error without a message";
@@ -141,8 +140,7 @@ TEST_P(CorruptHeader, OpenFailsWithSpecificError) {
     named = named || ContainsNoCase(s.message(), k);
     want_words += std::string(want_words.empty() ? "" : " / ") + "'" + k + "'";
   }
-  EXPECT_TRUE(named) << "message should name the problem (" << want_words
-                     << "): " << Describe(s);
+  EXPECT_TRUE(named) << "message should name the problem (" << want_words << "): " << Describe(s);
 
   // Read-write open must fail as well, not "repair" silently.
   OpenOptions rw = Qcow2Options();
@@ -151,91 +149,156 @@ TEST_P(CorruptHeader, OpenFailsWithSpecificError) {
   EXPECT_FALSE(r2.ok()) << "read-write open of the corrupt image succeeded";
 }
 
-AssertionResult Be32(const std::string& p, uint64_t off, uint32_t v) { return PatchBE32(p, off, v); }
-AssertionResult Be64(const std::string& p, uint64_t off, uint64_t v) { return PatchBE64(p, off, v); }
+AssertionResult Be32(const std::string& p, uint64_t off, uint32_t v) {
+  return PatchBE32(p, off, v);
+}
+AssertionResult Be64(const std::string& p, uint64_t off, uint64_t v) {
+  return PatchBE64(p, off, v);
+}
 
 std::vector<HeaderCase> HeaderCases() {
   using EC = ErrorCode;
   std::vector<HeaderCase> v;
-  v.push_back({"bad_magic", [](const std::string& p, const Qcow2Header&) {
-                 return Be32(p, hdr::kMagic, 0x514649fc);
-               }, {EC::kCorrupt, EC::kInvalidArgument, EC::kUnsupported}, {"magic", "not a qcow2"}});
-  v.push_back({"version_1", [](const std::string& p, const Qcow2Header&) {
-                 return Be32(p, hdr::kVersion, 1);
-               }, {EC::kUnsupported}, {"version"}});
-  v.push_back({"version_4", [](const std::string& p, const Qcow2Header&) {
-                 return Be32(p, hdr::kVersion, 4);
-               }, {EC::kUnsupported}, {"version"}});
-  v.push_back({"cluster_bits_8", [](const std::string& p, const Qcow2Header&) {
-                 return Be32(p, hdr::kClusterBits, 8);
-               }, {EC::kCorrupt, EC::kUnsupported}, {"cluster"}});
-  v.push_back({"cluster_bits_22", [](const std::string& p, const Qcow2Header&) {
-                 return Be32(p, hdr::kClusterBits, 22);
-               }, {EC::kCorrupt, EC::kUnsupported}, {"cluster"}});
-  v.push_back({"l1_size_huge", [](const std::string& p, const Qcow2Header&) {
-                 return Be32(p, hdr::kL1Size, 0x7fffffff);
-               }, {EC::kCorrupt}, {"L1"}});
-  v.push_back({"l1_size_max_beyond_eof", [](const std::string& p, const Qcow2Header&) {
+  v.push_back(
+      {"bad_magic",
+       [](const std::string& p, const Qcow2Header&) { return Be32(p, hdr::kMagic, 0x514649fc); },
+       {EC::kCorrupt, EC::kInvalidArgument, EC::kUnsupported},
+       {"magic", "not a qcow2"}});
+  v.push_back({"version_1",
+               [](const std::string& p, const Qcow2Header&) { return Be32(p, hdr::kVersion, 1); },
+               {EC::kUnsupported},
+               {"version"}});
+  v.push_back({"version_4",
+               [](const std::string& p, const Qcow2Header&) { return Be32(p, hdr::kVersion, 4); },
+               {EC::kUnsupported},
+               {"version"}});
+  v.push_back(
+      {"cluster_bits_8",
+       [](const std::string& p, const Qcow2Header&) { return Be32(p, hdr::kClusterBits, 8); },
+       {EC::kCorrupt, EC::kUnsupported},
+       {"cluster"}});
+  v.push_back(
+      {"cluster_bits_22",
+       [](const std::string& p, const Qcow2Header&) { return Be32(p, hdr::kClusterBits, 22); },
+       {EC::kCorrupt, EC::kUnsupported},
+       {"cluster"}});
+  v.push_back(
+      {"l1_size_huge",
+       [](const std::string& p, const Qcow2Header&) { return Be32(p, hdr::kL1Size, 0x7fffffff); },
+       {EC::kCorrupt},
+       {"L1"}});
+  v.push_back({"l1_size_max_beyond_eof",
+               [](const std::string& p, const Qcow2Header&) {
                  // 32 MiB of L1 table (QEMU's limit) in a file far smaller.
                  return Be32(p, hdr::kL1Size, 0x400000);
-               }, {EC::kCorrupt}, {"L1"}});
-  v.push_back({"l1_size_too_small_for_disk", [](const std::string& p, const Qcow2Header&) {
+               },
+               {EC::kCorrupt},
+               {"L1"}});
+  v.push_back({"l1_size_too_small_for_disk",
+               [](const std::string& p, const Qcow2Header&) {
                  // 64 GiB disk needs 128 L1 entries at 64 KiB clusters; there is 1.
                  return Be64(p, hdr::kSize, 64ull << 30);
-               }, {EC::kCorrupt}, {"L1"}});
-  v.push_back({"l1_table_offset_unaligned", [](const std::string& p, const Qcow2Header& h) {
+               },
+               {EC::kCorrupt},
+               {"L1"}});
+  v.push_back({"l1_table_offset_unaligned",
+               [](const std::string& p, const Qcow2Header& h) {
                  return Be64(p, hdr::kL1TableOffset, h.l1_table_offset + 512);
-               }, {EC::kCorrupt}, {"L1"}});
-  v.push_back({"l1_table_offset_beyond_eof", [](const std::string& p, const Qcow2Header&) {
+               },
+               {EC::kCorrupt},
+               {"L1"}});
+  v.push_back({"l1_table_offset_beyond_eof",
+               [](const std::string& p, const Qcow2Header&) {
                  return Be64(p, hdr::kL1TableOffset, 1ull << 40);
-               }, {EC::kCorrupt}, {"L1"}});
-  v.push_back({"refcount_table_offset_unaligned", [](const std::string& p, const Qcow2Header& h) {
+               },
+               {EC::kCorrupt},
+               {"L1"}});
+  v.push_back({"refcount_table_offset_unaligned",
+               [](const std::string& p, const Qcow2Header& h) {
                  return Be64(p, hdr::kRefcountTableOffset, h.refcount_table_offset + 8);
-               }, {EC::kCorrupt}, {"refcount"}});
-  v.push_back({"refcount_table_clusters_huge", [](const std::string& p, const Qcow2Header&) {
+               },
+               {EC::kCorrupt},
+               {"refcount"}});
+  v.push_back({"refcount_table_clusters_huge",
+               [](const std::string& p, const Qcow2Header&) {
                  return Be32(p, hdr::kRefcountTableClusters, 0xffffffff);
-               }, {EC::kCorrupt}, {"refcount"}});
-  v.push_back({"refcount_order_7", [](const std::string& p, const Qcow2Header&) {
-                 return Be32(p, hdr::kRefcountOrder, 7);
-               }, {EC::kCorrupt, EC::kUnsupported}, {"refcount"}});
-  v.push_back({"header_length_not_multiple_of_8", [](const std::string& p, const Qcow2Header&) {
-                 return Be32(p, hdr::kHeaderLength, 108);
-               }, {EC::kCorrupt}, {"header"}});
-  v.push_back({"header_length_below_104", [](const std::string& p, const Qcow2Header&) {
-                 return Be32(p, hdr::kHeaderLength, 96);
-               }, {EC::kCorrupt}, {"header"}});
-  v.push_back({"header_length_larger_than_cluster", [](const std::string& p, const Qcow2Header&) {
+               },
+               {EC::kCorrupt},
+               {"refcount"}});
+  v.push_back(
+      {"refcount_order_7",
+       [](const std::string& p, const Qcow2Header&) { return Be32(p, hdr::kRefcountOrder, 7); },
+       {EC::kCorrupt, EC::kUnsupported},
+       {"refcount"}});
+  v.push_back(
+      {"header_length_not_multiple_of_8",
+       [](const std::string& p, const Qcow2Header&) { return Be32(p, hdr::kHeaderLength, 108); },
+       {EC::kCorrupt},
+       {"header"}});
+  v.push_back(
+      {"header_length_below_104",
+       [](const std::string& p, const Qcow2Header&) { return Be32(p, hdr::kHeaderLength, 96); },
+       {EC::kCorrupt},
+       {"header"}});
+  v.push_back({"header_length_larger_than_cluster",
+               [](const std::string& p, const Qcow2Header&) {
                  return Be32(p, hdr::kHeaderLength, 65536 + 8);
-               }, {EC::kCorrupt}, {"header"}});
-  v.push_back({"extension_length_past_cluster", [](const std::string& p, const Qcow2Header& h) {
+               },
+               {EC::kCorrupt},
+               {"header"}});
+  v.push_back({"extension_length_past_cluster",
+               [](const std::string& p, const Qcow2Header& h) {
                  // The first extension's length field.
                  return Be32(p, h.header_length + 4, 65536);
-               }, {EC::kCorrupt}, {"extension"}});
-  v.push_back({"backing_file_size_1024", [](const std::string& p, const Qcow2Header&) {
+               },
+               {EC::kCorrupt},
+               {"extension"}});
+  v.push_back({"backing_file_size_1024",
+               [](const std::string& p, const Qcow2Header&) {
                  return Be32(p, hdr::kBackingFileSize, 1024);
-               }, {EC::kCorrupt}, {"backing"}});
-  v.push_back({"backing_file_offset_past_cluster", [](const std::string& p, const Qcow2Header&) {
+               },
+               {EC::kCorrupt},
+               {"backing"}});
+  v.push_back({"backing_file_offset_past_cluster",
+               [](const std::string& p, const Qcow2Header&) {
                  return Be64(p, hdr::kBackingFileOffset, 65536 - 4);
-               }, {EC::kCorrupt}, {"backing"}});
-  v.push_back({"snapshots_offset_beyond_eof", [](const std::string& p, const Qcow2Header&) {
+               },
+               {EC::kCorrupt},
+               {"backing"}});
+  v.push_back({"snapshots_offset_beyond_eof",
+               [](const std::string& p, const Qcow2Header&) {
                  return Be64(p, hdr::kSnapshotsOffset, 1ull << 40);
-               }, {EC::kCorrupt}, {"snapshot"}});
-  v.push_back({"snapshots_offset_unaligned", [](const std::string& p, const Qcow2Header& h) {
+               },
+               {EC::kCorrupt},
+               {"snapshot"}});
+  v.push_back({"snapshots_offset_unaligned",
+               [](const std::string& p, const Qcow2Header& h) {
                  return Be64(p, hdr::kSnapshotsOffset, h.snapshots_offset + 8);
-               }, {EC::kCorrupt}, {"snapshot"}});
-  v.push_back({"nb_snapshots_huge", [](const std::string& p, const Qcow2Header&) {
+               },
+               {EC::kCorrupt},
+               {"snapshot"}});
+  v.push_back({"nb_snapshots_huge",
+               [](const std::string& p, const Qcow2Header&) {
                  return Be32(p, hdr::kNbSnapshots, 0xffffffff);
-               }, {EC::kCorrupt}, {"snapshot"}});
-  v.push_back({"unknown_compression_type", [](const std::string& p, const Qcow2Header& h) {
+               },
+               {EC::kCorrupt},
+               {"snapshot"}});
+  v.push_back({"unknown_compression_type",
+               [](const std::string& p, const Qcow2Header& h) {
                  auto r = Be64(p, hdr::kIncompatibleFeatures,
                                h.incompatible_features | hdr::kIncompatCompression);
                  if (!r) return r;
                  return PatchFile(p, hdr::kCompressionType, std::string(1, '\x07'));
-               }, {EC::kUnsupported, EC::kCorrupt}, {"compression"}});
-  v.push_back({"compression_type_without_bit", [](const std::string& p, const Qcow2Header&) {
+               },
+               {EC::kUnsupported, EC::kCorrupt},
+               {"compression"}});
+  v.push_back({"compression_type_without_bit",
+               [](const std::string& p, const Qcow2Header&) {
                  // zstd named in the header without the incompatible bit.
                  return PatchFile(p, hdr::kCompressionType, std::string(1, '\x01'));
-               }, {EC::kCorrupt}, {"compression"}});
+               },
+               {EC::kCorrupt},
+               {"compression"}});
   return v;
 }
 
@@ -303,14 +366,13 @@ void ExpectCorruptRead(Image& img, uint64_t offset, uint64_t length,
 
 // Every cluster except those in [bad_begin, bad_end) reads as QEMU read the
 // unmodified image.
-void ExpectOthersIntact(Image& img, const std::string& ref, uint64_t cs,
-                        uint64_t bad_begin, uint64_t bad_end) {
+void ExpectOthersIntact(Image& img, const std::string& ref, uint64_t cs, uint64_t bad_begin,
+                        uint64_t bad_end) {
   for (uint64_t off = 0; off < ref.size(); off += cs) {
     if (off + cs > bad_begin && off < bad_end) continue;
     std::string got(cs, '\0');
     Status s = img.Read(off, AsWritableBytes(got));
-    ASSERT_TRUE(s.ok()) << "Read(" << off << ") of an intact cluster failed: "
-                        << Describe(s);
+    ASSERT_TRUE(s.ok()) << "Read(" << off << ") of an intact cluster failed: " << Describe(s);
     ASSERT_TRUE(BuffersEqual(std::string_view(ref).substr(off, cs), got, off));
   }
 }
@@ -364,19 +426,17 @@ TEST_P(CorruptL2Entry, ThatClusterFailsOthersRead) {
 
 INSTANTIATE_TEST_SUITE_P(
     Qcow2, CorruptL2Entry,
-    ::testing::Values(
-        L2Case{"beyond_eof",
-               [](uint64_t, uint64_t fsize) {
-                 return kCopied | ((fsize + (100ull << 16)) & kL2OffsetMask & ~0xffffull);
-               }},
-        L2Case{"far_beyond_eof",
-               [](uint64_t, uint64_t) { return kCopied | (0x00ff000000000000ull); }},
-        L2Case{"unaligned",
-               [](uint64_t old, uint64_t) { return old + 512; }},
-        L2Case{"offset_zero_copied",
-               [](uint64_t, uint64_t) { return kCopied; }},
-        L2Case{"zero_flag_with_unaligned_offset",
-               [](uint64_t old, uint64_t) { return (old + 512) | 1; }}),
+    ::testing::Values(L2Case{"beyond_eof",
+                             [](uint64_t, uint64_t fsize) {
+                               return kCopied |
+                                      ((fsize + (100ull << 16)) & kL2OffsetMask & ~0xffffull);
+                             }},
+                      L2Case{"far_beyond_eof",
+                             [](uint64_t, uint64_t) { return kCopied | (0x00ff000000000000ull); }},
+                      L2Case{"unaligned", [](uint64_t old, uint64_t) { return old + 512; }},
+                      L2Case{"offset_zero_copied", [](uint64_t, uint64_t) { return kCopied; }},
+                      L2Case{"zero_flag_with_unaligned_offset",
+                             [](uint64_t old, uint64_t) { return (old + 512) | 1; }}),
     [](const ::testing::TestParamInfo<L2Case>& i) { return i.param.name; });
 
 TEST(CorruptL1Entry, ThatL2RangeFailsOthersRead) {
@@ -434,8 +494,8 @@ TEST_P(CorruptCompressed, ThatClusterFailsOthersRead) {
   const uint64_t cs = 65536;
   ASSERT_TRUE(WriteWholeFile(dir.Join("src.raw"), SemiCompressible(2 * MiB, 21)));
   const std::string img = dir.Join("img.qcow2");
-  ASSERT_TRUE(QemuImg("convert -c -f raw -O qcow2 -o cluster_size=65536,compression_type=" +
-                      type + " " + ShellQuote(dir.Join("src.raw")) + " " + ShellQuote(img)));
+  ASSERT_TRUE(QemuImg("convert -c -f raw -O qcow2 -o cluster_size=65536,compression_type=" + type +
+                      " " + ShellQuote(dir.Join("src.raw")) + " " + ShellQuote(img)));
   ASSERT_TRUE(QemuConvertToRaw(img, dir.Join("ref.raw")));
   std::string ref;
   ASSERT_TRUE(ReadWholeFile(dir.Join("ref.raw"), &ref));
@@ -474,7 +534,8 @@ TEST_P(CorruptCompressed, ThatClusterFailsOthersRead) {
     SCOPED_TRACE("compressed descriptor beyond EOF");
     uint64_t fsize;
     ASSERT_TRUE(FileSize(img, &fsize));
-    const uint64_t bad = (entry & ~((1ull << x) - 1)) | ((fsize + (1ull << 20)) & ((1ull << x) - 1));
+    const uint64_t bad =
+        (entry & ~((1ull << x) - 1)) | ((fsize + (1ull << 20)) & ((1ull << x) - 1));
     ASSERT_TRUE(WriteL2Entry(img, m, index, bad));
     auto r = Image::Open(img, Qcow2Options());
     ASSERT_TRUE(r.ok()) << Describe(r.status());
@@ -507,8 +568,8 @@ TEST(CorruptExtendedL2, AllocatedAndZeroBitsBothSet) {
   ASSERT_TRUE(RequireProgram("qemu-img"));
   const std::string img = dir.Join("img.qcow2");
   const uint64_t cs = 65536;
-  ASSERT_TRUE(QemuImg("create -q -f qcow2 -o cluster_size=65536,extended_l2=on " +
-                      ShellQuote(img) + " 4M"));
+  ASSERT_TRUE(QemuImg("create -q -f qcow2 -o cluster_size=65536,extended_l2=on " + ShellQuote(img) +
+                      " 4M"));
   ASSERT_TRUE(WriteWholeFile(dir.Join("d.bin"), RandomBytes(4 * cs, 8)));
   ASSERT_TRUE(QemuIo(img, {"write -q -s " + dir.Join("d.bin") + " 0 262144"}));
   ASSERT_TRUE(QemuConvertToRaw(img, dir.Join("ref.raw")));
@@ -572,9 +633,9 @@ TEST(CorruptTruncated, EveryTruncationFailsCleanly) {
   ASSERT_TRUE(ReadWholeFile(img, &full));
   ASSERT_TRUE(BaselineOpens(img));
   const std::string cut = dir.Join("cut.qcow2");
-  for (uint64_t len : {uint64_t{0}, uint64_t{4}, uint64_t{71}, uint64_t{103}, uint64_t{512},
-                       uint64_t{65536}, uint64_t{131072}, uint64_t{196608}, uint64_t{262144},
-                       full.size() / 2, full.size() - 1}) {
+  for (uint64_t len :
+       {uint64_t{0}, uint64_t{4}, uint64_t{71}, uint64_t{103}, uint64_t{512}, uint64_t{65536},
+        uint64_t{131072}, uint64_t{196608}, uint64_t{262144}, full.size() / 2, full.size() - 1}) {
     SCOPED_TRACE("truncated to " + Num(len));
     ASSERT_TRUE(WriteWholeFile(cut, std::string_view(full).substr(0, len)));
     auto r = Image::Open(cut, Qcow2Options());

@@ -29,8 +29,8 @@ constexpr bool kSanitized = false;
 
 struct Model {
   std::string current;
-  std::string flushed;             // content as of the last successful flush
-  std::vector<bool> touched;       // bytes changed since that flush
+  std::string flushed;        // content as of the last successful flush
+  std::vector<bool> touched;  // bytes changed since that flush
 };
 
 // Runs the deterministic workload until it ends or an operation fails.
@@ -83,8 +83,8 @@ TEST_P(CrashSafetyTest, CrashAtAnyWriteLeavesAtWorstLeaks) {
   const CrashCase& cc = GetParam();
   TempDir dir;
   const std::string fresh = dir.Join("fresh.qcow2");
-  ASSERT_TRUE(QemuImg("create -q -f qcow2 -o " + cc.create_options + " " + ShellQuote(fresh) +
-                      " 6M"));
+  ASSERT_TRUE(
+      QemuImg("create -q -f qcow2 -o " + cc.create_options + " " + ShellQuote(fresh) + " 6M"));
   ASSERT_TRUE(QemuIo(fresh, {"write -P 0x5a 0 1M", "write -P 0xa5 3M 512k"}));
   std::string initial_file, initial_disk;
   ASSERT_TRUE(ReadWholeFile(fresh, &initial_file));
@@ -164,7 +164,6 @@ INSTANTIATE_TEST_SUITE_P(
                       CrashCase{"compressed_staging_4k", "cluster_size=4k", 4096, true}),
     [](const auto& param_info) { return param_info.param.name; });
 
-
 // ---------------------------------------------------------------------------
 // Ordering of guest data against the L2 entries that point to it.
 //
@@ -204,12 +203,12 @@ constexpr uint64_t kDisk = 1 << 20;
 // Opens backing files from the host (read-only) and hands out `data` for
 // the external data file `data_path`.
 FileOpener TestOpener(std::string data_path, std::shared_ptr<FaultInjectionFile> data) {
-  return [data_path, data](const std::string& path,
-                           bool writable) -> Result<std::unique_ptr<File>> {
-    if (data && path == data_path) return std::unique_ptr<File>(new SharedFile(data));
-    if (writable) return Status(ErrorCode::kNotFound, "unexpected writable file " + path);
-    return OpenPosixFile(path, false);
-  };
+  return
+      [data_path, data](const std::string& path, bool writable) -> Result<std::unique_ptr<File>> {
+        if (data && path == data_path) return std::unique_ptr<File>(new SharedFile(data));
+        if (writable) return Status(ErrorCode::kNotFound, "unexpected writable file " + path);
+        return OpenPosixFile(path, false);
+      };
 }
 
 OpenOptions WritableOptions() {
@@ -267,7 +266,7 @@ TEST(CrashOrderingTest, ExtendedL2SubclusterFillIsDurableBeforeItsL2Entry) {
                       ShellQuote(top) + " 1M"));
   std::string initial;
   ASSERT_TRUE(ReadWholeFile(top, &initial));
-  constexpr uint64_t kSub = 2048;  // 64 KiB / 32
+  constexpr uint64_t kSub = 2048;             // 64 KiB / 32
   const std::string first(4 * kSub, '\xaa');  // subclusters 0-3
   const std::string fill(kSub, '\xbb');       // subcluster 10
   const uint64_t fill_at = 10 * kSub;
@@ -297,9 +296,10 @@ TEST(CrashOrderingTest, ExtendedL2SubclusterFillIsDurableBeforeItsL2Entry) {
     crashes++;
     const std::string after = dir.Join("after.qcow2");
     // Everything reaches the disk except the guest data write.
-    ASSERT_TRUE(WriteWholeFile(after, f->DurableImage([&](const FaultInjectionFile::UnsyncedWrite& w) {
-      return !(w.length > 0 && w.offset < host + 65536 && w.offset + w.length > host);
-    })));
+    ASSERT_TRUE(
+        WriteWholeFile(after, f->DurableImage([&](const FaultInjectionFile::UnsyncedWrite& w) {
+          return !(w.length > 0 && w.offset < host + 65536 && w.offset + w.length > host);
+        })));
     std::string got;
     ASSERT_TRUE(CheckAndRead(after, 0, 65536, &got));
     ASSERT_TRUE(BuffersEqual(first, std::string_view(got).substr(0, first.size()), 0,
@@ -353,12 +353,14 @@ TEST(CrashOrderingTest, AllocationWrittenBackEarlyStillOrdersDataBeforeL2) {
     ASSERT_TRUE(f->crashed());
     crashes++;
     const std::string after = dir.Join("after.qcow2");
-    ASSERT_TRUE(WriteWholeFile(after, f->DurableImage([&](const FaultInjectionFile::UnsyncedWrite& w) {
-      return !(w.length > 0 && w.offset < host + 65536 && w.offset + w.length > host);
-    })));
+    ASSERT_TRUE(
+        WriteWholeFile(after, f->DurableImage([&](const FaultInjectionFile::UnsyncedWrite& w) {
+          return !(w.length > 0 && w.offset < host + 65536 && w.offset + w.length > host);
+        })));
     std::string got;
     ASSERT_TRUE(CheckAndRead(after, 0, 2 * 65536, &got));
-    ASSERT_TRUE(BuffersEqual(first, std::string_view(got).substr(0, 65536), 0, "flushed cluster 0"));
+    ASSERT_TRUE(
+        BuffersEqual(first, std::string_view(got).substr(0, 65536), 0, "flushed cluster 0"));
     std::string old_c(65536, kBackingByte), new_c = old_c;
     new_c.replace(part_at - 65536, part.size(), part);
     // Old or new per byte is not enough here: the whole cluster must be
@@ -388,7 +390,8 @@ TEST(CrashOrderingTest, ExternalDataFileIsDurableBeforeTheL2Entry) {
   for (const bool crash_data_file : {false, true}) {
     for (uint64_t n = 0; n < 16; n++) {
       SCOPED_TRACE(std::string("power cut at sync ") + std::to_string(n) + " of the " +
-                   (crash_data_file ? "data file" : "image file") + " in the flush after the write");
+                   (crash_data_file ? "data file" : "image file") +
+                   " in the flush after the write");
       auto f = std::make_shared<FaultInjectionFile>("img", initial);
       auto d = std::make_shared<FaultInjectionFile>("data", initial_data);
       // One machine: when either file loses power, so does the other.
@@ -419,7 +422,8 @@ TEST(CrashOrderingTest, ExternalDataFileIsDurableBeforeTheL2Entry) {
       ASSERT_TRUE(WriteWholeFile(data_path, d->DurableImageKeepNone()));
       std::string got;
       ASSERT_TRUE(CheckAndRead(after, 0, 2 * 65536, &got));
-      ASSERT_TRUE(BuffersEqual(first, std::string_view(got).substr(0, 65536), 0, "flushed cluster 0"));
+      ASSERT_TRUE(
+          BuffersEqual(first, std::string_view(got).substr(0, 65536), 0, "flushed cluster 0"));
       std::string old_c(65536, kBackingByte), new_c = old_c;
       new_c.replace(part_at - 65536, part.size(), part);
       std::string_view c1 = std::string_view(got).substr(65536);

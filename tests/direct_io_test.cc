@@ -124,7 +124,8 @@ TEST(DirectIo, BothRoutesSeeEachOthersWrites) {
   ASSERT_TRUE(file.WriteAt(mib, big.span()).ok());
   shadow.replace(mib, 2 * mib, Str(big));
   ASSERT_TRUE(file.ReadAt(mib, AsWritableBytes(small)).ok());
-  EXPECT_TRUE(BuffersEqual(shadow.substr(mib, 8192), small, mib, "buffered read after direct write"));
+  EXPECT_TRUE(
+      BuffersEqual(shadow.substr(mib, 8192), small, mib, "buffered read after direct write"));
   // The file ends where the last write did; reads beyond are zeros.
   std::string all;
   ASSERT_TRUE(ReadWholeFile(path, &all));
@@ -152,8 +153,8 @@ TEST(DirectIo, ImageWritesMixingBothRoutesStayConsistent) {
   ASSERT_TRUE(RequireProgram("qemu-img"));
   DiskDir dir;
   ASSERT_TRUE(dir.ok());
-  for (const std::string opts : {"cluster_size=64k", "cluster_size=4k",
-                                 "cluster_size=64k,extended_l2=on"}) {
+  for (const std::string opts :
+       {"cluster_size=64k", "cluster_size=4k", "cluster_size=64k,extended_l2=on"}) {
     SCOPED_TRACE(opts);
     const std::string image_path = dir.Join("img.qcow2");
     ASSERT_TRUE(QemuImg("create -q -f qcow2 -o " + opts + " " + ShellQuote(image_path) + " 32M"));

@@ -72,15 +72,15 @@ TEST_F(FreeSpaceSearchTest, SearchOverFullBlocksLetsReadersIn) {
   // Data behind two L2 tables (one table maps 32 KiB here).
   ASSERT_TRUE(QemuIo(path, {"write -P 0x61 0 4k"}));
   ASSERT_TRUE(QemuIo(path, {"write -P 0x62 64k 4k"}));
-  const uint64_t covered = FillRefcounts(path, 40, std::string(7, '\0') + '\x01', kCluster * 8 / 64);
+  const uint64_t covered =
+      FillRefcounts(path, 40, std::string(7, '\0') + '\x01', kCluster * 8 / 64);
 
   auto image = OpenWritable(path);
   ASSERT_NE(image, nullptr);
   SyncPoints::Arm("Allocate:SearchPaused");
   const std::string data(4096, 'w');
-  auto writer = std::async(std::launch::async, [&] {
-    return image->Write(256 * 1024, AsBytes(data));
-  });
+  auto writer =
+      std::async(std::launch::async, [&] { return image->Write(256 * 1024, AsBytes(data)); });
   ASSERT_TRUE(SyncPoints::WaitUntilStopped("Allocate:SearchPaused"));
 
   // The writer is parked mid-search: a read that loads an L2 table goes on.
@@ -113,8 +113,8 @@ TEST_F(FreeSpaceSearchTest, SearchOverFullBlocksLetsReadersIn) {
   // and the guest data is what was written.
   CommandResult check = RunCommand("qemu-img check " + ShellQuote(path));
   EXPECT_EQ(check.exit_code, 3) << check.output;
-  CommandResult read = RunCommand("qemu-io -f qcow2 -c 'read -P 0x77 256k 4k' -c 'read -P 0x61 0 4k' " +
-                                  ShellQuote(path));
+  CommandResult read = RunCommand(
+      "qemu-io -f qcow2 -c 'read -P 0x77 256k 4k' -c 'read -P 0x61 0 4k' " + ShellQuote(path));
   EXPECT_EQ(read.exit_code, 0) << read.output;
   EXPECT_EQ(read.output.find("Pattern verification failed"), std::string::npos) << read.output;
 }
@@ -126,8 +126,8 @@ TEST_F(FreeSpaceSearchTest, SearchOverFullBlocksLetsReadersIn) {
 // go on.
 TEST_F(FreeSpaceSearchTest, InUseFarPastEndOfFileFailsTheWrite) {
   const std::string path = dir_.Join("phantom.qcow2");
-  ASSERT_TRUE(QemuImg("create -q -f qcow2 -o cluster_size=512,refcount_bits=1 " +
-                      ShellQuote(path) + " 1M"));
+  ASSERT_TRUE(QemuImg("create -q -f qcow2 -o cluster_size=512,refcount_bits=1 " + ShellQuote(path) +
+                      " 1M"));
   ASSERT_TRUE(QemuIo(path, {"write -P 0x61 0 4k"}));
   FillRefcounts(path, 300, "\xff", kCluster * 8);
 
@@ -159,8 +159,8 @@ TEST_F(FreeSpaceSearchTest, InUseFarPastEndOfFileFailsTheWrite) {
 TEST_F(FreeSpaceSearchTest, FragmentedPastEndOfFileBoundsTheRunSearch) {
   constexpr uint64_t kBigCluster = 64 * 1024;
   const std::string path = dir_.Join("fragmented.qcow2");
-  ASSERT_TRUE(QemuImg("create -q -f qcow2 -o cluster_size=64k,refcount_bits=1 " +
-                      ShellQuote(path) + " 1M"));
+  ASSERT_TRUE(QemuImg("create -q -f qcow2 -o cluster_size=64k,refcount_bits=1 " + ShellQuote(path) +
+                      " 1M"));
   ASSERT_TRUE(QemuIo(path, {"write -P 0x61 0 64k"}));
   FillRefcounts(path, 8, "\x55", kBigCluster * 8, "\xff", kBigCluster);
 
@@ -187,8 +187,8 @@ TEST_F(FreeSpaceSearchTest, FragmentedPastEndOfFileBoundsTheRunSearch) {
 TEST_F(FreeSpaceSearchTest, FragmentedFreeSpaceTakesShorterRuns) {
   constexpr uint64_t kBigCluster = 64 * 1024;
   const std::string path = dir_.Join("fragmented.qcow2");
-  ASSERT_TRUE(QemuImg("create -q -f qcow2 -o cluster_size=64k,refcount_bits=1 " +
-                      ShellQuote(path) + " 4M"));
+  ASSERT_TRUE(QemuImg("create -q -f qcow2 -o cluster_size=64k,refcount_bits=1 " + ShellQuote(path) +
+                      " 4M"));
   ASSERT_TRUE(QemuIo(path, {"write -P 0x61 0 64k"}));
   FillRefcounts(path, 8, "\x55", kBigCluster * 8, "\xff", kBigCluster);
 
@@ -215,8 +215,8 @@ TEST_F(FreeSpaceSearchTest, FragmentedFreeSpaceTakesShorterRuns) {
   // Leaks (the edit's) and nothing worse; QEMU reads the data back.
   CommandResult check = RunCommand("qemu-img check " + ShellQuote(path));
   EXPECT_EQ(check.exit_code, 3) << check.output;
-  CommandResult read = RunCommand("qemu-io -f qcow2 -c 'read -P 0x41 1M 64k' -c 'read -P 0x50 1984k 64k' " +
-                                  ShellQuote(path));
+  CommandResult read = RunCommand(
+      "qemu-io -f qcow2 -c 'read -P 0x41 1M 64k' -c 'read -P 0x50 1984k 64k' " + ShellQuote(path));
   EXPECT_EQ(read.exit_code, 0) << read.output;
   EXPECT_EQ(read.output.find("Pattern verification failed"), std::string::npos) << read.output;
 }

@@ -86,8 +86,7 @@ TEST_F(HostileFilesTest, DataFileThatIsTheImageItselfIsRefused) {
 TEST_F(HostileFilesTest, DataFileThatIsTheBackingFileIsRefused) {
   const std::string base = dir_.Join("base.raw");
   ASSERT_TRUE(WriteWholeFile(base, std::string(1 << 20, 'b')));
-  const std::string image =
-      Make("top.qcow2", "-b base.raw -F raw -o data_file=data.raw");
+  const std::string image = Make("top.qcow2", "-b base.raw -F raw -o data_file=data.raw");
   RenameDataFile(image, "base.raw");
   OpenOptions options;
   options.read_only = false;
@@ -105,8 +104,8 @@ TEST_F(HostileFilesTest, DataFileIsLockedWhileOpenForWriting) {
   options.read_only = false;
   auto opened = Image::Open(image, options);
   ASSERT_TRUE(opened.ok()) << Describe(opened.status());
-  CommandResult r = RunCommand("qemu-io -f raw -c 'write 0 512' " +
-                               ShellQuote(dir_.Join("data.raw")) + " 2>&1");
+  CommandResult r =
+      RunCommand("qemu-io -f raw -c 'write 0 512' " + ShellQuote(dir_.Join("data.raw")) + " 2>&1");
   EXPECT_NE(r.exit_code, 0) << r.output;
   EXPECT_TRUE(ContainsNoCase(r.output, "lock")) << r.output;
   std::unique_ptr<Image> image_handle = std::move(opened).value();

@@ -48,8 +48,7 @@ TEST_F(ImageLockTest, ReadersShareButExcludeAWriter) {
   ASSERT_TRUE(a.ok() && b.ok());
   auto writer = Open(true);
   ASSERT_FALSE(writer.ok());
-  EXPECT_TRUE(ContainsNoCase(writer.status().message(), "read-only"))
-      << writer.status().message();
+  EXPECT_TRUE(ContainsNoCase(writer.status().message(), "read-only")) << writer.status().message();
 }
 
 TEST_F(ImageLockTest, QemuCannotWriteWhileWeHoldTheImage) {

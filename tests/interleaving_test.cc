@@ -40,8 +40,8 @@ class InterleavingTest : public SyncPointTest {};
 // bytes of subcluster 3 over B's.
 TEST_F(InterleavingTest, SubclusterFillKeepsConcurrentInPlaceWrite) {
   const std::string path = dir_.Join("ext.qcow2");
-  ASSERT_TRUE(QemuImg("create -q -f qcow2 -o extended_l2=on,cluster_size=64k " +
-                      ShellQuote(path) + " 1M"));
+  ASSERT_TRUE(
+      QemuImg("create -q -f qcow2 -o extended_l2=on,cluster_size=64k " + ShellQuote(path) + " 1M"));
   ASSERT_TRUE(QemuIo(path, {"write -P 0x11 0 8k"}));
   auto image = OpenWritable(path);
   ASSERT_TRUE(image);
@@ -166,8 +166,7 @@ TEST_F(InterleavingTest, ShrinkAndInFlightWriteCannotBothSucceed) {
   writer.join();
   resizer.join();
 
-  ASSERT_FALSE(written.ok() && shrunk.ok())
-      << "the write and the shrink past it both succeeded";
+  ASSERT_FALSE(written.ok() && shrunk.ok()) << "the write and the shrink past it both succeeded";
   if (shrunk.ok()) {
     ASSERT_TRUE(image->Resize(256 * kKiB).ok());
     EXPECT_TRUE(AllZero(ReadRange(*image, 128 * kKiB, 128 * kKiB)))

@@ -19,11 +19,11 @@ constexpr uint64_t kOffsetMask = 0x00fffffffffffe00ull;
 constexpr uint64_t kCopied = 1ull << 63;
 
 struct Layout {
-  uint64_t l1 = 0;             // L1 table offset
-  uint64_t l2 = 0;             // the L2 table of guest cluster 0
+  uint64_t l1 = 0;  // L1 table offset
+  uint64_t l2 = 0;  // the L2 table of guest cluster 0
   uint64_t refcount_table = 0;
   uint64_t refcount_block = 0;  // the first refcount block
-  uint64_t data = 0;           // host cluster of guest cluster 0
+  uint64_t data = 0;            // host cluster of guest cluster 0
 };
 
 // A 64 MiB image with 64 KiB clusters and guest cluster 0 written.

@@ -101,8 +101,7 @@ uint64_t BaseSeed() {
     bool set = false;
     uint64_t s = EnvU64("QCOW2FS_STRESS_SEED", 0, &set);
     if (!set) {
-      s = static_cast<uint64_t>(
-              std::chrono::system_clock::now().time_since_epoch().count()) %
+      s = static_cast<uint64_t>(std::chrono::system_clock::now().time_since_epoch().count()) %
           1000000007ull;
     }
     return s;
@@ -242,9 +241,12 @@ enum class OpKind { kWrite, kZero, kDiscard };
 
 const char* KindName(OpKind k) {
   switch (k) {
-    case OpKind::kWrite: return "write";
-    case OpKind::kZero: return "zero";
-    case OpKind::kDiscard: return "discard";
+    case OpKind::kWrite:
+      return "write";
+    case OpKind::kZero:
+      return "zero";
+    case OpKind::kDiscard:
+      return "discard";
   }
   return "?";
 }
@@ -327,8 +329,7 @@ class Model {
 
   // For a failure message: which operations (completed or in flight), or
   // the initial content, the bytes got[i..] (guest offset p..) look like.
-  std::string Explain(uint64_t p, std::string_view got, uint64_t read_start,
-                      uint64_t read_end) {
+  std::string Explain(uint64_t p, std::string_view got, uint64_t read_start, uint64_t read_end) {
     std::lock_guard lk(mu_);
     const size_t n = std::min<size_t>(got.size(), 64);
     std::vector<const OpRec*> all;
@@ -349,8 +350,9 @@ class Model {
       const size_t k = matches([&](uint64_t q) { return ValueOf(op, q); });
       if (k * 4 < n * 3) continue;
       m << " they match " << KindName(op.kind) << " " << op.off << "+" << op.len << " in " << k
-        << " (op seq " << op.start_seq << ".." << (op.end_seq ? std::to_string(op.end_seq) : "in flight")
-        << ", read seq " << read_start << ".." << read_end << ");";
+        << " (op seq " << op.start_seq << ".."
+        << (op.end_seq ? std::to_string(op.end_seq) : "in flight") << ", read seq " << read_start
+        << ".." << read_end << ");";
       listed++;
     }
     if (listed == 0) m << " no operation covering them wrote such bytes;";
@@ -515,8 +517,8 @@ std::vector<ImageKind> Kinds() {
   simple("extended_l2_64k", "cluster_size=64k,extended_l2=on", 65536);
   simple("extended_l2_32k_tiny_l2", "cluster_size=32k,extended_l2=on", 32768, 1);
 
-  auto with_backing = [&](std::string name, std::string base_opts, std::string opts,
-                          uint64_t cs, bool v2, size_t l2_tables = 0) {
+  auto with_backing = [&](std::string name, std::string base_opts, std::string opts, uint64_t cs,
+                          bool v2, size_t l2_tables = 0) {
     ImageKind ik;
     ik.name = name;
     ik.make = [base_opts, opts](const TempDir& d, const std::string& img) {
@@ -525,8 +527,8 @@ std::vector<ImageKind> Kinds() {
       if (!r) return r;
       r = QemuIo(base, {"write -P 0x5a 0 12M", "write -P 0x6b 3M 333k", "write -z 6M 64k"});
       if (!r) return r;
-      r = QemuImg("create -q -f qcow2 -b base.qcow2 -F qcow2 -o " + opts + " " +
-                  ShellQuote(img) + " " + std::to_string(kInitialSize));
+      r = QemuImg("create -q -f qcow2 -b base.qcow2 -F qcow2 -o " + opts + " " + ShellQuote(img) +
+                  " " + std::to_string(kInitialSize));
       return r ? QemuIo(img, {"write -P 0x55 1M 100k", "write -z 2M 64k"}) : r;
     };
     ik.cluster_size = cs;
@@ -579,8 +581,8 @@ std::vector<ImageKind> Kinds() {
     ImageKind ik;
     ik.name = name;
     ik.make = [extra, cs](const TempDir& d, const std::string& img) {
-      auto r = Create(img, "cluster_size=" + std::to_string(cs) + ",data_file=" +
-                               d.Join("img.data") + extra);
+      auto r = Create(
+          img, "cluster_size=" + std::to_string(cs) + ",data_file=" + d.Join("img.data") + extra);
       return r ? Populate(img) : r;
     };
     ik.cluster_size = cs;
@@ -659,8 +661,8 @@ TEST_P(ModelStressTest, ConcurrentOperationsMatchExactModel) {
   const uint64_t seed = BaseSeed();
   const Budget budget = StressBudget();
   const std::string tagline = "[seed=" + std::to_string(seed) + " kind=" + kind.name + "]";
-  std::printf("%s QCOW2FS_STRESS_SEED=%llu to replay; budget %.1f s / %llu ops\n",
-              tagline.c_str(), static_cast<unsigned long long>(seed), budget.seconds,
+  std::printf("%s QCOW2FS_STRESS_SEED=%llu to replay; budget %.1f s / %llu ops\n", tagline.c_str(),
+              static_cast<unsigned long long>(seed), budget.seconds,
               static_cast<unsigned long long>(budget.ops));
   std::fflush(stdout);
   SCOPED_TRACE(tagline);
@@ -728,15 +730,14 @@ TEST_P(ModelStressTest, ConcurrentOperationsMatchExactModel) {
   };
   auto progress = [&] {
     const double by_time = elapsed() / budget.seconds;
-    const double by_ops = budget.ops == ~uint64_t{0}
-                              ? 0.0
-                              : static_cast<double>(ops_done.load()) / static_cast<double>(budget.ops);
+    const double by_ops = budget.ops == ~uint64_t{0} ? 0.0
+                                                     : static_cast<double>(ops_done.load()) /
+                                                           static_cast<double>(budget.ops);
     return std::max(by_time, by_ops);
   };
 
   // One mutating operation, with range lock and model bookkeeping.
-  auto mutate = [&](OpKind op_kind, uint64_t off, uint64_t len, bool may_unmap,
-                    const char* who) {
+  auto mutate = [&](OpKind op_kind, uint64_t off, uint64_t len, bool may_unmap, const char* who) {
     if (len == 0) return;
     range_lock.Lock(off, len);
     OpRec op;
@@ -753,15 +754,22 @@ TEST_P(ModelStressTest, ConcurrentOperationsMatchExactModel) {
     model.Begin(op);
     Status s;
     switch (op_kind) {
-      case OpKind::kWrite: s = image.Write(off, AsBytes(data)); break;
-      case OpKind::kZero: s = image.WriteZeroes(off, len, may_unmap); break;
-      case OpKind::kDiscard: s = image.Discard(off, len); break;
+      case OpKind::kWrite:
+        s = image.Write(off, AsBytes(data));
+        break;
+      case OpKind::kZero:
+        s = image.WriteZeroes(off, len, may_unmap);
+        break;
+      case OpKind::kDiscard:
+        s = image.Discard(off, len);
+        break;
     }
     model.End(op, &data);
     range_lock.Unlock(off, len);
     if (!s.ok()) {
       fail(std::string(who) + ": " + KindName(op_kind) + " " + std::to_string(off) + "+" +
-           std::to_string(len) + (op_kind == OpKind::kZero ? (may_unmap ? " (unmap)" : " (no unmap)") : "") +
+           std::to_string(len) +
+           (op_kind == OpKind::kZero ? (may_unmap ? " (unmap)" : " (no unmap)") : "") +
            " failed: " + Describe(s));
     }
   };
@@ -802,16 +810,18 @@ TEST_P(ModelStressTest, ConcurrentOperationsMatchExactModel) {
           if (okj) break;
           okj = off + j >= c.off && off + j < c.off + c.len && model.ValueOf(c, off + j) == gj;
         }
-        if (!okj) bad++;
-        else if (first_good_after == len) first_good_after = j;
+        if (!okj)
+          bad++;
+        else if (first_good_after == len)
+          first_good_after = j;
       }
       std::ostringstream m;
       m << who << ": read " << off << "+" << len << " (cluster size " << cs
-        << "): first unexplained byte at guest offset " << p << " (cluster "
-        << p / cs << " + " << p % cs << "): got " << Hex2(g) << ", committed at read start "
+        << "): first unexplained byte at guest offset " << p << " (cluster " << p / cs << " + "
+        << p % cs << "): got " << Hex2(g) << ", committed at read start "
         << Hex2(static_cast<uint8_t>(r.before[i])) << "; " << bad
-        << " unexplained bytes in the read, first run ends at offset "
-        << off + first_good_after << "; concurrent ops on that byte:";
+        << " unexplained bytes in the read, first run ends at offset " << off + first_good_after
+        << "; concurrent ops on that byte:";
       int listed = 0;
       for (const OpRec& c : cands) {
         if (p < c.off || p >= c.off + c.len) continue;
@@ -834,7 +844,8 @@ TEST_P(ModelStressTest, ConcurrentOperationsMatchExactModel) {
     return rng.Uniform(1, kMaxIo);
   };
   // A hot window of a few clusters, so threads often share clusters.
-  const uint64_t hot_len = std::min<uint64_t>(std::max<uint64_t>(4 * cs, 256 * 1024), kInitialSize / 2);
+  const uint64_t hot_len =
+      std::min<uint64_t>(std::max<uint64_t>(4 * cs, 256 * 1024), kInitialSize / 2);
   const uint64_t hot_off = Rng(seed ^ 0x5eed).Uniform(0, (kInitialSize - hot_len) / cs) * cs;
   auto pick_range = [&](Rng& rng, bool aligned, uint64_t* off, uint64_t* len) {
     const uint64_t size = model.size();
@@ -1003,17 +1014,16 @@ TEST_P(ModelStressTest, ConcurrentOperationsMatchExactModel) {
   std::string out;
   EXPECT_TRUE(QemuImg("check " + ShellQuote(path), &out)) << tagline << " " << out;
   const std::string model_raw = dir.Join("model.raw");
-  ASSERT_TRUE(WriteWholeFile(model_raw,
-                             std::string_view(model.committed()).substr(0, final_size)));
-  EXPECT_TRUE(QemuImg("compare -q -f qcow2 -F raw " + ShellQuote(path) + " " +
-                      ShellQuote(model_raw)))
+  ASSERT_TRUE(WriteWholeFile(model_raw, std::string_view(model.committed()).substr(0, final_size)));
+  EXPECT_TRUE(
+      QemuImg("compare -q -f qcow2 -F raw " + ShellQuote(path) + " " + ShellQuote(model_raw)))
       << tagline << " qemu-img compare with the model";
   {
     std::string qemu_view;
     ASSERT_TRUE(QemuConvertToRaw(path, dir.Join("final.raw")));
     ASSERT_TRUE(ReadWholeFile(dir.Join("final.raw"), &qemu_view));
-    EXPECT_TRUE(BuffersEqual(std::string_view(model.committed()).substr(0, final_size),
-                             qemu_view, 0, "qemu-img convert vs model"))
+    EXPECT_TRUE(BuffersEqual(std::string_view(model.committed()).substr(0, final_size), qemu_view,
+                             0, "qemu-img convert vs model"))
         << tagline;
   }
   {
@@ -1021,19 +1031,17 @@ TEST_P(ModelStressTest, ConcurrentOperationsMatchExactModel) {
     ro.read_only = true;
     auto reopened = Image::Open(path, ro);
     ASSERT_TRUE(reopened.ok()) << tagline << " reopen: " << Describe(reopened.status());
-    EXPECT_TRUE(CompareThroughImage(**reopened, model.committed(), final_size,
-                                    "reopened image vs model"))
+    EXPECT_TRUE(
+        CompareThroughImage(**reopened, model.committed(), final_size, "reopened image vs model"))
         << tagline;
   }
   if (!kind.snapshot.empty()) {
     std::string snapshot_after;
-    ASSERT_TRUE(
-        QemuConvertToRaw(path, dir.Join("snap2.raw"), "-l snapshot.name=" + kind.snapshot));
+    ASSERT_TRUE(QemuConvertToRaw(path, dir.Join("snap2.raw"), "-l snapshot.name=" + kind.snapshot));
     ASSERT_TRUE(ReadWholeFile(dir.Join("snap2.raw"), &snapshot_after));
     ASSERT_GE(snapshot_after.size(), snapshot_before.size());
     snapshot_after.resize(snapshot_before.size());
-    EXPECT_TRUE(BuffersEqual(snapshot_before, snapshot_after, 0, "internal snapshot"))
-        << tagline;
+    EXPECT_TRUE(BuffersEqual(snapshot_before, snapshot_after, 0, "internal snapshot")) << tagline;
   }
   std::printf("%s verify %.2f s (final flush+compare+close %.2f s)\n", tagline.c_str(),
               since(verify_start), close_seconds);
@@ -1060,9 +1068,9 @@ TEST(ModelStressRejections, CompressRefusedWhereTheFormatCannotHoldIt) {
   for (const auto& r : refused) {
     for (CompressionType type : {CompressionType::kZlib, CompressionType::kZstd}) {
       const std::string path = dir.Join("r" + std::to_string(n++) + ".qcow2");
-      ASSERT_TRUE(Create(path, r.opts + (type == CompressionType::kZstd
-                                             ? ",compression_type=zstd"
-                                             : ",compression_type=zlib")));
+      ASSERT_TRUE(
+          Create(path, r.opts + (type == CompressionType::kZstd ? ",compression_type=zstd"
+                                                                : ",compression_type=zlib")));
       OpenOptions o;
       o.read_only = false;
       o.compress = type;

@@ -31,7 +31,8 @@ int copied_flag_windows = 0;
 std::string JudgeCheck(const std::string& path) {
   CommandResult check = RunCommand("qemu-img check " + ShellQuote(path));
   if (check.exit_code == 0 || check.exit_code == 3) return "";
-  if (check.exit_code != 2) return "qemu-img check exit " + std::to_string(check.exit_code) + ":\n" + check.output;
+  if (check.exit_code != 2)
+    return "qemu-img check exit " + std::to_string(check.exit_code) + ":\n" + check.output;
   std::istringstream lines(check.output);
   for (std::string line; std::getline(lines, line);) {
     if (line.rfind("ERROR", 0) == 0 && line.find("OFLAG_COPIED") == std::string::npos) {
@@ -144,7 +145,8 @@ TEST(SnapshotCrashTest, EveryCrashPointLeavesNoSnapshotOrAWholeOne) {
         reached = workload(**image);
       }
       ASSERT_TRUE(f->crashed());
-      const std::string where = std::string(at_sync ? "crash at sync " : "crash at op ") + std::to_string(n);
+      const std::string where =
+          std::string(at_sync ? "crash at sync " : "crash at op ") + std::to_string(n);
       int policy = 0;
       for (const std::string& image : {f->DurableImageKeepAll(), f->DurableImage(n * 2 + 1)}) {
         SCOPED_TRACE(where + ", survivors policy " + std::to_string(policy++));

@@ -22,7 +22,7 @@ constexpr uint64_t kDisk = 4 << 20;
 
 struct Kind {
   std::string name;
-  std::string create_options;  // qemu-img create -o
+  std::string create_options;      // qemu-img create -o
   bool compressed_writes = false;  // seed some clusters with qemu-io write -c
   bool backing = false;
 };
@@ -55,7 +55,9 @@ class SnapshotTest : public ::testing::TestWithParam<Kind> {
     }
   }
 
-  void Apply(uint64_t offset, const std::string& data) { model_.replace(offset, data.size(), data); }
+  void Apply(uint64_t offset, const std::string& data) {
+    model_.replace(offset, data.size(), data);
+  }
 
   std::unique_ptr<Image> OpenWritable() {
     OpenOptions options;
@@ -182,17 +184,16 @@ TEST_P(SnapshotTest, ApplyRevertsTheActiveDisk) {
   ExpectQemuAgrees({{"base", at_snapshot}});
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Kinds, SnapshotTest,
-    ::testing::Values(Kind{"Default", "cluster_size=64k"},
-                      Kind{"SmallClusters", "cluster_size=4k"},
-                      Kind{"Refcount4", "cluster_size=16k,refcount_bits=4"},
-                      Kind{"Refcount64", "cluster_size=16k,refcount_bits=64"},
-                      Kind{"ExtendedL2", "cluster_size=64k,extended_l2=on"},
-                      Kind{"Compressed", "cluster_size=64k", true},
-                      Kind{"Backing", "cluster_size=64k", false, true},
-                      Kind{"Version2", "compat=0.10,cluster_size=64k"}),
-    KindName);
+INSTANTIATE_TEST_SUITE_P(Kinds, SnapshotTest,
+                         ::testing::Values(Kind{"Default", "cluster_size=64k"},
+                                           Kind{"SmallClusters", "cluster_size=4k"},
+                                           Kind{"Refcount4", "cluster_size=16k,refcount_bits=4"},
+                                           Kind{"Refcount64", "cluster_size=16k,refcount_bits=64"},
+                                           Kind{"ExtendedL2", "cluster_size=64k,extended_l2=on"},
+                                           Kind{"Compressed", "cluster_size=64k", true},
+                                           Kind{"Backing", "cluster_size=64k", false, true},
+                                           Kind{"Version2", "compat=0.10,cluster_size=64k"}),
+                         KindName);
 
 class SnapshotRefusalTest : public ::testing::Test {
  protected:
@@ -258,7 +259,6 @@ TEST_F(SnapshotRefusalTest, RefusesWhatQemuRefuses) {
   }
   EXPECT_TRUE(QemuImg("check " + ShellQuote(img)));
 }
-
 
 // Snapshots taken while a writer runs. The writer writes numbered 64 KiB
 // blocks one at a time into 16 slots; a snapshot must hold, in every slot,

@@ -49,8 +49,7 @@ std::string HexExcerpt(std::string_view data, size_t center) {
 
 std::string Tail(const std::string& s, size_t max = 4000) {
   if (s.size() <= max) return s;
-  return "...(" + std::to_string(s.size() - max) + " bytes cut)...\n" +
-         s.substr(s.size() - max);
+  return "...(" + std::to_string(s.size() - max) + " bytes cut)...\n" + s.substr(s.size() - max);
 }
 
 }  // namespace
@@ -59,14 +58,12 @@ std::string Tail(const std::string& s, size_t max = 4000) {
 
 TempDir::TempDir() {
   const char* base = std::getenv("TMPDIR");
-  std::string tmpl = std::string(base && *base ? base : "/tmp") +
-                     "/qcow2fs-test-XXXXXX";
+  std::string tmpl = std::string(base && *base ? base : "/tmp") + "/qcow2fs-test-XXXXXX";
   std::vector<char> buf(tmpl.begin(), tmpl.end());
   buf.push_back('\0');
   if (mkdtemp(buf.data()) == nullptr) {
     // Without a scratch directory nothing can run; make that loud.
-    std::fprintf(stderr, "mkdtemp(%s) failed: %s\n", tmpl.c_str(),
-                 std::strerror(errno));
+    std::fprintf(stderr, "mkdtemp(%s) failed: %s\n", tmpl.c_str(), std::strerror(errno));
     std::abort();
   }
   path_ = buf.data();
@@ -82,9 +79,7 @@ TempDir::~TempDir() {
   std::filesystem::remove_all(path_, ec);
 }
 
-std::string TempDir::Join(std::string_view name) const {
-  return path_ + "/" + std::string(name);
-}
+std::string TempDir::Join(std::string_view name) const { return path_ + "/" + std::string(name); }
 
 ScopedCwd::ScopedCwd(const std::string& dir) {
   std::error_code ec;
@@ -139,14 +134,12 @@ CommandResult RunCommand(const std::string& command) {
   return result;
 }
 
-::testing::AssertionResult RunOk(const std::string& command,
-                                 std::string* output) {
+::testing::AssertionResult RunOk(const std::string& command, std::string* output) {
   CommandResult r = RunCommand(command);
   if (output) *output = r.output;
   if (r.exit_code != 0) {
     return ::testing::AssertionFailure()
-           << "command failed (exit " << r.exit_code << "): " << command
-           << "\n--- output ---\n"
+           << "command failed (exit " << r.exit_code << "): " << command << "\n--- output ---\n"
            << Tail(r.output);
   }
   return ::testing::AssertionSuccess();
@@ -175,8 +168,7 @@ std::string FindOnPath(const std::string& name) {
   return ::testing::AssertionSuccess();
 }
 
-::testing::AssertionResult QemuImg(const std::string& args,
-                                   std::string* output) {
+::testing::AssertionResult QemuImg(const std::string& args, std::string* output) {
   auto have = RequireProgram("qemu-img");
   if (!have) return have;
   return RunOk("qemu-img " + args, output);
@@ -184,8 +176,7 @@ std::string FindOnPath(const std::string& name) {
 
 ::testing::AssertionResult QemuIo(const std::string& image,
                                   const std::vector<std::string>& commands,
-                                  const std::string& format,
-                                  const std::string& extra_args) {
+                                  const std::string& format, const std::string& extra_args) {
   auto have = RequireProgram("qemu-io");
   if (!have) return have;
   std::string cmd = "qemu-io";
@@ -197,8 +188,7 @@ std::string FindOnPath(const std::string& name) {
   auto r = RunOk(cmd, &out);
   if (!r) return r;
   // Older qemu-io versions exit 0 even when a command failed.
-  if (out.find("failed") != std::string::npos ||
-      out.find("qemu-io:") != std::string::npos) {
+  if (out.find("failed") != std::string::npos || out.find("qemu-io:") != std::string::npos) {
     return ::testing::AssertionFailure()
            << "qemu-io reported an error: " << cmd << "\n--- output ---\n"
            << Tail(out);
@@ -206,8 +196,7 @@ std::string FindOnPath(const std::string& name) {
   return ::testing::AssertionSuccess();
 }
 
-::testing::AssertionResult QemuConvertToRaw(const std::string& image,
-                                            const std::string& raw_path,
+::testing::AssertionResult QemuConvertToRaw(const std::string& image, const std::string& raw_path,
                                             const std::string& extra_args) {
   std::string args = "convert";
   if (!extra_args.empty()) args += " " + extra_args;
@@ -215,10 +204,8 @@ std::string FindOnPath(const std::string& name) {
   return QemuImg(args);
 }
 
-::testing::AssertionResult QemuReadRange(const std::string& image,
-                                         uint64_t offset, uint64_t length,
-                                         std::string* out,
-                                         const std::string& scratch_dir) {
+::testing::AssertionResult QemuReadRange(const std::string& image, uint64_t offset, uint64_t length,
+                                         std::string* out, const std::string& scratch_dir) {
   out->clear();
   if (length == 0) return ::testing::AssertionSuccess();
   const uint64_t start = offset & ~uint64_t{511};
@@ -232,16 +219,14 @@ std::string FindOnPath(const std::string& name) {
     std::lock_guard<std::mutex> lock(mu);
     id = counter++;
   }
-  const std::string tmp =
-      scratch_dir + "/qemu-dd-" + std::to_string(id) + ".raw";
+  const std::string tmp = scratch_dir + "/qemu-dd-" + std::to_string(id) + ".raw";
   std::filesystem::remove(tmp);
   // QEMU 7.2's dd treats count as the end block (skip included); newer ones
   // may count from skip. Asking for end/bs blocks covers both: we keep only
   // the first (end - start) bytes of the output.
-  const std::string args = "dd -O raw bs=" + std::to_string(bs) +
-                           " skip=" + std::to_string(start / bs) +
-                           " count=" + std::to_string(end / bs) +
-                           " if=" + ShellQuote(image) + " of=" + ShellQuote(tmp);
+  const std::string args =
+      "dd -O raw bs=" + std::to_string(bs) + " skip=" + std::to_string(start / bs) +
+      " count=" + std::to_string(end / bs) + " if=" + ShellQuote(image) + " of=" + ShellQuote(tmp);
   auto r = QemuImg(args);
   if (!r) return r;
   std::string data;
@@ -249,17 +234,15 @@ std::string FindOnPath(const std::string& name) {
   std::filesystem::remove(tmp);
   if (!rr) return rr;
   if (data.size() < end - start) {
-    return ::testing::AssertionFailure()
-           << "qemu-img " << args << " produced " << data.size()
-           << " bytes, expected at least " << (end - start);
+    return ::testing::AssertionFailure() << "qemu-img " << args << " produced " << data.size()
+                                         << " bytes, expected at least " << (end - start);
   }
   *out = data.substr(offset - start, length);
   return ::testing::AssertionSuccess();
 }
 
 namespace {
-bool JsonNumber(const std::string& json, const std::string& key,
-                uint64_t* value) {
+bool JsonNumber(const std::string& json, const std::string& key, uint64_t* value) {
   const std::string needle = "\"" + key + "\":";
   size_t pos = json.find(needle);
   if (pos == std::string::npos) return false;
@@ -275,15 +258,14 @@ bool JsonNumber(const std::string& json, const std::string& key,
 }
 }  // namespace
 
-::testing::AssertionResult QemuImageInfo(const std::string& image,
-                                         QemuInfo* info) {
+::testing::AssertionResult QemuImageInfo(const std::string& image, QemuInfo* info) {
   std::string out;
   auto r = QemuImg("info --output=json " + ShellQuote(image), &out);
   if (!r) return r;
   info->json = out;
   if (!JsonNumber(out, "virtual-size", &info->virtual_size)) {
-    return ::testing::AssertionFailure()
-           << "no virtual-size in qemu-img info output:\n" << Tail(out);
+    return ::testing::AssertionFailure() << "no virtual-size in qemu-img info output:\n"
+                                         << Tail(out);
   }
   JsonNumber(out, "cluster-size", &info->cluster_size);
   return ::testing::AssertionSuccess();
@@ -291,13 +273,11 @@ bool JsonNumber(const std::string& json, const std::string& key,
 
 // ------------------------------------------------------------------ Files
 
-::testing::AssertionResult ReadWholeFile(const std::string& path,
-                                         std::string* out) {
+::testing::AssertionResult ReadWholeFile(const std::string& path, std::string* out) {
   out->clear();
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
-    return ::testing::AssertionFailure()
-           << "open " << path << ": " << std::strerror(errno);
+    return ::testing::AssertionFailure() << "open " << path << ": " << std::strerror(errno);
   }
   struct stat st;
   if (::fstat(fd, &st) == 0 && st.st_size > 0) {
@@ -310,8 +290,7 @@ bool JsonNumber(const std::string& json, const std::string& key,
       if (errno == EINTR) continue;
       int err = errno;
       ::close(fd);
-      return ::testing::AssertionFailure()
-             << "read " << path << ": " << std::strerror(err);
+      return ::testing::AssertionFailure() << "read " << path << ": " << std::strerror(err);
     }
     if (n == 0) break;
     out->append(buf.data(), static_cast<size_t>(n));
@@ -320,12 +299,10 @@ bool JsonNumber(const std::string& json, const std::string& key,
   return ::testing::AssertionSuccess();
 }
 
-::testing::AssertionResult WriteWholeFile(const std::string& path,
-                                          std::string_view data) {
+::testing::AssertionResult WriteWholeFile(const std::string& path, std::string_view data) {
   int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) {
-    return ::testing::AssertionFailure()
-           << "create " << path << ": " << std::strerror(errno);
+    return ::testing::AssertionFailure() << "create " << path << ": " << std::strerror(errno);
   }
   size_t done = 0;
   while (done < data.size()) {
@@ -334,43 +311,36 @@ bool JsonNumber(const std::string& json, const std::string& key,
       if (errno == EINTR) continue;
       int err = errno;
       ::close(fd);
-      return ::testing::AssertionFailure()
-             << "write " << path << ": " << std::strerror(err);
+      return ::testing::AssertionFailure() << "write " << path << ": " << std::strerror(err);
     }
     done += static_cast<size_t>(n);
   }
   if (::close(fd) != 0) {
-    return ::testing::AssertionFailure()
-           << "close " << path << ": " << std::strerror(errno);
+    return ::testing::AssertionFailure() << "close " << path << ": " << std::strerror(errno);
   }
   return ::testing::AssertionSuccess();
 }
 
-::testing::AssertionResult ReadFileRange(const std::string& path,
-                                         uint64_t offset, size_t length,
+::testing::AssertionResult ReadFileRange(const std::string& path, uint64_t offset, size_t length,
                                          std::string* out) {
   out->assign(length, '\0');
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
-    return ::testing::AssertionFailure()
-           << "open " << path << ": " << std::strerror(errno);
+    return ::testing::AssertionFailure() << "open " << path << ": " << std::strerror(errno);
   }
   size_t done = 0;
   while (done < length) {
-    ssize_t n = ::pread(fd, out->data() + done, length - done,
-                        static_cast<off_t>(offset + done));
+    ssize_t n = ::pread(fd, out->data() + done, length - done, static_cast<off_t>(offset + done));
     if (n < 0) {
       if (errno == EINTR) continue;
       int err = errno;
       ::close(fd);
-      return ::testing::AssertionFailure()
-             << "pread " << path << ": " << std::strerror(err);
+      return ::testing::AssertionFailure() << "pread " << path << ": " << std::strerror(err);
     }
     if (n == 0) {
       ::close(fd);
       return ::testing::AssertionFailure()
-             << "pread " << path << " at " << (offset + done)
-             << ": unexpected end of file";
+             << "pread " << path << " at " << (offset + done) << ": unexpected end of file";
     }
     done += static_cast<size_t>(n);
   }
@@ -382,29 +352,25 @@ bool JsonNumber(const std::string& json, const std::string& key,
                                      std::string_view bytes) {
   int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
   if (fd < 0) {
-    return ::testing::AssertionFailure()
-           << "open " << path << ": " << std::strerror(errno);
+    return ::testing::AssertionFailure() << "open " << path << ": " << std::strerror(errno);
   }
   ssize_t n = ::pwrite(fd, bytes.data(), bytes.size(), static_cast<off_t>(offset));
   int err = errno;
   ::close(fd);
   if (n != static_cast<ssize_t>(bytes.size())) {
-    return ::testing::AssertionFailure()
-           << "pwrite " << path << " at " << offset << ": "
-           << (n < 0 ? std::strerror(err) : "short write");
+    return ::testing::AssertionFailure() << "pwrite " << path << " at " << offset << ": "
+                                         << (n < 0 ? std::strerror(err) : "short write");
   }
   return ::testing::AssertionSuccess();
 }
 
-::testing::AssertionResult PatchBE32(const std::string& path, uint64_t offset,
-                                     uint32_t value) {
+::testing::AssertionResult PatchBE32(const std::string& path, uint64_t offset, uint32_t value) {
   std::string b(4, '\0');
   PutBE32(b, 0, value);
   return PatchFile(path, offset, b);
 }
 
-::testing::AssertionResult PatchBE64(const std::string& path, uint64_t offset,
-                                     uint64_t value) {
+::testing::AssertionResult PatchBE64(const std::string& path, uint64_t offset, uint64_t value) {
   std::string b(8, '\0');
   PutBE64(b, 0, value);
   return PatchFile(path, offset, b);
@@ -413,8 +379,7 @@ bool JsonNumber(const std::string& json, const std::string& key,
 ::testing::AssertionResult FileSize(const std::string& path, uint64_t* size) {
   struct stat st;
   if (::stat(path.c_str(), &st) != 0) {
-    return ::testing::AssertionFailure()
-           << "stat " << path << ": " << std::strerror(errno);
+    return ::testing::AssertionFailure() << "stat " << path << ": " << std::strerror(errno);
   }
   *size = static_cast<uint64_t>(st.st_size);
   return ::testing::AssertionSuccess();
@@ -422,15 +387,12 @@ bool JsonNumber(const std::string& json, const std::string& key,
 
 // ------------------------------------------------------------- Comparison
 
-::testing::AssertionResult BuffersEqual(std::string_view expected,
-                                        std::string_view actual,
-                                        uint64_t base_offset,
-                                        std::string_view what) {
+::testing::AssertionResult BuffersEqual(std::string_view expected, std::string_view actual,
+                                        uint64_t base_offset, std::string_view what) {
   if (expected.size() != actual.size()) {
     return ::testing::AssertionFailure()
-           << what << (what.empty() ? "" : ": ") << "length differs at offset "
-           << base_offset << ": expected " << expected.size() << " bytes, got "
-           << actual.size();
+           << what << (what.empty() ? "" : ": ") << "length differs at offset " << base_offset
+           << ": expected " << expected.size() << " bytes, got " << actual.size();
   }
   if (std::memcmp(expected.data(), actual.data(), expected.size()) == 0) {
     return ::testing::AssertionSuccess();
@@ -447,18 +409,14 @@ bool JsonNumber(const std::string& json, const std::string& key,
   }
   const uint64_t abs = base_offset + first;
   return ::testing::AssertionFailure()
-         << what << (what.empty() ? "" : ": ")
-         << "first difference at guest offset " << abs << " (" << Hex64(abs)
-         << "): expected "
-         << HexByte(static_cast<unsigned char>(expected[first])) << ", got "
-         << HexByte(static_cast<unsigned char>(actual[first])) << "; "
-         << count << " of " << expected.size()
-         << " bytes differ, last at offset " << (base_offset + last) << " ("
-         << Hex64(base_offset + last) << ")"
+         << what << (what.empty() ? "" : ": ") << "first difference at guest offset " << abs << " ("
+         << Hex64(abs) << "): expected " << HexByte(static_cast<unsigned char>(expected[first]))
+         << ", got " << HexByte(static_cast<unsigned char>(actual[first])) << "; " << count
+         << " of " << expected.size() << " bytes differ, last at offset " << (base_offset + last)
+         << " (" << Hex64(base_offset + last) << ")"
          << "\n  expected: " << HexExcerpt(expected, first)
-         << "\n  actual:   " << HexExcerpt(actual, first)
-         << "\n  (compared range starts at " << base_offset << " ("
-         << Hex64(base_offset) << "))";
+         << "\n  actual:   " << HexExcerpt(actual, first) << "\n  (compared range starts at "
+         << base_offset << " (" << Hex64(base_offset) << "))";
 }
 
 bool AllZero(std::string_view data) {
@@ -489,8 +447,8 @@ void SyncPointTest::SetUp() {
 }
 
 bool ContainsNoCase(std::string_view haystack, std::string_view needle) {
-  auto it = std::search(haystack.begin(), haystack.end(), needle.begin(),
-                        needle.end(), [](char a, char b) {
+  auto it = std::search(haystack.begin(), haystack.end(), needle.begin(), needle.end(),
+                        [](char a, char b) {
                           return std::tolower(static_cast<unsigned char>(a)) ==
                                  std::tolower(static_cast<unsigned char>(b));
                         });
@@ -552,11 +510,10 @@ std::string RandomBytes(size_t n, uint64_t seed) {
 }
 
 std::string SemiCompressible(size_t n, uint64_t seed) {
-  static const char* kWords[] = {
-      "qcow2",  "cluster", "refcount", "table",  "backing", "snapshot",
-      "guest",  "offset",  "host",     "L1",     "L2",      "zlib",
-      "zstd",   "header",  "extent",   "sector", "the",     "a",
-      "of",     "and",     "data",     "file",   "image",   "disk"};
+  static const char* kWords[] = {"qcow2", "cluster", "refcount", "table",  "backing", "snapshot",
+                                 "guest", "offset",  "host",     "L1",     "L2",      "zlib",
+                                 "zstd",  "header",  "extent",   "sector", "the",     "a",
+                                 "of",    "and",     "data",     "file",   "image",   "disk"};
   Rng rng(seed * 0x9e3779b97f4a7c15ull + 7);
   std::string out;
   out.reserve(n);
@@ -602,14 +559,11 @@ const Qcow2Header::Extension* Qcow2Header::FindExtension(uint32_t type) const {
 
 void Qcow2Header::RemoveExtension(uint32_t type) {
   extensions.erase(std::remove_if(extensions.begin(), extensions.end(),
-                                  [type](const Extension& e) {
-                                    return e.type == type;
-                                  }),
+                                  [type](const Extension& e) { return e.type == type; }),
                    extensions.end());
 }
 
-::testing::AssertionResult LoadQcow2Header(const std::string& path,
-                                           Qcow2Header* h) {
+::testing::AssertionResult LoadQcow2Header(const std::string& path, Qcow2Header* h) {
   std::string buf;
   auto r = ReadFileRange(path, 0, 104, &buf);
   if (!r) return r;
@@ -631,8 +585,7 @@ void Qcow2Header::RemoveExtension(uint32_t type) {
     return ::testing::AssertionFailure() << path << ": not a qcow2 image";
   }
   if (h->cluster_bits < 9 || h->cluster_bits > 21) {
-    return ::testing::AssertionFailure()
-           << path << ": cluster_bits " << h->cluster_bits;
+    return ::testing::AssertionFailure() << path << ": cluster_bits " << h->cluster_bits;
   }
   if (h->version >= 3) {
     h->incompatible_features = GetBE64(buf, hdr::kIncompatibleFeatures);
@@ -646,10 +599,8 @@ void Qcow2Header::RemoveExtension(uint32_t type) {
   std::string cluster;
   r = ReadFileRange(path, 0, h->cluster_size(), &cluster);
   if (!r) return r;
-  if (h->header_length < (h->version >= 3 ? 104u : 72u) ||
-      h->header_length > cluster.size()) {
-    return ::testing::AssertionFailure()
-           << path << ": header_length " << h->header_length;
+  if (h->header_length < (h->version >= 3 ? 104u : 72u) || h->header_length > cluster.size()) {
+    return ::testing::AssertionFailure() << path << ": header_length " << h->header_length;
   }
   if (h->version >= 3) {
     h->extra_fields = cluster.substr(104, h->header_length - 104);
@@ -665,8 +616,7 @@ void Qcow2Header::RemoveExtension(uint32_t type) {
     if (type == hdr::kExtEnd) break;
     if (off + 8 + len > cluster.size()) {
       return ::testing::AssertionFailure()
-             << path << ": header extension " << Hex64(type)
-             << " runs past the first cluster";
+             << path << ": header extension " << Hex64(type) << " runs past the first cluster";
     }
     h->extensions.push_back({type, cluster.substr(off + 8, len)});
     off += 8 + ((len + 7u) & ~7u);
@@ -681,14 +631,12 @@ void Qcow2Header::RemoveExtension(uint32_t type) {
   return ::testing::AssertionSuccess();
 }
 
-::testing::AssertionResult StoreQcow2Header(const std::string& path,
-                                            const Qcow2Header& h) {
+::testing::AssertionResult StoreQcow2Header(const std::string& path, const Qcow2Header& h) {
   const size_t cs = static_cast<size_t>(h.cluster_size());
   std::string out(cs, '\0');
   PutBE32(out, hdr::kMagic, h.magic);
   PutBE32(out, hdr::kVersion, h.version);
-  PutBE32(out, hdr::kBackingFileSize,
-          static_cast<uint32_t>(h.backing_file.size()));
+  PutBE32(out, hdr::kBackingFileSize, static_cast<uint32_t>(h.backing_file.size()));
   PutBE32(out, hdr::kClusterBits, h.cluster_bits);
   PutBE64(out, hdr::kSize, h.size);
   PutBE32(out, hdr::kCryptMethod, h.crypt_method);
@@ -727,8 +675,7 @@ void Qcow2Header::RemoveExtension(uint32_t type) {
   off += 8;  // end marker (zeros)
   if (!h.backing_file.empty()) {
     if (off + h.backing_file.size() > cs) {
-      return ::testing::AssertionFailure()
-             << "StoreQcow2Header: backing file name does not fit";
+      return ::testing::AssertionFailure() << "StoreQcow2Header: backing file name does not fit";
     }
     PutBE64(out, hdr::kBackingFileOffset, off);
     out.replace(off, h.backing_file.size(), h.backing_file);

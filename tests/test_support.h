@@ -70,8 +70,7 @@ CommandResult RunCommand(const std::string& command);
 std::string ShellQuote(std::string_view s);
 
 // Runs a command and succeeds only when it exits 0.
-::testing::AssertionResult RunOk(const std::string& command,
-                                 std::string* output = nullptr);
+::testing::AssertionResult RunOk(const std::string& command, std::string* output = nullptr);
 
 // Full path of `name` found on PATH, or empty.
 std::string FindOnPath(const std::string& name);
@@ -79,8 +78,7 @@ std::string FindOnPath(const std::string& name);
 ::testing::AssertionResult RequireProgram(const std::string& name);
 
 // `qemu-img ARGS` (ARGS is already shell-quoted where needed).
-::testing::AssertionResult QemuImg(const std::string& args,
-                                   std::string* output = nullptr);
+::testing::AssertionResult QemuImg(const std::string& args, std::string* output = nullptr);
 // `qemu-io -f FORMAT -c CMD1 -c CMD2 ... IMAGE`. Fails when qemu-io exits
 // non-zero or prints that any command failed.
 ::testing::AssertionResult QemuIo(const std::string& image,
@@ -88,47 +86,36 @@ std::string FindOnPath(const std::string& name);
                                   const std::string& format = "qcow2",
                                   const std::string& extra_args = "");
 // `qemu-img convert [EXTRA] -O raw IMAGE RAW`.
-::testing::AssertionResult QemuConvertToRaw(const std::string& image,
-                                            const std::string& raw_path,
+::testing::AssertionResult QemuConvertToRaw(const std::string& image, const std::string& raw_path,
                                             const std::string& extra_args = "");
 // Guest bytes [offset, offset+length) of `image` as QEMU reads them (through
 // `qemu-img dd`), for images too large to convert whole.
-::testing::AssertionResult QemuReadRange(const std::string& image,
-                                         uint64_t offset, uint64_t length,
-                                         std::string* out,
-                                         const std::string& scratch_dir);
+::testing::AssertionResult QemuReadRange(const std::string& image, uint64_t offset, uint64_t length,
+                                         std::string* out, const std::string& scratch_dir);
 // `qemu-img info --output=json` fields.
 struct QemuInfo {
   uint64_t virtual_size = 0;
   uint64_t cluster_size = 0;
   std::string json;
 };
-::testing::AssertionResult QemuImageInfo(const std::string& image,
-                                         QemuInfo* info);
+::testing::AssertionResult QemuImageInfo(const std::string& image, QemuInfo* info);
 
 // Whole-file and ranged host file I/O.
-::testing::AssertionResult ReadWholeFile(const std::string& path,
-                                         std::string* out);
-::testing::AssertionResult WriteWholeFile(const std::string& path,
-                                          std::string_view data);
-::testing::AssertionResult ReadFileRange(const std::string& path,
-                                         uint64_t offset, size_t length,
+::testing::AssertionResult ReadWholeFile(const std::string& path, std::string* out);
+::testing::AssertionResult WriteWholeFile(const std::string& path, std::string_view data);
+::testing::AssertionResult ReadFileRange(const std::string& path, uint64_t offset, size_t length,
                                          std::string* out);
 ::testing::AssertionResult PatchFile(const std::string& path, uint64_t offset,
                                      std::string_view bytes);
-::testing::AssertionResult PatchBE32(const std::string& path, uint64_t offset,
-                                     uint32_t value);
-::testing::AssertionResult PatchBE64(const std::string& path, uint64_t offset,
-                                     uint64_t value);
+::testing::AssertionResult PatchBE32(const std::string& path, uint64_t offset, uint32_t value);
+::testing::AssertionResult PatchBE64(const std::string& path, uint64_t offset, uint64_t value);
 ::testing::AssertionResult FileSize(const std::string& path, uint64_t* size);
 
 // Compares two buffers; on mismatch names the first differing offset
 // (base_offset + index), both byte values, how many bytes differ, and a hex
 // excerpt around the first difference.
-::testing::AssertionResult BuffersEqual(std::string_view expected,
-                                        std::string_view actual,
-                                        uint64_t base_offset,
-                                        std::string_view what = "");
+::testing::AssertionResult BuffersEqual(std::string_view expected, std::string_view actual,
+                                        uint64_t base_offset, std::string_view what = "");
 // True when every byte is zero.
 bool AllZero(std::string_view data);
 
@@ -257,13 +244,11 @@ struct Qcow2Header {
 };
 
 // Parses the header cluster of a well-formed image.
-::testing::AssertionResult LoadQcow2Header(const std::string& path,
-                                           Qcow2Header* header);
+::testing::AssertionResult LoadQcow2Header(const std::string& path, Qcow2Header* header);
 // Writes the header back the way QEMU lays it out: fixed fields, extra
 // fields up to header_length, extensions (8-byte aligned), end marker, then
 // the backing file name (backing_file_offset/size are recomputed). Fails if
 // that does not fit in the first cluster.
-::testing::AssertionResult StoreQcow2Header(const std::string& path,
-                                            const Qcow2Header& header);
+::testing::AssertionResult StoreQcow2Header(const std::string& path, const Qcow2Header& header);
 
 }  // namespace qcow2fs::test

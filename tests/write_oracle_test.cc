@@ -35,10 +35,12 @@ struct WriteCase {
 std::vector<WriteCase> Cases() {
   std::vector<WriteCase> c;
   auto simple = [&](std::string name, std::string opts, uint64_t cs) {
-    c.push_back({name, [opts](const TempDir&, const std::string& img) {
+    c.push_back({name,
+                 [opts](const TempDir&, const std::string& img) {
                    auto r = Create(img, opts);
                    return r ? Populate(img) : r;
-                 }, cs});
+                 },
+                 cs});
   };
   simple("v3_64k", "cluster_size=64k", 65536);
   simple("v2_64k", "compat=0.10,cluster_size=64k", 65536);
@@ -55,9 +57,10 @@ std::vector<WriteCase> Cases() {
   simple("prealloc_metadata", "cluster_size=64k,preallocation=metadata", 65536);
   simple("prealloc_falloc", "cluster_size=64k,preallocation=falloc", 65536);
 
-  auto with_backing = [&](std::string name, std::string base_opts, std::string opts,
-                          uint64_t cs, bool v2) {
-    c.push_back({name, [base_opts, opts](const TempDir& d, const std::string& img) {
+  auto with_backing = [&](std::string name, std::string base_opts, std::string opts, uint64_t cs,
+                          bool v2) {
+    c.push_back({name,
+                 [base_opts, opts](const TempDir& d, const std::string& img) {
                    const std::string base = d.Join("base.qcow2");
                    auto r = Create(base, base_opts, "20M");  // shorter than the top
                    if (!r) return r;
@@ -66,48 +69,59 @@ std::vector<WriteCase> Cases() {
                    r = QemuImg("create -q -f qcow2 -b base.qcow2 -F qcow2 -o " + opts + " " +
                                ShellQuote(img) + " 24M");
                    return r ? QemuIo(img, {"write -P 0x55 1M 100k"}) : r;
-                 }, cs, v2});
+                 },
+                 cs, v2});
   };
   with_backing("backing_v3", "cluster_size=64k", "cluster_size=64k", 65536, false);
   with_backing("backing_v2", "compat=0.10", "compat=0.10,cluster_size=4k", 4096, true);
-  with_backing("backing_extended_l2", "cluster_size=64k", "cluster_size=64k,extended_l2=on",
-               65536, false);
+  with_backing("backing_extended_l2", "cluster_size=64k", "cluster_size=64k,extended_l2=on", 65536,
+               false);
 
-  c.push_back({"raw_backing", [](const TempDir& d, const std::string& img) {
+  c.push_back({"raw_backing",
+               [](const TempDir& d, const std::string& img) {
                  const std::string base = d.Join("base.raw");
                  auto r = WriteWholeFile(base, RandomBytes(12 << 20, 7));
                  if (!r) return r;
                  return QemuImg("create -q -f qcow2 -b base.raw -F raw " + ShellQuote(img) +
                                 " 24M");
-               }, 65536});
+               },
+               65536});
 
   for (std::string type : {"zlib", "zstd"}) {
-    c.push_back({"compressed_" + type, [type](const TempDir& d, const std::string& img) {
+    c.push_back({"compressed_" + type,
+                 [type](const TempDir& d, const std::string& img) {
                    const std::string raw = d.Join("src.raw");
                    auto r = WriteWholeFile(raw, SemiCompressible(24 << 20, 3));
                    if (!r) return r;
                    return QemuImg("convert -q -c -O qcow2 -o cluster_size=4k,compression_type=" +
                                   type + " " + ShellQuote(raw) + " " + ShellQuote(img));
-                 }, 4096});
+                 },
+                 4096});
   }
 
-  c.push_back({"snapshot", [](const TempDir&, const std::string& img) {
+  c.push_back({"snapshot",
+               [](const TempDir&, const std::string& img) {
                  auto r = Create(img, "cluster_size=16k");
                  if (!r) return r;
                  r = Populate(img);
                  if (!r) return r;
                  r = QemuImg("snapshot -c s1 " + ShellQuote(img));
                  return r ? QemuIo(img, {"write -P 0x66 6M 64k"}) : r;
-               }, 16384});
+               },
+               16384});
 
-  c.push_back({"data_file", [](const TempDir& d, const std::string& img) {
+  c.push_back({"data_file",
+               [](const TempDir& d, const std::string& img) {
                  auto r = Create(img, "data_file=" + d.Join("img.data"));
                  return r ? Populate(img) : r;
-               }, 65536});
-  c.push_back({"data_file_raw", [](const TempDir& d, const std::string& img) {
+               },
+               65536});
+  c.push_back({"data_file_raw",
+               [](const TempDir& d, const std::string& img) {
                  auto r = Create(img, "data_file=" + d.Join("img.data") + ",data_file_raw=on");
                  return r ? Populate(img) : r;
-               }, 65536});
+               },
+               65536});
   return c;
 }
 

@@ -6,6 +6,8 @@
 #
 # Stages (one function each, stage_NAME):
 #   deps     tools/install-deps.sh (apt-get only for what is missing)
+#   format   every C++ file as clang-format-14 lays it out (.clang-format);
+#            fails naming the files and lines that differ
 #   release  build/       release build, meson test
 #   tsa      build-tsa/   clang build of the core library, the daemon and the
 #                         tools, and a compile of the tests, with
@@ -90,6 +92,22 @@ werror_args() {
 
 stage_deps() {
   "$ROOT/tools/install-deps.sh"
+}
+
+stage_format() {
+  command -v clang-format-14 >/dev/null || { echo "clang-format-14 not found"; return 1; }
+  local files=()
+  if git -C "$ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    mapfile -t files < <(git -C "$ROOT" ls-files '*.cc' '*.h')
+  else
+    mapfile -t files < <(find src include fuse tests tools -name '*.cc' -o -name '*.h')
+  fi
+  [[ ${#files[@]} -gt 0 ]] || { echo "no C++ files found"; return 1; }
+  if ! clang-format-14 --dry-run --Werror "${files[@]}"; then
+    echo "---- not formatted; fix with: clang-format-14 -i FILE..."
+    return 1
+  fi
+  echo "${#files[@]} files formatted as .clang-format says"
 }
 
 stage_release() {
@@ -359,7 +377,7 @@ package_cleanup() {
 
 # ------------------------------------------------------------------ driver
 
-DEFAULT_STAGES=(release tsa asan tsan fuzz mount package)
+DEFAULT_STAGES=(format release tsa asan tsan fuzz mount package)
 
 if [[ $# -gt 0 ]]; then
   STAGES=("$@")
@@ -368,7 +386,7 @@ else
 fi
 for s in "${STAGES[@]}"; do
   if ! declare -F "stage_$s" >/dev/null; then
-    echo "unknown stage: $s (known: deps release tsa asan fuzz mount tsan package)" >&2
+    echo "unknown stage: $s (known: deps format release tsa asan fuzz mount tsan package)" >&2
     exit 2
   fi
 done

@@ -59,14 +59,14 @@ struct OpenOptions {
 };
 
 struct CreateOptions {
-  uint64_t size = 0;                 // virtual size, rounded up to 512 bytes
-  uint32_t cluster_size = 65536;     // 512 .. 2 MiB, a power of two
-  int version = 3;                   // 2 or 3
-  int refcount_bits = 16;            // 1, 2, 4, ..., 64 (v2: only 16)
-  bool extended_l2 = false;          // v3 only, cluster_size >= 16 KiB
+  uint64_t size = 0;                                     // virtual size, rounded up to 512 bytes
+  uint32_t cluster_size = 65536;                         // 512 .. 2 MiB, a power of two
+  int version = 3;                                       // 2 or 3
+  int refcount_bits = 16;                                // 1, 2, 4, ..., 64 (v2: only 16)
+  bool extended_l2 = false;                              // v3 only, cluster_size >= 16 KiB
   CompressionType compression = CompressionType::kZlib;  // zstd needs v3
-  std::string backing_file;          // as stored in the header
-  std::string backing_format;        // "qcow2" or "raw"; probed when empty
+  std::string backing_file;                              // as stored in the header
+  std::string backing_format;                            // "qcow2" or "raw"; probed when empty
 };
 
 // One internal snapshot, as read from the snapshot table.
@@ -90,10 +90,10 @@ struct ImageInfo {
   int refcount_bits = 0;
   bool extended_l2 = false;
   CompressionType compression = CompressionType::kZlib;
-  std::string backing_file;        // as stored in the header
+  std::string backing_file;  // as stored in the header
   std::string backing_file_resolved;
   std::string backing_format;
-  std::string data_file;           // external data file name, if any
+  std::string data_file;  // external data file name, if any
   bool data_file_raw = false;
   bool read_only = true;
   bool corrupt = false;
@@ -122,8 +122,7 @@ class Image {
  public:
   // Opens an image. Backing files and external data files are opened
   // read-only, resolved relative to the image's directory.
-  static Result<std::unique_ptr<Image>> Open(const std::string& path,
-                                             const OpenOptions& options);
+  static Result<std::unique_ptr<Image>> Open(const std::string& path, const OpenOptions& options);
   // Creates a new qcow2 image at `path` (which must not exist).
   static Status Create(const std::string& path, const CreateOptions& options);
 
@@ -145,8 +144,7 @@ class Image {
   virtual Status Write(uint64_t offset, std::span<const std::byte> data) = 0;
   // Makes [offset, offset+length) read as zeros. With may_unmap the core may
   // free the host clusters instead of writing zeros.
-  virtual Status WriteZeroes(uint64_t offset, uint64_t length,
-                             bool may_unmap) = 0;
+  virtual Status WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap) = 0;
   // Tells the image the guest no longer needs the range. Whole clusters are
   // freed (and the host file's blocks punched at the next flush); partial
   // clusters at the edges are written with zeros. The range reads as zeros
@@ -162,8 +160,7 @@ class Image {
   virtual Status Resize(uint64_t new_size) = 0;
   // How the range starting at `offset` is stored: the kind of its first byte
   // and how many bytes from there share it (at most `length`).
-  virtual Result<BlockStatus> GetBlockStatus(uint64_t offset,
-                                             uint64_t length) = 0;
+  virtual Result<BlockStatus> GetBlockStatus(uint64_t offset, uint64_t length) = 0;
   // Whether the range starting at `offset` reads as data or as zeros,
   // looking through the backing chain as `qemu-img map` does: kData where
   // some layer holds data, kZero where every layer reads zeros (zero

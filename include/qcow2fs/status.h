@@ -52,8 +52,7 @@ class [[nodiscard]] Status {
   // Prefixes context ("reading L2 table at 0x...: ") to an error; OK stays OK.
   Status Annotate(const std::string& context) const;
 
-  Status(const Status& other)
-      : rep_(other.rep_ ? std::make_unique<Rep>(*other.rep_) : nullptr) {}
+  Status(const Status& other) : rep_(other.rep_ ? std::make_unique<Rep>(*other.rep_) : nullptr) {}
   Status& operator=(const Status& other) {
     if (this != &other) {
       rep_ = other.rep_ ? std::make_unique<Rep>(*other.rep_) : nullptr;
@@ -77,7 +76,7 @@ class [[nodiscard]] Status {
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : value_(std::move(value)) {}  // NOLINT: implicit by design
+  Result(T value) : value_(std::move(value)) {}          // NOLINT: implicit by design
   Result(Status status) : status_(std::move(status)) {}  // NOLINT
 
   bool ok() const { return status_.ok(); }
@@ -99,17 +98,17 @@ class [[nodiscard]] Result {
 }  // namespace qcow2fs
 
 // Early return on error, for functions returning Status or Result<U>.
-#define QCOW2FS_RETURN_IF_ERROR(expr)          \
-  do {                                         \
-    ::qcow2fs::Status qcow2fs_status_ = (expr); \
+#define QCOW2FS_RETURN_IF_ERROR(expr)                  \
+  do {                                                 \
+    ::qcow2fs::Status qcow2fs_status_ = (expr);        \
     if (!qcow2fs_status_.ok()) return qcow2fs_status_; \
   } while (0)
 
 #define QCOW2FS_CONCAT_INNER(a, b) a##b
 #define QCOW2FS_CONCAT(a, b) QCOW2FS_CONCAT_INNER(a, b)
 // Declares `lhs` from a Result-valued expression, returning its error if any.
-#define QCOW2FS_ASSIGN_OR_RETURN(lhs, expr)                             \
-  auto QCOW2FS_CONCAT(qcow2fs_result_, __LINE__) = (expr);              \
-  if (!QCOW2FS_CONCAT(qcow2fs_result_, __LINE__).ok())                  \
-    return QCOW2FS_CONCAT(qcow2fs_result_, __LINE__).take_status();     \
+#define QCOW2FS_ASSIGN_OR_RETURN(lhs, expr)                         \
+  auto QCOW2FS_CONCAT(qcow2fs_result_, __LINE__) = (expr);          \
+  if (!QCOW2FS_CONCAT(qcow2fs_result_, __LINE__).ok())              \
+    return QCOW2FS_CONCAT(qcow2fs_result_, __LINE__).take_status(); \
   lhs = std::move(QCOW2FS_CONCAT(qcow2fs_result_, __LINE__)).value()

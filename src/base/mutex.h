@@ -146,8 +146,7 @@ class CondVar {
   }
   // Wait() with a time limit; false when `deadline` passed first.
   template <typename Clock, typename Duration>
-  bool WaitUntil(Mutex& mu, const std::chrono::time_point<Clock, Duration>& deadline)
-      REQUIRES(mu) {
+  bool WaitUntil(Mutex& mu, const std::chrono::time_point<Clock, Duration>& deadline) REQUIRES(mu) {
     std::unique_lock<std::mutex> lk(mu.mu_, std::adopt_lock);
     const bool woken = cv_.wait_until(lk, deadline) == std::cv_status::no_timeout;
     lk.release();

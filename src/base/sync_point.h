@@ -16,7 +16,8 @@
 //   SyncPoints::WaitUntilStopped("Write:BeforeData")  blocks until it has;
 //   SyncPoints::Release("Write:BeforeData")  lets it go on.
 // A point stops one thread per Arm. Reset() (done by the guard
-// ScopedSyncPoints, which a test using sync points holds) releases every stopped thread and forgets all state.
+// ScopedSyncPoints, which a test using sync points holds) releases every stopped thread and forgets
+// all state.
 #pragma once
 
 #include <cstdint>
@@ -53,12 +54,10 @@ class SyncPoints {
                                int limit_seconds = 120);
   // Blocks until any of `names` has been reached (passed or stopped at);
   // returns the index of the first such name, or -1 after `limit_seconds`.
-  static int WaitUntilAnyReached(const std::vector<std::string>& names,
-                                 int limit_seconds = 120);
+  static int WaitUntilAnyReached(const std::vector<std::string>& names, int limit_seconds = 120);
   // Blocks until `name` has been passed (or stopped at) `count` times in
   // total since the last Reset().
-  static bool WaitUntilPassed(const std::string& name, uint64_t count,
-                              int limit_seconds = 120);
+  static bool WaitUntilPassed(const std::string& name, uint64_t count, int limit_seconds = 120);
   static uint64_t Passes(const std::string& name);
   // Lets the thread stopped at `name` continue.
   static void Release(const std::string& name);
@@ -75,8 +74,8 @@ class SyncPoints {
 // then hands the lock to a guard: `WriterLock guard(m, kAdoptLock);` (a
 // guard returned from here would hide the lock from the analysis).
 template <typename M>
-void LockExclusiveNoting(M& m, [[maybe_unused]] const char* name,
-                         [[maybe_unused]] uint64_t arg) ACQUIRE(m) {
+void LockExclusiveNoting(M& m, [[maybe_unused]] const char* name, [[maybe_unused]] uint64_t arg)
+    ACQUIRE(m) {
   if (!m.try_lock()) {
     QCOW2FS_SYNC_POINT(name, arg);
     m.lock();
@@ -85,8 +84,8 @@ void LockExclusiveNoting(M& m, [[maybe_unused]] const char* name,
 
 // The same for the shared side (`ReaderLock guard(m, kAdoptLock);`).
 template <typename M>
-void LockSharedNoting(M& m, [[maybe_unused]] const char* name,
-                      [[maybe_unused]] uint64_t arg) ACQUIRE_SHARED(m) {
+void LockSharedNoting(M& m, [[maybe_unused]] const char* name, [[maybe_unused]] uint64_t arg)
+    ACQUIRE_SHARED(m) {
   if (!m.try_lock_shared()) {
     QCOW2FS_SYNC_POINT(name, arg);
     m.lock_shared();

@@ -38,8 +38,7 @@
 #define RELEASE(...) QCOW2FS_THREAD_ATTRIBUTE(release_capability(__VA_ARGS__))
 #define RELEASE_SHARED(...) QCOW2FS_THREAD_ATTRIBUTE(release_shared_capability(__VA_ARGS__))
 #define TRY_ACQUIRE(...) QCOW2FS_THREAD_ATTRIBUTE(try_acquire_capability(__VA_ARGS__))
-#define TRY_ACQUIRE_SHARED(...) \
-  QCOW2FS_THREAD_ATTRIBUTE(try_acquire_shared_capability(__VA_ARGS__))
+#define TRY_ACQUIRE_SHARED(...) QCOW2FS_THREAD_ATTRIBUTE(try_acquire_shared_capability(__VA_ARGS__))
 #define EXCLUDES(...) QCOW2FS_THREAD_ATTRIBUTE(locks_excluded(__VA_ARGS__))
 #define ASSERT_CAPABILITY(mu) QCOW2FS_THREAD_ATTRIBUTE(assert_capability(mu))
 #define RETURN_CAPABILITY(mu) QCOW2FS_THREAD_ATTRIBUTE(lock_returned(mu))

@@ -26,27 +26,24 @@ struct ZstdCctxDeleter {
   void operator()(ZSTD_CCtx* c) const { ZSTD_freeCCtx(c); }
 };
 
-Status Corrupt(const char* what) {
-  return Status(ErrorCode::kCorrupt, what);
-}
+Status Corrupt(const char* what) { return Status(ErrorCode::kCorrupt, what); }
 
 Status InflateCluster(std::span<const std::byte> in, std::span<std::byte> out) {
-  thread_local std::unique_ptr<libdeflate_decompressor, DeflateDecompressorDeleter>
-      d(libdeflate_alloc_decompressor());
+  thread_local std::unique_ptr<libdeflate_decompressor, DeflateDecompressorDeleter> d(
+      libdeflate_alloc_decompressor());
   if (!d) return Status(ErrorCode::kIoError, "out of memory for inflate", ENOMEM);
   size_t consumed = 0;
   // Without an actual_out pointer libdeflate insists on filling `out`
   // exactly, which is the contract of a compressed cluster.
-  libdeflate_result r = libdeflate_deflate_decompress_ex(
-      d.get(), in.data(), in.size(), out.data(), out.size(), &consumed, nullptr);
+  libdeflate_result r = libdeflate_deflate_decompress_ex(d.get(), in.data(), in.size(), out.data(),
+                                                         out.size(), &consumed, nullptr);
   if (r != LIBDEFLATE_SUCCESS) {
     return Corrupt("compressed cluster: invalid deflate data");
   }
   return Status();
 }
 
-Status ZstdDecompressCluster(std::span<const std::byte> in,
-                             std::span<std::byte> out) {
+Status ZstdDecompressCluster(std::span<const std::byte> in, std::span<std::byte> out) {
   thread_local std::unique_ptr<ZSTD_DCtx, ZstdDctxDeleter> ctx(ZSTD_createDCtx());
   if (!ctx) return Status(ErrorCode::kIoError, "out of memory for zstd", ENOMEM);
   ZSTD_DCtx_reset(ctx.get(), ZSTD_reset_session_only);
@@ -70,25 +67,22 @@ Status ZstdDecompressCluster(std::span<const std::byte> in,
 
 Status DecompressCluster(CompressionType type, std::span<const std::byte> in,
                          std::span<std::byte> out) {
-  return type == CompressionType::kZstd ? ZstdDecompressCluster(in, out)
-                                        : InflateCluster(in, out);
+  return type == CompressionType::kZstd ? ZstdDecompressCluster(in, out) : InflateCluster(in, out);
 }
 
-Result<size_t> CompressCluster(CompressionType type,
-                               std::span<const std::byte> in,
+Result<size_t> CompressCluster(CompressionType type, std::span<const std::byte> in,
                                std::span<std::byte> out) {
   if (type == CompressionType::kZstd) {
     thread_local std::unique_ptr<ZSTD_CCtx, ZstdCctxDeleter> ctx(ZSTD_createCCtx());
     if (!ctx) return Status(ErrorCode::kIoError, "out of memory for zstd", ENOMEM);
-    size_t n = ZSTD_compressCCtx(ctx.get(), out.data(), out.size(), in.data(),
-                                 in.size(), ZSTD_CLEVEL_DEFAULT);
+    size_t n = ZSTD_compressCCtx(ctx.get(), out.data(), out.size(), in.data(), in.size(),
+                                 ZSTD_CLEVEL_DEFAULT);
     if (ZSTD_isError(n) || n >= out.size()) return size_t{0};
     return n;
   }
   z_stream s{};
   // Raw deflate (negative windowBits) with a 4 KiB window, as QEMU expects.
-  if (deflateInit2(&s, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
-                   Z_DEFAULT_STRATEGY) != Z_OK) {
+  if (deflateInit2(&s, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY) != Z_OK) {
     return Status(ErrorCode::kIoError, "deflateInit2 failed", ENOMEM);
   }
   s.next_in = reinterpret_cast<Bytef*>(const_cast<std::byte*>(in.data()));

@@ -22,8 +22,7 @@ Status DecompressCluster(CompressionType type, std::span<const std::byte> in,
 
 // Compresses one cluster into `out`. Returns the compressed size, or 0 when
 // the result would not be smaller than out.size() (store uncompressed).
-Result<size_t> CompressCluster(CompressionType type,
-                               std::span<const std::byte> in,
+Result<size_t> CompressCluster(CompressionType type, std::span<const std::byte> in,
                                std::span<std::byte> out);
 
 }  // namespace qcow2fs

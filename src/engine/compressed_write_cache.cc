@@ -6,11 +6,11 @@
 #include <cstring>
 #include <new>
 
+#include "base/sync_point.h"
 #include "codec/compression.h"
 #include "format/align.h"
 #include "format/cluster_pieces.h"
 #include "format/l2_entry.h"
-#include "base/sync_point.h"
 
 namespace qcow2fs {
 namespace {
@@ -33,8 +33,7 @@ bool AllZeroBytes(std::span<const std::byte> data) {
 
 CompressedWriteCache::CompressedWriteCache(CompressedClusterSink& sink, CompressionType type,
                                            uint64_t cluster_size, uint64_t max_per_host_cluster,
-                                           uint64_t disk_size, size_t max_bytes,
-                                           Executor executor)
+                                           uint64_t disk_size, size_t max_bytes, Executor executor)
     : sink_(sink),
       type_(type),
       cluster_size_(cluster_size),
@@ -153,8 +152,7 @@ Result<CompressedWriteCache::Entry*> CompressedWriteCache::FillingEntry(uint64_t
   entry->valid.resize((cluster_size_ + 63) / 64);
   // Bytes past the end of the disk are known: they are zeros.
   if (disk_size_ < cluster_start + cluster_size_) {
-    MarkValid(*entry, disk_size_ > cluster_start ? disk_size_ - cluster_start : 0,
-              cluster_size_);
+    MarkValid(*entry, disk_size_ > cluster_start ? disk_size_ - cluster_start : 0, cluster_size_);
   }
   lru_.push_back(index);
   entry->lru = std::prev(lru_.end());
@@ -264,9 +262,8 @@ Status CompressedWriteCache::Place(Job& job, Prepared prepared) {
       // Host clusters are allocated when the segment is sealed, exactly as
       // many as it fills: no cluster is allocated and then left free.
       try {
-        segment_.data = spare_segment_.empty()
-                            ? AlignedBuffer(segment_clusters_ << cluster_bits_)
-                            : std::move(spare_segment_);
+        segment_.data = spare_segment_.empty() ? AlignedBuffer(segment_clusters_ << cluster_bits_)
+                                               : std::move(spare_segment_);
         std::memset(segment_.data.data(), 0, segment_.data.size());
       } catch (const std::bad_alloc&) {
         s = Status(ErrorCode::kIoError, "no memory for a compressed segment", ENOMEM);
@@ -318,8 +315,8 @@ Status CompressedWriteCache::SealSegment() {
     // that it can go O_DIRECT. The sink allocates the clusters it spans, and
     // every one of them holds compressed data: packing only skips the rest
     // of a cluster that is at its refcount limit.
-    const uint64_t bytes = std::min(AlignUp(s.used, cluster_size_),
-                                    AlignUp(s.used, AlignedBuffer::kAlignment));
+    const uint64_t bytes =
+        std::min(AlignUp(s.used, cluster_size_), AlignUp(s.used, AlignedBuffer::kAlignment));
     MutexUnlock unlocked(mu_);
     st = sink_.StoreSegment({s.data.data(), bytes}, s.placed);
   }

@@ -79,8 +79,7 @@ class CompressedClusterSink {
   // not be written has its hold dropped and nothing points into it; after
   // a failed commit some entries may point into it already, with the same
   // bytes the cache still stages.
-  virtual Status StoreSegment(std::span<const std::byte> data,
-                              std::span<const Placed> placed) = 0;
+  virtual Status StoreSegment(std::span<const std::byte> data, std::span<const Placed> placed) = 0;
   // Stores a cluster that did not compress, or is all zeros.
   virtual Status WriteUncompressedCluster(uint64_t guest_offset,
                                           std::span<const std::byte> data) = 0;
@@ -95,9 +94,9 @@ class CompressedWriteCache {
   // less the segment's own hold). With an executor, completed clusters are
   // compressed and stored there and Write() returns as soon as the data is
   // staged; without, on the writer.
-  CompressedWriteCache(CompressedClusterSink& sink, CompressionType type,
-                       uint64_t cluster_size, uint64_t max_per_host_cluster,
-                       uint64_t disk_size, size_t max_bytes, Executor executor = {});
+  CompressedWriteCache(CompressedClusterSink& sink, CompressionType type, uint64_t cluster_size,
+                       uint64_t max_per_host_cluster, uint64_t disk_size, size_t max_bytes,
+                       Executor executor = {});
   ~CompressedWriteCache();
 
   // Stages `data` at guest `offset` (any size and alignment).
@@ -151,8 +150,8 @@ class CompressedWriteCache {
   struct Entry {
     uint64_t guest_offset;
     State state = State::kFilling;
-    std::vector<std::byte> data;   // one cluster
-    std::vector<uint64_t> valid;   // one bit per byte of data
+    std::vector<std::byte> data;  // one cluster
+    std::vector<uint64_t> valid;  // one bit per byte of data
     uint64_t valid_bytes = 0;
     std::list<uint64_t>::iterator lru;
   };
@@ -173,9 +172,7 @@ class CompressedWriteCache {
 
   bool IsComplete(const Entry& e) const { return e.valid_bytes == cluster_size_; }
   void MarkValid(Entry& e, uint64_t from, uint64_t to);
-  bool IsValid(const Entry& e, uint64_t at) const {
-    return (e.valid[at / 64] >> (at % 64)) & 1;
-  }
+  bool IsValid(const Entry& e, uint64_t at) const { return (e.valid[at / 64] >> (at % 64)) & 1; }
   // A cluster on its way from filling to the image. `filled` is a private
   // copy when bytes must be filled in from the image (readers may be
   // copying the entry's data meanwhile); empty when the entry is complete.

@@ -14,10 +14,9 @@ namespace {
 constexpr off_t kPermLockBase = 100;    // "I hold permission i"
 constexpr off_t kSharedLockBase = 200;  // "I do not share permission i"
 constexpr int kPermCount = 4;
-const char* const kPermNames[kPermCount] = {"consistent read", "write",
-                                            "write unchanged", "resize"};
-constexpr unsigned kConsistentRead = 1u << 0, kWrite = 1u << 1,
-                   kResize = 1u << 3;
+const char* const kPermNames[kPermCount] = {"consistent read", "write", "write unchanged",
+                                            "resize"};
+constexpr unsigned kConsistentRead = 1u << 0, kWrite = 1u << 1, kResize = 1u << 3;
 
 // Returns true if another open file description holds a lock on `byte`.
 Result<bool> ByteLockedByOther(int fd, off_t byte) {
@@ -45,8 +44,7 @@ Status LockByte(int fd, off_t byte) {
 }
 
 Status LockedError(const std::string& path, const std::string& what) {
-  return Status(ErrorCode::kLocked,
-                path + ": " + what + ". Is another process using the image?");
+  return Status(ErrorCode::kLocked, path + ": " + what + ". Is another process using the image?");
 }
 
 Status TakeFlock(int fd, const std::string& path, bool writable) {
@@ -72,16 +70,15 @@ Status TakeQemuLocks(int fd, const std::string& path, bool writable) {
     if (held & (1u << i)) {
       QCOW2FS_ASSIGN_OR_RETURN(bool busy, ByteLockedByOther(fd, kSharedLockBase + i));
       if (busy) {
-        return LockedError(path, std::string("Failed to get \"") + kPermNames[i] +
-                                     "\" lock");
+        return LockedError(path, std::string("Failed to get \"") + kPermNames[i] + "\" lock");
       }
     }
     // ...or holds one we refuse to share.
     if (unshared & (1u << i)) {
       QCOW2FS_ASSIGN_OR_RETURN(bool busy, ByteLockedByOther(fd, kPermLockBase + i));
       if (busy) {
-        return LockedError(path, std::string("Failed to get shared \"") +
-                                     kPermNames[i] + "\" lock");
+        return LockedError(path,
+                           std::string("Failed to get shared \"") + kPermNames[i] + "\" lock");
       }
     }
   }

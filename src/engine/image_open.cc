@@ -7,9 +7,9 @@
 #include "engine/image_lock.h"
 #include "engine/qcow2_check.h"
 #include "engine/qcow2_image.h"
-#include "io/owner_access.h"
 #include "format/endian.h"
 #include "format/header.h"
+#include "io/owner_access.h"
 
 namespace qcow2fs {
 namespace {
@@ -57,10 +57,8 @@ FileOpener HostFileOpener(bool direct_io) {
   };
 }
 
-Result<std::unique_ptr<Image>> OpenImageFile(std::unique_ptr<File> file,
-                                             const std::string& path,
-                                             const OpenOptions& options,
-                                             const FileOpener& opener,
+Result<std::unique_ptr<Image>> OpenImageFile(std::unique_ptr<File> file, const std::string& path,
+                                             const OpenOptions& options, const FileOpener& opener,
                                              int chain_depth) {
   std::byte magic[4];
   QCOW2FS_RETURN_IF_ERROR(file->ReadAt(0, magic));
@@ -68,14 +66,13 @@ Result<std::unique_ptr<Image>> OpenImageFile(std::unique_ptr<File> file,
   if (options.format == "qcow2" && !is_qcow2) {
     return Status(ErrorCode::kInvalidArgument, path + " is not a qcow2 image");
   }
-  if (!options.format.empty() && options.format != "qcow2" &&
-      options.format != "raw") {
+  if (!options.format.empty() && options.format != "qcow2" && options.format != "raw") {
     return Status(ErrorCode::kUnsupported,
                   "image format '" + options.format + "' is not supported");
   }
   if (options.lock && file->fd() >= 0) {
-    QCOW2FS_RETURN_IF_ERROR(LockImageFile(
-        file->fd(), path, !options.read_only && !options.snapshot));
+    QCOW2FS_RETURN_IF_ERROR(
+        LockImageFile(file->fd(), path, !options.read_only && !options.snapshot));
   }
   if (is_qcow2 && options.format != "raw") {
     std::optional<std::string> repaired;
@@ -89,17 +86,14 @@ Result<std::unique_ptr<Image>> OpenImageFile(std::unique_ptr<File> file,
   return OpenRaw(std::move(file), options);
 }
 
-Result<std::unique_ptr<Image>> OpenQcow2(std::unique_ptr<File> file,
-                                         const std::string& path,
-                                         const OpenOptions& options,
-                                         const FileOpener& opener) {
+Result<std::unique_ptr<Image>> OpenQcow2(std::unique_ptr<File> file, const std::string& path,
+                                         const OpenOptions& options, const FileOpener& opener) {
   OpenOptions o = options;
   o.format = "qcow2";
   return OpenImageFile(std::move(file), path, o, opener);
 }
 
-Result<std::unique_ptr<Image>> Image::Open(const std::string& path,
-                                           const OpenOptions& options) {
+Result<std::unique_ptr<Image>> Image::Open(const std::string& path, const OpenOptions& options) {
   const bool writable = !options.read_only && !options.snapshot;
   QCOW2FS_ASSIGN_OR_RETURN(auto file, OpenPosixFile(path, writable, options.direct_io));
   FileOpener opener = HostFileOpener(options.direct_io);

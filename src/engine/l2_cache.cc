@@ -8,8 +8,7 @@ namespace qcow2fs {
 L2Cache::L2Cache(size_t capacity_tables, size_t words_per_table)
     : capacity_(std::max<size_t>(capacity_tables, 2)), words_(words_per_table) {}
 
-Result<std::shared_ptr<L2Table>> L2Cache::Get(Mutex& mu, uint64_t offset,
-                                              const Loader& load) {
+Result<std::shared_ptr<L2Table>> L2Cache::Get(Mutex& mu, uint64_t offset, const Loader& load) {
   while (true) {
     auto it = map_.find(offset);
     if (it == map_.end()) break;

@@ -4,9 +4,9 @@
 //  - The cache is not thread-safe: its owner's metadata mutex guards it,
 //    held by the caller of every method (the owner's pointer to the cache
 //    is PT_GUARDED_BY that mutex, so a Clang build checks every call). Get()
-//    is handed that mutex and drops it only while a miss is read from disk, with a "loading" placeholder in the map so that a second
-//    thread asking for the same table waits for the first instead of
-//    reading it again (and no stale copy can ever be inserted).
+//    is handed that mutex and drops it only while a miss is read from disk, with a "loading"
+//    placeholder in the map so that a second thread asking for the same table waits for the first
+//    instead of reading it again (and no stale copy can ever be inserted).
 //  - A table handed out is pinned for as long as the caller keeps its
 //    shared_ptr; pinned, loading and dirty tables are never evicted. A dirty
 //    table is written back by the image (which knows the crash-safe order),
@@ -32,8 +32,7 @@
 namespace qcow2fs {
 
 struct L2Table {
-  explicit L2Table(uint64_t host_offset, size_t words)
-      : offset(host_offset), entries(words) {}
+  explicit L2Table(uint64_t host_offset, size_t words) : offset(host_offset), entries(words) {}
   const uint64_t offset;
   std::vector<uint64_t> entries;
   bool dirty = false;
@@ -57,8 +56,7 @@ class L2Cache {
   // Returns the table at `offset`, loading it on a miss. `mu` is the
   // owner's metadata mutex, which guards the cache; it is released during
   // the load (and while waiting for another thread's load) and re-acquired.
-  Result<std::shared_ptr<L2Table>> Get(Mutex& mu, uint64_t offset, const Loader& load)
-      REQUIRES(mu);
+  Result<std::shared_ptr<L2Table>> Get(Mutex& mu, uint64_t offset, const Loader& load) REQUIRES(mu);
   // Inserts a new all-zero table for a freshly allocated cluster, dirty.
   std::shared_ptr<L2Table> InsertNew(uint64_t offset);
   // Drops the table at `offset` (after its cluster was freed).

@@ -96,8 +96,7 @@ Result<bool> Repair(File& file, RepairMode mode, Findings& f, CheckReport& repor
       QCOW2FS_RETURN_IF_ERROR(CheckCopiedAgainstDisk(file, f, report));
     }
   }
-  return report.corruptions_fixed + report.leaks_fixed > fixed_before ||
-         report.refcounts_rebuilt;
+  return report.corruptions_fixed + report.leaks_fixed > fixed_before || report.refcounts_rebuilt;
 }
 
 }  // namespace
@@ -160,8 +159,7 @@ Result<CheckReport> CheckQcow2File(File& file, const CheckOptions& options) {
 Result<CheckReport> CheckImage(const std::string& path, const CheckOptions& options) {
   const bool writable = options.repair != RepairMode::kNone;
   if (writable && options.force_share) {
-    return Status(ErrorCode::kInvalidArgument,
-                  "force_share (-U) cannot be combined with a repair");
+    return Status(ErrorCode::kInvalidArgument, "force_share (-U) cannot be combined with a repair");
   }
   QCOW2FS_ASSIGN_OR_RETURN(auto file, OpenPosixFile(path, writable));
   std::byte magic[4];

@@ -25,16 +25,15 @@ bool HitsFixedMetadata(const Header& h, uint64_t offset) {
   const uint64_t cs = h.cluster_size();
   return Overlaps(offset, cs, 0, cs) ||
          Overlaps(offset, cs, h.l1_table_offset, uint64_t{h.l1_size} * 8) ||
-         Overlaps(offset, cs, h.refcount_table_offset,
-                  uint64_t{h.refcount_table_clusters} * cs) ||
+         Overlaps(offset, cs, h.refcount_table_offset, uint64_t{h.refcount_table_clusters} * cs) ||
          (h.nb_snapshots && Overlaps(offset, cs, h.snapshots_offset, cs));
 }
 
 }  // namespace
 
 Status CheckCopiedFlags(File& file, const Findings& f,
-                        const std::function<Result<uint64_t>(uint64_t)>& refcount_of,
-                        bool repair, CheckReport& report) {
+                        const std::function<Result<uint64_t>(uint64_t)>& refcount_of, bool repair,
+                        CheckReport& report) {
   const Header& h = f.header;
   const uint64_t cs = h.cluster_size();
   const uint64_t entry_bytes = h.l2_entry_bytes();
@@ -53,9 +52,9 @@ Status CheckCopiedFlags(File& file, const Findings& f,
     auto l2_refcount = refcount_of(l2_offset >> h.cluster_bits);
     if (!l2_refcount.ok()) continue;  // the refcount walk reported it
     if ((*l2_refcount == 1) != ((l1_entry & kOflagCopied) != 0)) {
-      const std::string what = Fmt("OFLAG_COPIED L2 cluster: l1_index=%u l1_entry=%" PRIx64
-                                   " refcount=%" PRIu64,
-                                   i, l1_entry, *l2_refcount);
+      const std::string what =
+          Fmt("OFLAG_COPIED L2 cluster: l1_index=%u l1_entry=%" PRIx64 " refcount=%" PRIu64, i,
+              l1_entry, *l2_refcount);
       if (repair) {
         const uint64_t fixed =
             *l2_refcount == 1 ? l1_entry | kOflagCopied : l1_entry & ~kOflagCopied;
@@ -92,8 +91,7 @@ Status CheckCopiedFlags(File& file, const Findings& f,
       }
       if ((refcount == 1) == ((entry & kOflagCopied) != 0)) continue;
       const std::string what =
-          Fmt("OFLAG_COPIED data cluster: l2_entry=%" PRIx64 " refcount=%" PRIu64, entry,
-              refcount);
+          Fmt("OFLAG_COPIED data cluster: l2_entry=%" PRIx64 " refcount=%" PRIu64, entry, refcount);
       if (repair && !HitsFixedMetadata(h, l2_offset) && l2_offset % cs == 0) {
         StoreBe64(p, refcount == 1 ? entry | kOflagCopied : entry & ~kOflagCopied);
         dirty++;
@@ -104,9 +102,9 @@ Status CheckCopiedFlags(File& file, const Findings& f,
       }
     }
     if (dirty) {
-      QCOW2FS_RETURN_IF_ERROR(file.WriteAt(l2_offset, table)
-                                  .Annotate("repairing COPIED flags in the L2 table at " +
-                                            Hex(l2_offset)));
+      QCOW2FS_RETURN_IF_ERROR(
+          file.WriteAt(l2_offset, table)
+              .Annotate("repairing COPIED flags in the L2 table at " + Hex(l2_offset)));
       wrote = true;
       report.corruptions_fixed += dirty;
       for (auto& line : fixes) report.repairs.push_back(std::move(line));

@@ -111,8 +111,8 @@ Result<Findings> WalkImage(File& file, RepairMode mode, const ProgressFn& progre
 // and with `repair` they are rewritten (each L2 table with one write, then a
 // sync) and counted as fixed.
 Status CheckCopiedFlags(File& file, const Findings& findings,
-                        const std::function<Result<uint64_t>(uint64_t)>& refcount_of,
-                        bool repair, CheckReport& report);
+                        const std::function<Result<uint64_t>(uint64_t)>& refcount_of, bool repair,
+                        CheckReport& report);
 
 // Applies the entry patches (then syncs).
 Status ApplyPatches(File& file, const Findings& findings, CheckReport& report);

@@ -26,8 +26,7 @@ Status ApplyPatches(File& file, const Findings& f, CheckReport& report) {
   for (const WordPatch& patch : f.patches) {
     std::byte word[8];
     StoreBe64(word, patch.value);
-    QCOW2FS_RETURN_IF_ERROR(
-        file.WriteAt(patch.offset, word).Annotate("repairing " + patch.what));
+    QCOW2FS_RETURN_IF_ERROR(file.WriteAt(patch.offset, word).Annotate("repairing " + patch.what));
     report.repairs.push_back("Repairing " + patch.what);
     report.corruptions_fixed++;
   }
@@ -37,8 +36,7 @@ Status ApplyPatches(File& file, const Findings& f, CheckReport& report) {
   return Status();
 }
 
-Status FixRefcountsInPlace(File& file, const Findings& f, bool leaks_only,
-                           CheckReport& report) {
+Status FixRefcountsInPlace(File& file, const Findings& f, bool leaks_only, CheckReport& report) {
   const Header& h = f.header;
   const uint64_t max = MaxRefcount(h.refcount_order);
   StoredRefcounts layout(file, h, f.refcount_table);
@@ -130,9 +128,8 @@ Status RebuildRefcounts(File& file, Findings& f, CheckReport& report) {
     table_clusters = std::max(table_clusters, need_table);
   }
   if (table_clusters * cs > limits::kMaxRefcountTableBytes) {
-    return Status(ErrorCode::kNoSpace,
-                  "a refcount table for " + std::to_string(start) +
-                      " clusters would exceed the 8 MiB limit");
+    return Status(ErrorCode::kNoSpace, "a refcount table for " + std::to_string(start) +
+                                           " clusters would exceed the 8 MiB limit");
   }
   const uint64_t end = start + table_clusters + block_count;
   refs.resize(end, 0);
@@ -146,8 +143,9 @@ Status RebuildRefcounts(File& file, Findings& f, CheckReport& report) {
     std::fill(block.begin(), block.end(), std::byte{0});
     const uint64_t first = blocks[k] * per_block;
     for (uint64_t c = first; c < std::min<uint64_t>(refs.size(), first + per_block); c++) {
-      if (refs[c]) SetRefcountEntry(block.data(), h.refcount_order, c - first,
-                                    std::min<uint64_t>(refs[c], max));
+      if (refs[c])
+        SetRefcountEntry(block.data(), h.refcount_order, c - first,
+                         std::min<uint64_t>(refs[c], max));
     }
     QCOW2FS_RETURN_IF_ERROR(file.WriteAt(offset, block).Annotate("writing a new refcount block"));
   }
@@ -172,8 +170,8 @@ Status RebuildRefcounts(File& file, Findings& f, CheckReport& report) {
     f.refcount_table[blocks[k]] = (start + table_clusters + k) << bits;
   }
   report.refcounts_rebuilt = true;
-  report.repairs.push_back(Fmt("Rebuilt the refcount structure: table at %#" PRIx64
-                               " (%" PRIu64 " clusters), %zu refcount blocks",
+  report.repairs.push_back(Fmt("Rebuilt the refcount structure: table at %#" PRIx64 " (%" PRIu64
+                               " clusters), %zu refcount blocks",
                                table_offset, table_clusters, blocks.size()));
   return Status();
 }

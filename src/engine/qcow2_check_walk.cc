@@ -38,8 +38,7 @@ constexpr uint64_t kBitmapDirectoryEntryFixedBytes = 24;
 
 class Walker {
  public:
-  Walker(File& file, RepairMode mode, const ProgressFn& progress, CheckReport& report,
-         Findings& f)
+  Walker(File& file, RepairMode mode, const ProgressFn& progress, CheckReport& report, Findings& f)
       : file_(file), mode_(mode), progress_(progress), report_(report), f_(f) {}
 
   Status Run();
@@ -104,16 +103,17 @@ class Walker {
 bool Walker::Count(uint64_t offset, uint64_t size) {
   if (size == 0) return true;
   if (PastEnd(offset, size)) {
-    Corruption(Fmt("ERROR: counting reference for region exceeding the end of the file "
-                   "by one cluster or more: offset %#" PRIx64 " size %#" PRIx64,
-                   offset, size));
+    Corruption(
+        Fmt("ERROR: counting reference for region exceeding the end of the file "
+            "by one cluster or more: offset %#" PRIx64 " size %#" PRIx64,
+            offset, size));
     return false;
   }
   const uint64_t first = offset >> h().cluster_bits;
   const uint64_t last = (offset + size - 1) >> h().cluster_bits;
   if (last >= f_.refs.size()) f_.refs.resize(last + 1, 0);
-  const uint64_t max = std::min<uint64_t>(MaxRefcount(h().refcount_order),
-                                          std::numeric_limits<uint32_t>::max());
+  const uint64_t max =
+      std::min<uint64_t>(MaxRefcount(h().refcount_order), std::numeric_limits<uint32_t>::max());
   for (uint64_t k = first; k <= last; k++) {
     if (f_.refs[k] >= max) {
       Corruption(Fmt("ERROR: overflow cluster offset=%#" PRIx64, k << h().cluster_bits));
@@ -130,8 +130,7 @@ void Walker::PatchToZero(uint64_t entry_offset, uint64_t bitmap, bool compressed
   if (h().extended_l2()) {
     // Allocated subclusters (all of a compressed cluster) become zero ones;
     // unallocated ones keep reading from the backing file.
-    const uint64_t zero = compressed ? kAllZeroBits
-                                     : ((bitmap | (bitmap << 32)) & kAllZeroBits);
+    const uint64_t zero = compressed ? kAllZeroBits : ((bitmap | (bitmap << 32)) & kAllZeroBits);
     f_.patches.push_back({entry_offset, 0, what});
     f_.patches.push_back({entry_offset + 8, zero, what + " (subcluster bitmap)"});
   } else {
@@ -176,8 +175,7 @@ Status Walker::WalkL1(uint64_t l1_offset, uint32_t l1_size, bool active) {
   Count(l1_offset, bytes);
   std::vector<std::byte> raw(bytes);
   if (Status s = file_.ReadAt(l1_offset, raw); !s.ok()) {
-    CheckError("ERROR: I/O error reading the L1 table at " + Hex(l1_offset) + ": " +
-               s.message());
+    CheckError("ERROR: I/O error reading the L1 table at " + Hex(l1_offset) + ": " + s.message());
     return Status();
   }
   Progress(bytes);
@@ -218,8 +216,7 @@ Status Walker::WalkL2(uint64_t l2_offset, bool active) {
   const uint64_t entry_bytes = h().l2_entry_bytes();
   std::vector<std::byte> table(cs());
   if (Status s = file_.ReadAt(l2_offset, table); !s.ok()) {
-    CheckError("ERROR: I/O error reading the L2 table at " + Hex(l2_offset) + ": " +
-               s.message());
+    CheckError("ERROR: I/O error reading the L2 table at " + Hex(l2_offset) + ": " + s.message());
     return Status();
   }
   Progress(cs());
@@ -241,14 +238,14 @@ Status Walker::WalkL2(uint64_t l2_offset, bool active) {
                          entry & ((uint64_t{1} << x) - 1)));
           entry &= ~kOflagCopied;
           if (mode_ == RepairMode::kAll) {
-            f_.patches.push_back({entry_offset, entry,
-                                  "compressed L2 entry at " + Hex(entry_offset) +
-                                      ": copied flag cleared"});
+            f_.patches.push_back(
+                {entry_offset, entry,
+                 "compressed L2 entry at " + Hex(entry_offset) + ": copied flag cleared"});
           }
         }
         if (data_file) {
-          Corruption(Fmt("ERROR compressed cluster %" PRIu64
-                         " with data file, entry=%#" PRIx64, i, entry));
+          Corruption(Fmt("ERROR compressed cluster %" PRIu64 " with data file, entry=%#" PRIx64, i,
+                         entry));
           break;
         }
         if (bitmap) {
@@ -292,8 +289,7 @@ Status Walker::WalkL2(uint64_t l2_offset, bool active) {
               // A preallocated zero cluster loses its preallocation; it
               // still reads as zeros, and its cluster is not counted.
               PatchToZero(entry_offset, bitmap, false,
-                          "L2 entry at " + Hex(entry_offset) +
-                              ": unaligned preallocation dropped");
+                          "L2 entry at " + Hex(entry_offset) + ": unaligned preallocation dropped");
               continue;
             }
           } else {
@@ -400,8 +396,7 @@ Status Walker::WalkBitmaps() {
       const uint64_t offset = LoadBe64(table.data() + 8 * uint64_t{i}) & kBitmapTableOffsetMask;
       if (offset == 0) continue;
       if (offset % cs()) {
-        Corruption(Fmt("ERROR bitmap %u table entry %u: offset %#" PRIx64
-                       " is not cluster aligned",
+        Corruption(Fmt("ERROR bitmap %u table entry %u: offset %#" PRIx64 " is not cluster aligned",
                        b, i, offset));
       }
       // No repair rewrites bitmap tables: whatever they name must stay
@@ -441,8 +436,7 @@ Status Walker::WalkRefcountBlocks() {
     const uint64_t cluster = offset >> h().cluster_bits;
     f_.old_refcount_clusters.push_back(cluster);
     if (f_.refs[cluster] != 1) {
-      Corruption(Fmt("ERROR refcount block %" PRIu64 " refcount=%" PRIu32, i,
-                     f_.refs[cluster]));
+      Corruption(Fmt("ERROR refcount block %" PRIu64 " refcount=%" PRIu32, i, f_.refs[cluster]));
       f_.rebuild = true;
     }
   }
@@ -457,8 +451,8 @@ Status Walker::Compare() {
     if (!r.ok()) {
       report_.check_errors++;
       f_.complete = false;
-      report_.messages.push_back(
-          Fmt("Can't get refcount for cluster %" PRIu64 ": ", i) + r.status().message());
+      report_.messages.push_back(Fmt("Can't get refcount for cluster %" PRIu64 ": ", i) +
+                                 r.status().message());
       continue;
     }
     const uint64_t refcount = *r;
@@ -468,8 +462,7 @@ Status Walker::Compare() {
     // A cluster in use that counts as free could be handed out again:
     // only a new refcount structure is trusted to cover it.
     if (refcount == 0) f_.rebuild = true;
-    report_.messages.push_back(Fmt("%s cluster %" PRIu64 " refcount=%" PRIu64
-                                   " reference=%" PRIu64,
+    report_.messages.push_back(Fmt("%s cluster %" PRIu64 " refcount=%" PRIu64 " reference=%" PRIu64,
                                    refcount < references ? "ERROR" : "Leaked", i, refcount,
                                    references));
     if (refcount < references) {
@@ -493,8 +486,8 @@ Status Walker::Run() {
   f_.refs.assign((f_.file_size + cs() - 1) / cs(), 0);
 
   std::vector<std::byte> table(uint64_t{h().refcount_table_clusters} * cs());
-  QCOW2FS_RETURN_IF_ERROR(file_.ReadAt(h().refcount_table_offset, table)
-                              .Annotate("reading the refcount table"));
+  QCOW2FS_RETURN_IF_ERROR(
+      file_.ReadAt(h().refcount_table_offset, table).Annotate("reading the refcount table"));
   f_.refcount_table.resize(table.size() / 8);
   for (size_t i = 0; i < f_.refcount_table.size(); i++) {
     f_.refcount_table[i] = LoadBe64(table.data() + 8 * i);
@@ -506,8 +499,7 @@ Status Walker::Run() {
     if (snapshots.ok()) {
       snapshots_ = std::move(snapshots).value();
       for (const auto& s : snapshots_) {
-        snapshot_table_bytes_ +=
-            AlignUp(40 + s.extra_data.size() + s.id.size() + s.name.size(), 8);
+        snapshot_table_bytes_ += AlignUp(40 + s.extra_data.size() + s.id.size() + s.name.size(), 8);
       }
     } else {
       snapshots_ok_ = false;
@@ -536,8 +528,7 @@ Status Walker::Run() {
 
 }  // namespace
 
-StoredRefcounts::StoredRefcounts(File& file, const Header& header,
-                                 std::vector<uint64_t> table)
+StoredRefcounts::StoredRefcounts(File& file, const Header& header, std::vector<uint64_t> table)
     : file_(file),
       cluster_size_(header.cluster_size()),
       order_(header.refcount_order),

@@ -30,8 +30,9 @@ Status Qcow2Image::SetUpCompressedWrites(const OpenOptions& options) {
   }
   if (*options.compress != compression_) {
     return Status(ErrorCode::kInvalidArgument,
-                  std::string("compress=") + want + " does not match the image's compression type " +
-                      have + " (create the image with compression_type=" + want + ")");
+                  std::string("compress=") + want +
+                      " does not match the image's compression type " + have +
+                      " (create the image with compression_type=" + want + ")");
   }
   if (has_data_file_) {
     return Status(ErrorCode::kUnsupported,
@@ -46,8 +47,8 @@ Status Qcow2Image::SetUpCompressedWrites(const OpenOptions& options) {
   // touches, and a segment holds one more on each until it is committed.
   const uint64_t max_per_host_cluster = MaxRefcount(refcount_order_) - 1;
   compressed_cache_ = std::make_unique<CompressedWriteCache>(
-      static_cast<CompressedClusterSink&>(*this), compression_, cluster_size_,
-      max_per_host_cluster, size(), options.compress_cache_bytes, options.compress_executor);
+      static_cast<CompressedClusterSink&>(*this), compression_, cluster_size_, max_per_host_cluster,
+      size(), options.compress_cache_bytes, options.compress_executor);
   return Status();
 }
 
@@ -103,8 +104,7 @@ Status Qcow2Image::ReadClusterForFill(uint64_t guest_offset, std::span<std::byte
   return n ? ReadImage(guest_offset, out.first(n)) : Status();
 }
 
-Status Qcow2Image::StoreSegment(std::span<const std::byte> data,
-                                std::span<const Placed> placed) {
+Status Qcow2Image::StoreSegment(std::span<const std::byte> data, std::span<const Placed> placed) {
   const uint64_t count = AlignUp(data.size(), cluster_size_) >> cluster_bits_;
   uint64_t segment;
   {

@@ -26,10 +26,9 @@ HeaderExtension FeatureTable() {
     const char* name;
   };
   static const Entry kEntries[] = {
-      {0, 0, "dirty bit"},          {0, 1, "corrupt bit"},
-      {0, 2, "external data file"}, {0, 3, "compression type"},
-      {0, 4, "extended L2 entries"}, {1, 0, "lazy refcounts"},
-      {2, 0, "bitmaps"},            {2, 1, "raw external data"},
+      {0, 0, "dirty bit"},        {0, 1, "corrupt bit"},         {0, 2, "external data file"},
+      {0, 3, "compression type"}, {0, 4, "extended L2 entries"}, {1, 0, "lazy refcounts"},
+      {2, 0, "bitmaps"},          {2, 1, "raw external data"},
   };
   HeaderExtension ext{kExtFeatureTable, {}};
   for (const Entry& e : kEntries) {
@@ -73,8 +72,8 @@ Status Image::Create(const std::string& path, const CreateOptions& o) {
   uint64_t size = o.size;
   std::string backing_format = o.backing_format;
   if (!o.backing_file.empty()) {
-    const std::string dir = path.find('/') == std::string::npos
-                                ? "." : path.substr(0, path.rfind('/') + 1);
+    const std::string dir =
+        path.find('/') == std::string::npos ? "." : path.substr(0, path.rfind('/') + 1);
     const std::string resolved =
         o.backing_file[0] == '/' ? o.backing_file : dir + "/" + o.backing_file;
     OpenOptions bo;

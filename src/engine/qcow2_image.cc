@@ -8,11 +8,11 @@
 
 #include <sys/stat.h>
 
+#include "engine/image_lock.h"
 #include "format/endian.h"
+#include "format/hex.h"
 #include "format/l2_entry.h"
 #include "format/limits.h"
-#include "format/hex.h"
-#include "engine/image_lock.h"
 
 namespace qcow2fs {
 namespace {
@@ -25,8 +25,7 @@ std::string DirName(const std::string& path) {
 }
 
 // Backing and data file names are relative to the image's directory.
-std::string ResolveRelative(const std::string& image_path,
-                            const std::string& name) {
+std::string ResolveRelative(const std::string& image_path, const std::string& name) {
   if (!name.empty() && name[0] == '/') return name;
   return DirName(image_path) + "/" + name;
 }
@@ -54,21 +53,18 @@ Qcow2Image::~Qcow2Image() {
   }
 }
 
-Result<std::unique_ptr<Image>> Qcow2Image::Open(std::unique_ptr<File> file,
-                                                const std::string& path,
+Result<std::unique_ptr<Image>> Qcow2Image::Open(std::unique_ptr<File> file, const std::string& path,
                                                 const OpenOptions& options,
-                                                const FileOpener& opener,
-                                                int chain_depth) {
+                                                const FileOpener& opener, int chain_depth) {
   std::unique_ptr<Qcow2Image> image(new Qcow2Image());
   image->path_ = path;
   image->file_ = std::move(file);
-  QCOW2FS_RETURN_IF_ERROR(
-      image->LoadMetadata(options, opener, chain_depth).Annotate(path));
+  QCOW2FS_RETURN_IF_ERROR(image->LoadMetadata(options, opener, chain_depth).Annotate(path));
   return std::unique_ptr<Image>(std::move(image));
 }
 
-Status Qcow2Image::LoadMetadata(const OpenOptions& options,
-                                const FileOpener& opener, int chain_depth) {
+Status Qcow2Image::LoadMetadata(const OpenOptions& options, const FileOpener& opener,
+                                int chain_depth) {
   // Nobody else can reach the image yet; the lock is free and lets the
   // analysis check what is filled in below.
   MutexLock lk(meta_mutex_);
@@ -77,8 +73,8 @@ Status Qcow2Image::LoadMetadata(const OpenOptions& options,
 
   // The header and its extensions live in the first cluster, which is at
   // most 2 MiB.
-  std::vector<std::byte> first(std::min<uint64_t>(
-      file_size, uint64_t{1} << limits::kMaxClusterBits));
+  std::vector<std::byte> first(
+      std::min<uint64_t>(file_size, uint64_t{1} << limits::kMaxClusterBits));
   QCOW2FS_RETURN_IF_ERROR(file_->ReadAt(0, first));
   QCOW2FS_ASSIGN_OR_RETURN(header_, DecodeHeader(first, file_size));
 
@@ -90,8 +86,7 @@ Status Qcow2Image::LoadMetadata(const OpenOptions& options,
   has_data_file_ = header_.has_data_file();
   refcount_order_ = header_.refcount_order;
   subcluster_bits_ = extended_l2_ ? cluster_bits_ - 5 : cluster_bits_;
-  compression_ = header_.compression_type == 1 ? CompressionType::kZstd
-                                               : CompressionType::kZlib;
+  compression_ = header_.compression_type == 1 ? CompressionType::kZstd : CompressionType::kZlib;
 
   read_only_ = options.read_only || options.snapshot.has_value();
   if (header_.incompatible_features & kIncompatCorrupt) {
@@ -108,11 +103,8 @@ Status Qcow2Image::LoadMetadata(const OpenOptions& options,
   }
 
   if (header_.nb_snapshots > 0) {
-    auto read = [this](uint64_t off, std::span<std::byte> buf) {
-      return file_->ReadAt(off, buf);
-    };
-    QCOW2FS_ASSIGN_OR_RETURN(snapshots_,
-                             ReadSnapshotTable(header_, file_size, read));
+    auto read = [this](uint64_t off, std::span<std::byte> buf) { return file_->ReadAt(off, buf); };
+    QCOW2FS_ASSIGN_OR_RETURN(snapshots_, ReadSnapshotTable(header_, file_size, read));
     for (const auto& s : snapshots_) {
       snapshot_table_bytes_ +=
           (40 + s.extra_data.size() + s.id.size() + s.name.size() + 7) & ~uint64_t{7};
@@ -123,11 +115,9 @@ Status Qcow2Image::LoadMetadata(const OpenOptions& options,
   uint32_t l1_entries = header_.l1_size;
   uint64_t virtual_size = header_.size;
   if (options.snapshot) {
-    auto it = std::find_if(snapshots_.begin(), snapshots_.end(),
-                           [&](const SnapshotEntry& s) {
-                             return s.id == *options.snapshot ||
-                                    s.name == *options.snapshot;
-                           });
+    auto it = std::find_if(snapshots_.begin(), snapshots_.end(), [&](const SnapshotEntry& s) {
+      return s.id == *options.snapshot || s.name == *options.snapshot;
+    });
     if (it == snapshots_.end()) {
       return Status(ErrorCode::kNotFound,
                     "no snapshot with ID or name '" + *options.snapshot + "'");
@@ -146,11 +136,10 @@ Status Qcow2Image::LoadMetadata(const OpenOptions& options,
   size_ = virtual_size;
   QCOW2FS_RETURN_IF_ERROR(LoadL1(l1_offset, l1_entries));
 
-  size_t cache_bytes = options.l2_cache_bytes
-                           ? options.l2_cache_bytes
-                           : DefaultL2CacheBytes(header_, virtual_size);
-  l2_cache_ = std::make_unique<L2Cache>(
-      cache_bytes / cluster_size_, cluster_size_ / sizeof(uint64_t));
+  size_t cache_bytes =
+      options.l2_cache_bytes ? options.l2_cache_bytes : DefaultL2CacheBytes(header_, virtual_size);
+  l2_cache_ =
+      std::make_unique<L2Cache>(cache_bytes / cluster_size_, cluster_size_ / sizeof(uint64_t));
 
   // The backing chain first: the data file must be none of its files. The
   // opener is wrapped to note every file the chain opens (their data files
@@ -196,14 +185,12 @@ Status Qcow2Image::OpenDataFile(const OpenOptions& options, const FileOpener& op
     return Status();
   }
   if (header_.data_file.empty()) {
-    return Status(ErrorCode::kCorrupt,
-                  "image needs an external data file but names none");
+    return Status(ErrorCode::kCorrupt, "image needs an external data file but names none");
   }
   const std::string resolved = ResolveRelative(path_, header_.data_file);
   auto file = opener(resolved, !read_only_);
   if (!file.ok()) {
-    return file.status().Annotate("opening external data file '" +
-                                  header_.data_file + "'");
+    return file.status().Annotate("opening external data file '" + header_.data_file + "'");
   }
   owned_data_file_ = std::move(file).value();
   data_file_ = owned_data_file_.get();
@@ -216,8 +203,8 @@ Status Qcow2Image::OpenDataFile(const OpenOptions& options, const FileOpener& op
     const bool is_self = file_->fd() >= 0 && ::fstat(file_->fd(), &own_st) == 0 &&
                          own_st.st_dev == data_st.st_dev && own_st.st_ino == data_st.st_ino;
     if (is_self) {
-      return Status(ErrorCode::kCorrupt, "external data file '" + header_.data_file +
-                                             "' is the image file itself");
+      return Status(ErrorCode::kCorrupt,
+                    "external data file '" + header_.data_file + "' is the image file itself");
     }
     if (std::find(chain_files.begin(), chain_files.end(), id) != chain_files.end()) {
       return Status(ErrorCode::kCorrupt, "external data file '" + header_.data_file +
@@ -227,28 +214,25 @@ Status Qcow2Image::OpenDataFile(const OpenOptions& options, const FileOpener& op
   // Locked like the image, so that no other writer (QEMU included) changes
   // the guest data under us.
   if (options.lock && data_file_->fd() >= 0) {
-    QCOW2FS_RETURN_IF_ERROR(LockImageFile(data_file_->fd(), resolved, !read_only_)
-                                .Annotate("external data file"));
+    QCOW2FS_RETURN_IF_ERROR(
+        LockImageFile(data_file_->fd(), resolved, !read_only_).Annotate("external data file"));
   }
   return Status();
 }
 
-Status Qcow2Image::OpenBacking(const OpenOptions& options,
-                               const FileOpener& opener, int chain_depth) {
+Status Qcow2Image::OpenBacking(const OpenOptions& options, const FileOpener& opener,
+                               int chain_depth) {
   if (header_.backing_file.empty()) return Status();
   if (chain_depth + 1 >= limits::kMaxBackingChainDepth) {
-    return Status(ErrorCode::kCorrupt,
-                  "backing chain is longer than 64 images (a loop?)");
+    return Status(ErrorCode::kCorrupt, "backing chain is longer than 64 images (a loop?)");
   }
   const std::string& name = header_.backing_file;
   if (name.rfind("json:", 0) == 0 || name.find("://") != std::string::npos) {
-    return Status(ErrorCode::kUnsupported,
-                  "backing file '" + name + "' is not a plain file name");
+    return Status(ErrorCode::kUnsupported, "backing file '" + name + "' is not a plain file name");
   }
   const std::string& fmt = header_.backing_format;
   if (!fmt.empty() && fmt != "qcow2" && fmt != "raw") {
-    return Status(ErrorCode::kUnsupported,
-                  "backing file format '" + fmt + "' is not supported");
+    return Status(ErrorCode::kUnsupported, "backing file format '" + fmt + "' is not supported");
   }
   backing_resolved_ = ResolveRelative(path_, name);
   auto file = opener(backing_resolved_, false);
@@ -259,8 +243,8 @@ Status Qcow2Image::OpenBacking(const OpenOptions& options,
   backing_options.read_only = true;
   backing_options.lock = options.lock;
   backing_options.format = fmt;
-  auto backing = OpenImageFile(std::move(file).value(), backing_resolved_,
-                               backing_options, opener, chain_depth + 1);
+  auto backing = OpenImageFile(std::move(file).value(), backing_resolved_, backing_options, opener,
+                               chain_depth + 1);
   if (!backing.ok()) {
     return backing.status().Annotate("opening backing file '" + name + "'");
   }
@@ -292,8 +276,7 @@ ImageInfo Qcow2Image::info() const {
   i.lazy_refcounts = header_.compatible_features & kCompatLazyRefcounts;
   i.l1_size = header_.l1_size;
   for (const auto& s : snapshots_) {
-    i.snapshots.push_back(SnapshotInfo{s.id, s.name, s.disk_size,
-                                       s.vm_state_size, s.date_sec,
+    i.snapshots.push_back(SnapshotInfo{s.id, s.name, s.disk_size, s.vm_state_size, s.date_sec,
                                        s.date_nsec, s.vm_clock_nsec});
   }
   i.warnings = warnings_;

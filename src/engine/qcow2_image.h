@@ -29,11 +29,11 @@
 #include <cstdint>
 #include <functional>
 #include <map>
-#include <set>
-#include <unordered_set>
 #include <memory>
+#include <set>
 #include <span>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include <sys/types.h>
@@ -58,17 +58,15 @@ struct Extent {
   Kind kind = Kind::kZero;
   uint64_t guest_offset = 0;
   uint64_t length = 0;
-  uint64_t host_offset = 0;      // kData: first byte; kCompressed: descriptor offset
-  uint64_t compressed_bytes = 0;  // kCompressed: bytes to read at host_offset
+  uint64_t host_offset = 0;           // kData: first byte; kCompressed: descriptor offset
+  uint64_t compressed_bytes = 0;      // kCompressed: bytes to read at host_offset
   uint64_t cluster_guest_offset = 0;  // kCompressed: guest offset of its cluster
 };
 
 class Qcow2Image final : public Image, private CompressedClusterSink {
  public:
-  static Result<std::unique_ptr<Image>> Open(std::unique_ptr<File> file,
-                                             const std::string& path,
-                                             const OpenOptions& options,
-                                             const FileOpener& opener,
+  static Result<std::unique_ptr<Image>> Open(std::unique_ptr<File> file, const std::string& path,
+                                             const OpenOptions& options, const FileOpener& opener,
                                              int chain_depth);
   ~Qcow2Image() override;
 
@@ -100,10 +98,10 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   // Open steps. They run before any other thread can see the image, with
   // meta_mutex_ held all the same (uncontended) so that the analysis checks
   // what they fill in.
-  Status LoadMetadata(const OpenOptions& options, const FileOpener& opener,
-                      int chain_depth) EXCLUDES(meta_mutex_);
-  Status OpenBacking(const OpenOptions& options, const FileOpener& opener,
-                     int chain_depth) REQUIRES(meta_mutex_);
+  Status LoadMetadata(const OpenOptions& options, const FileOpener& opener, int chain_depth)
+      EXCLUDES(meta_mutex_);
+  Status OpenBacking(const OpenOptions& options, const FileOpener& opener, int chain_depth)
+      REQUIRES(meta_mutex_);
   Status OpenDataFile(const OpenOptions& options, const FileOpener& opener,
                       const std::vector<std::pair<dev_t, ino_t>>& chain_files)
       REQUIRES(meta_mutex_);
@@ -126,8 +124,7 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   // The active L2 table for L1 index `l1_index`, allocated or copied away
   // from a shared one as needed. This and L2ForMappingLocked may drop
   // meta_mutex_ while an L2 table loads.
-  Result<std::shared_ptr<L2Table>> L2ForWriteLocked(uint64_t l1_index)
-      REQUIRES(meta_mutex_);
+  Result<std::shared_ptr<L2Table>> L2ForWriteLocked(uint64_t l1_index) REQUIRES(meta_mutex_);
   // The L2 table L1 entry `l1_index` names (non-zero), checked with
   // CheckL2TableOffset; `guest` is the offset being mapped.
   Result<std::shared_ptr<L2Table>> L2ForMappingLocked(uint64_t l1_index, uint64_t guest)
@@ -148,8 +145,8 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   // Reads the image without the compressed staging cache. ReadImageShared
   // is the same with discard_lock_ held shared by the caller.
   Status ReadImage(uint64_t offset, std::span<std::byte> buf) EXCLUDES(discard_lock_);
-  Status ReadImageShared(uint64_t offset, std::span<std::byte> buf)
-      REQUIRES_SHARED(discard_lock_) EXCLUDES(meta_mutex_);
+  Status ReadImageShared(uint64_t offset, std::span<std::byte> buf) REQUIRES_SHARED(discard_lock_)
+      EXCLUDES(meta_mutex_);
   // Zeroing and discard: partial clusters get zeros written, whole
   // clusters lose their data (discard) or are marked zero. With
   // `drop_staged`, staged bytes of whole clusters are forgotten at the same
@@ -170,8 +167,7 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   // segment written at host offset `segment`.
   Status CommitSegmentLocked(std::span<const Placed> placed, uint64_t segment)
       REQUIRES(meta_mutex_);
-  Status WriteUncompressedCluster(uint64_t guest_offset,
-                                  std::span<const std::byte> data) override;
+  Status WriteUncompressedCluster(uint64_t guest_offset, std::span<const std::byte> data) override;
   Status ZeroCluster(uint64_t guest_offset) override;
 
   // --- writing (qcow2_write.cc, qcow2_zero.cc, qcow2_metadata.cc) ---
@@ -195,8 +191,8 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   // write of the same cluster and during the free-space search (it plans
   // again after those). The host offsets it returns are valid only while
   // the caller keeps discard_lock_ shared, through the data step.
-  Status PlanWriteStepLocked(uint64_t pos, uint64_t end, WriteStep& step)
-      REQUIRES(meta_mutex_) REQUIRES_SHARED(discard_lock_);
+  Status PlanWriteStepLocked(uint64_t pos, uint64_t end, WriteStep& step) REQUIRES(meta_mutex_)
+      REQUIRES_SHARED(discard_lock_);
   // Data: writes the step's bytes (`bytes`: the guest bytes from step.pos
   // to step.run_end), with the old content around them for an allocating
   // step. Guest I/O, so never under meta_mutex_.
@@ -226,8 +222,8 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   // past the end of the file when its table was read, or on metadata.
   // Releasing it would free clusters that hold other data. `index` is the
   // entry's index in `table`, `guest` its guest offset (for the message).
-  Status CheckReleasableLocked(const L2Table& table, uint64_t index, uint64_t word,
-                               uint64_t guest) REQUIRES(meta_mutex_);
+  Status CheckReleasableLocked(const L2Table& table, uint64_t index, uint64_t word, uint64_t guest)
+      REQUIRES(meta_mutex_);
   void ReleaseEntryLocked(uint64_t word) REQUIRES(meta_mutex_);
   void ReleaseClusterLocked(uint64_t host_offset) REQUIRES(meta_mutex_);
   // Queues host cluster `cluster` (an index) for a deferred free, and
@@ -244,8 +240,7 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   std::vector<uint64_t> TakeDeferredFreesLocked() REQUIRES(meta_mutex_);
   // Makes whole clusters [first, first+count) read as zeros (zero flag or
   // deallocation). Caller holds discard_lock_ exclusively.
-  Status ZeroClustersExclusive(uint64_t first_cluster, uint64_t count,
-                               bool discard, bool may_unmap)
+  Status ZeroClustersExclusive(uint64_t first_cluster, uint64_t count, bool discard, bool may_unmap)
       REQUIRES(discard_lock_) EXCLUDES(meta_mutex_);
   // Snapshots (qcow2_snapshot.cc). Callers hold meta_mutex_ for *Locked;
   // every one runs with resize_lock_ held exclusively (no guest writes).
@@ -257,14 +252,13 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   ClusterRun ReferencedClusters(uint64_t word) const;
   // Reads `entries` big-endian words at `offset` (bounds-checked; fences
   // the image when they lie outside the file).
-  Result<std::vector<uint64_t>> ReadTableLocked(uint64_t offset, uint64_t entries,
-                                                const char* what) REQUIRES(meta_mutex_);
+  Result<std::vector<uint64_t>> ReadTableLocked(uint64_t offset, uint64_t entries, const char* what)
+      REQUIRES(meta_mutex_);
   // Calls `fn` for every host cluster the tree of L1 table `l1` reaches
   // (its L2 tables and what they map), once per reference, reading the
   // tables from the file (written back before).
   Status ForEachTreeClusterLocked(const std::vector<uint64_t>& l1, const std::string& whose,
-                                  const std::function<Status(uint64_t)>& fn)
-      REQUIRES(meta_mutex_);
+                                  const std::function<Status(uint64_t)>& fn) REQUIRES(meta_mutex_);
   // Adds `delta` (+1 or -1) to the refcount of every cluster the tree
   // reaches; +1 fails with kNoSpace, changing nothing, when a refcount is
   // at its maximum.
@@ -301,8 +295,8 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   // metadata other than `own` (the kinds the writer itself is allowed to
   // write there; 0 for guest data and new clusters): fences the image and
   // returns kCorrupt naming the structures.
-  Status CheckOverlapLocked(uint64_t offset, uint64_t length, const char* what,
-                            uint8_t own = 0) REQUIRES(meta_mutex_);
+  Status CheckOverlapLocked(uint64_t offset, uint64_t length, const char* what, uint8_t own = 0)
+      REQUIRES(meta_mutex_);
   // The same for guest data about to be written in place at `host` (for
   // guest offset `guest`); free of cost for images with a data file.
   Status CheckGuestWriteLocked(uint64_t host, uint64_t length, uint64_t guest)

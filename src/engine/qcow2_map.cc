@@ -58,8 +58,7 @@ Status Qcow2Image::LoadL2Table(uint64_t offset, L2Table& table) {
   return Status();
 }
 
-Status Qcow2Image::CheckL2TableOffset(uint64_t l1_index, uint64_t l2_offset,
-                                      uint64_t guest) const {
+Status Qcow2Image::CheckL2TableOffset(uint64_t l1_index, uint64_t l2_offset, uint64_t guest) const {
   // Read per table: writers grow it (when they allocate) before any entry
   // points past the old end.
   const uint64_t file_size = file_size_.load(std::memory_order_acquire);
@@ -67,14 +66,13 @@ Status Qcow2Image::CheckL2TableOffset(uint64_t l1_index, uint64_t l2_offset,
       file_size - l2_offset >= cluster_size_) {
     return Status();
   }
-  return Status(ErrorCode::kCorrupt,
-                "L1 entry " + std::to_string(l1_index) + " points to L2 table at " +
-                    Hex(l2_offset) + ", which is unaligned or past the end of " +
-                    "the file (mapping " + Where(guest) + ")");
+  return Status(ErrorCode::kCorrupt, "L1 entry " + std::to_string(l1_index) +
+                                         " points to L2 table at " + Hex(l2_offset) +
+                                         ", which is unaligned or past the end of " +
+                                         "the file (mapping " + Where(guest) + ")");
 }
 
-Result<std::shared_ptr<L2Table>> Qcow2Image::L2ForMappingLocked(uint64_t l1_index,
-                                                                uint64_t guest) {
+Result<std::shared_ptr<L2Table>> Qcow2Image::L2ForMappingLocked(uint64_t l1_index, uint64_t guest) {
   const uint64_t l2_offset = L1EntryL2Offset(l1_[l1_index]);
   QCOW2FS_RETURN_IF_ERROR(CheckL2TableOffset(l1_index, l2_offset, guest));
   auto table = l2_cache_->Get(meta_mutex_, l2_offset,
@@ -117,8 +115,7 @@ Result<std::shared_ptr<L2Table>> Qcow2Image::L2ForWriteLocked(uint64_t l1_index)
   return table;
 }
 
-Result<size_t> Qcow2Image::MapLocked(uint64_t offset, uint64_t end, Extent* out,
-                                     size_t max) {
+Result<size_t> Qcow2Image::MapLocked(uint64_t offset, uint64_t end, Extent* out, size_t max) {
   size_t n = 0;
   auto emit = [&](const Extent& e) {
     if (n > 0 && CanMerge(out[n - 1], e)) {
@@ -161,19 +158,21 @@ Result<size_t> Qcow2Image::MapLocked(uint64_t offset, uint64_t end, Extent* out,
 
       if (type == ClusterType::kCompressed) {
         if (has_data_file) {
-          return corrupt(pos, "compressed cluster in an image with an "
-                              "external data file");
+          return corrupt(pos,
+                         "compressed cluster in an image with an "
+                         "external data file");
         }
         if (entries.bitmap(index) != 0) {
           return corrupt(pos, "compressed cluster with a subcluster bitmap");
         }
         const CompressedDescriptor d = DecodeCompressed(word, cluster_bits_);
         if (d.host_offset < cluster_size_ || d.host_offset >= file_size) {
-          return corrupt(pos, "compressed cluster at host offset " +
-                                  Hex(d.host_offset) +
+          return corrupt(pos, "compressed cluster at host offset " + Hex(d.host_offset) +
                                   " lies outside the image file");
         }
-        Extent e{Extent::Kind::kCompressed, pos, cluster_end - pos,
+        Extent e{Extent::Kind::kCompressed,
+                 pos,
+                 cluster_end - pos,
                  d.host_offset,
                  std::min(d.max_bytes, file_size - d.host_offset),
                  cluster_start};
@@ -185,8 +184,7 @@ Result<size_t> Qcow2Image::MapLocked(uint64_t offset, uint64_t end, Extent* out,
       // Where an allocated cluster's data lives; checked only when used.
       auto check_host = [&]() -> Status {
         if (host % cluster_size_ != 0) {
-          return corrupt(pos, "L2 entry points to unaligned host offset " +
-                                  Hex(host));
+          return corrupt(pos, "L2 entry points to unaligned host offset " + Hex(host));
         }
         if (host == 0 && !has_data_file) {
           return corrupt(pos, "L2 entry points to the image header");
@@ -224,13 +222,12 @@ Result<size_t> Qcow2Image::MapLocked(uint64_t offset, uint64_t end, Extent* out,
       const uint64_t bitmap = entries.bitmap(index);
       while (pos < cluster_end) {
         const int sc = static_cast<int>((pos - cluster_start) >> subcluster_bits_);
-        const uint64_t sc_end = std::min(
-            cluster_end, cluster_start + ((uint64_t{1} + sc) << subcluster_bits_));
+        const uint64_t sc_end =
+            std::min(cluster_end, cluster_start + ((uint64_t{1} + sc) << subcluster_bits_));
         Extent e{Extent::Kind::kBacking, pos, sc_end - pos};
         switch (SubclusterStateOf(bitmap, sc)) {
           case SubclusterState::kInvalid:
-            return corrupt(pos, "subcluster " + std::to_string(sc) +
-                                    " is both allocated and zero");
+            return corrupt(pos, "subcluster " + std::to_string(sc) + " is both allocated and zero");
           case SubclusterState::kAllocated:
             QCOW2FS_RETURN_IF_ERROR(check_host());
             e.kind = Extent::Kind::kData;

@@ -13,13 +13,13 @@
 #include <cinttypes>
 #include <cstdio>
 
+#include "base/sync_point.h"
 #include "engine/qcow2_image.h"
 #include "format/align.h"
 #include "format/endian.h"
+#include "format/hex.h"
 #include "format/l2_entry.h"
 #include "format/limits.h"
-#include "format/hex.h"
-#include "base/sync_point.h"
 
 namespace qcow2fs {
 Status Qcow2Image::PrepareForWriting() {
@@ -75,10 +75,11 @@ Status Qcow2Image::CheckOverlapLocked(uint64_t offset, uint64_t length, const ch
   }
   hit &= static_cast<uint8_t>(~own);
   if (!hit) return Status();
-  return FenceCorruptLocked(Status(ErrorCode::kCorrupt,
-                             std::string(what) + " at " + Hex(offset) + " would overwrite " +
-                                 MetadataMap::Describe(hit) + " (the image's tables are "
-                                 "inconsistent)"));
+  return FenceCorruptLocked(Status(ErrorCode::kCorrupt, std::string(what) + " at " + Hex(offset) +
+                                                            " would overwrite " +
+                                                            MetadataMap::Describe(hit) +
+                                                            " (the image's tables are "
+                                                            "inconsistent)"));
 }
 
 Status Qcow2Image::CheckGuestWriteLocked(uint64_t host, uint64_t length, uint64_t guest) {
@@ -93,10 +94,9 @@ Status Qcow2Image::CheckGuestWriteLocked(uint64_t host, uint64_t length, uint64_
 
 Status Qcow2Image::BuildMetadataMap() {
   auto clusters_of = [this](uint64_t offset, uint64_t bytes) {
-    return std::pair<uint64_t, uint64_t>{offset >> cluster_bits_,
-                                         bytes == 0 ? 0
-                                                    : ((offset + bytes - 1) >> cluster_bits_) -
-                                                          (offset >> cluster_bits_) + 1};
+    return std::pair<uint64_t, uint64_t>{
+        offset >> cluster_bits_,
+        bytes == 0 ? 0 : ((offset + bytes - 1) >> cluster_bits_) - (offset >> cluster_bits_) + 1};
   };
   auto add = [&](uint64_t offset, uint64_t bytes, MetadataMap::Kind kind) REQUIRES(meta_mutex_) {
     auto [first, count] = clusters_of(offset, bytes);
@@ -104,14 +104,14 @@ Status Qcow2Image::BuildMetadataMap() {
   };
   auto add_l2_tables = [&](const std::vector<uint64_t>& l1, bool of_snapshot)
                            REQUIRES(meta_mutex_) {
-    for (uint64_t entry : l1) {
-      const uint64_t l2 = L1EntryL2Offset(entry);
-      // An unaligned one cannot be used at all (mapping reports it).
-      if (l2 == 0 || l2 % cluster_size_ != 0) continue;
-      metadata_.Add(l2 >> cluster_bits_, MetadataMap::kL2Table);
-      if (of_snapshot) snapshot_l2_tables_.insert(l2 >> cluster_bits_);
-    }
-  };
+                             for (uint64_t entry : l1) {
+                               const uint64_t l2 = L1EntryL2Offset(entry);
+                               // An unaligned one cannot be used at all (mapping reports it).
+                               if (l2 == 0 || l2 % cluster_size_ != 0) continue;
+                               metadata_.Add(l2 >> cluster_bits_, MetadataMap::kL2Table);
+                               if (of_snapshot) snapshot_l2_tables_.insert(l2 >> cluster_bits_);
+                             }
+                           };
   add(0, cluster_size_, MetadataMap::kHeader);
   add(header_.l1_table_offset, uint64_t{header_.l1_size} * 8, MetadataMap::kL1Table);
   add(refcounts_->table_offset(), uint64_t{refcounts_->table_clusters()} * cluster_size_,
@@ -124,8 +124,8 @@ Status Qcow2Image::BuildMetadataMap() {
   for (const auto& s : snapshots_) {
     add(s.l1_table_offset, uint64_t{s.l1_size} * 8, MetadataMap::kSnapshotL1Table);
     std::vector<std::byte> raw(uint64_t{s.l1_size} * 8);
-    QCOW2FS_RETURN_IF_ERROR(file_->ReadAt(s.l1_table_offset, raw).Annotate(
-        "reading the L1 table of snapshot '" + s.name + "'"));
+    QCOW2FS_RETURN_IF_ERROR(file_->ReadAt(s.l1_table_offset, raw)
+                                .Annotate("reading the L1 table of snapshot '" + s.name + "'"));
     std::vector<uint64_t> l1(s.l1_size);
     for (size_t i = 0; i < l1.size(); i++) l1[i] = LoadBe64(raw.data() + 8 * i);
     add_l2_tables(l1, true);
@@ -152,8 +152,8 @@ Status Qcow2Image::WriteBackLocked() {
         refcounts_->table_offset(), uint64_t{refcounts_->table_clusters()} << cluster_bits_,
         "refcount table", MetadataMap::kRefcountTable));
     for (uint64_t block : refcounts_->DirtyBlockOffsets()) {
-      QCOW2FS_RETURN_IF_ERROR(CheckOverlapLocked(block, cluster_size_, "refcount block",
-                                                 MetadataMap::kRefcountBlock));
+      QCOW2FS_RETURN_IF_ERROR(
+          CheckOverlapLocked(block, cluster_size_, "refcount block", MetadataMap::kRefcountBlock));
     }
     QCOW2FS_ASSIGN_OR_RETURN(bool moved, refcounts_->WriteBack());
     if (moved) {
@@ -256,17 +256,17 @@ Status Qcow2Image::FreeClustersExclusive(std::vector<uint64_t> clusters) {
   for (uint64_t c : clusters) {
     QCOW2FS_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get(c));
     if (rc == 0) {
-      return FenceCorruptLocked(Status(ErrorCode::kCorrupt,
-                                 "freeing cluster " + Hex(c << cluster_bits_) +
-                                     " whose refcount is already 0"));
+      return FenceCorruptLocked(
+          Status(ErrorCode::kCorrupt,
+                 "freeing cluster " + Hex(c << cluster_bits_) + " whose refcount is already 0"));
     }
     if (rc == 1 && metadata_.KindsOf(c) != 0) {
       // Structures that move away drop their kind first (an old L1 or
       // refcount table, an L2 table copied away): this is a data reference
       // to a metadata cluster going, and freeing would wipe the table.
-      return FenceCorruptLocked(Status(ErrorCode::kCorrupt,
-                                 "freeing cluster " + Hex(c << cluster_bits_) + ", which holds " +
-                                     MetadataMap::Describe(metadata_.KindsOf(c))));
+      return FenceCorruptLocked(Status(
+          ErrorCode::kCorrupt, "freeing cluster " + Hex(c << cluster_bits_) + ", which holds " +
+                                   MetadataMap::Describe(metadata_.KindsOf(c))));
     }
     if (rc == 1) {
       // Last reference gone: give the space back to the host. Nobody can
@@ -301,7 +301,8 @@ Status Qcow2Image::Resize(uint64_t new_size) {
   if (read_only_) return Status(ErrorCode::kReadOnly, path_ + " is open read-only");
   if (fenced_.load()) return Status(ErrorCode::kReadOnly, path_ + " is marked corrupt");
   if (new_size > limits::kMaxVirtualSize) {
-    return Status(ErrorCode::kInvalidArgument, "size " + std::to_string(new_size) + " is too large");
+    return Status(ErrorCode::kInvalidArgument,
+                  "size " + std::to_string(new_size) + " is too large");
   }
   // QEMU sees disks in 512-byte sectors and ignores a partial last one, so
   // sizes are rounded up to whole sectors, as qemu-img resize does.
@@ -328,9 +329,8 @@ Status Qcow2Image::ResizeExclusive(uint64_t new_size) {
     auto st = GetBlockStatus(new_size, old_size - new_size);
     if (!st.ok()) return st.status();
     if (st->kind != BlockKind::kUnallocated || st->length < old_size - new_size) {
-      return Status(ErrorCode::kInvalidArgument,
-                    "cannot shrink to " + std::to_string(new_size) +
-                        " bytes: data is allocated past the new end");
+      return Status(ErrorCode::kInvalidArgument, "cannot shrink to " + std::to_string(new_size) +
+                                                     " bytes: data is allocated past the new end");
     }
   }
   if (L1EntriesFor(new_size) * 8 > limits::kMaxL1Bytes) {
@@ -363,7 +363,8 @@ Status Qcow2Image::ResizeExclusive(uint64_t new_size) {
       QCOW2FS_RETURN_IF_ERROR(file_->WriteAt(offset, raw));
       QCOW2FS_RETURN_IF_ERROR(file_->Sync());
       const uint64_t old_offset = header_.l1_table_offset;
-      const uint64_t old_clusters = (uint64_t{header_.l1_size} * 8 + cluster_size_ - 1) >> cluster_bits_;
+      const uint64_t old_clusters =
+          (uint64_t{header_.l1_size} * 8 + cluster_size_ - 1) >> cluster_bits_;
       header_.l1_table_offset = offset;
       header_.l1_size = static_cast<uint32_t>(needed);
       metadata_.AddRange(offset >> cluster_bits_, clusters, MetadataMap::kL1Table);

@@ -4,10 +4,10 @@
 #include <algorithm>
 #include <cstring>
 
+#include "base/sync_point.h"
 #include "codec/compression.h"
 #include "engine/qcow2_image.h"
 #include "format/hex.h"
-#include "base/sync_point.h"
 
 namespace qcow2fs {
 namespace {
@@ -20,9 +20,8 @@ constexpr size_t kExtentBatch = 64;
 
 Status Qcow2Image::Read(uint64_t offset, std::span<std::byte> buf) {
   if (offset > size() || buf.size() > size() - offset) {
-    return Status(ErrorCode::kOutOfRange,
-                  "read of " + std::to_string(buf.size()) + " bytes at " +
-                      Hex(offset) + " is past the end of the disk");
+    return Status(ErrorCode::kOutOfRange, "read of " + std::to_string(buf.size()) + " bytes at " +
+                                              Hex(offset) + " is past the end of the disk");
   }
   if (!compressed_cache_) return ReadImage(offset, buf);
   // Staged bytes win; captured first so a commit in between cannot be
@@ -82,16 +81,15 @@ Status Qcow2Image::ReadCompressed(const Extent& e, std::byte* dst) {
   QCOW2FS_RETURN_IF_ERROR(file_->ReadAt(e.host_offset, compressed));
   const bool whole = e.length == cluster_size_;
   if (!whole) cluster.resize(cluster_size_);
-  std::span<std::byte> out = whole ? std::span<std::byte>(dst, cluster_size_)
-                                   : std::span<std::byte>(cluster);
+  std::span<std::byte> out =
+      whole ? std::span<std::byte>(dst, cluster_size_) : std::span<std::byte>(cluster);
   Status s = DecompressCluster(compression_, compressed, out);
   if (!s.ok()) {
-    return s.Annotate("cluster at " + Where(e.cluster_guest_offset) +
-                      ", host offset " + Hex(e.host_offset));
+    return s.Annotate("cluster at " + Where(e.cluster_guest_offset) + ", host offset " +
+                      Hex(e.host_offset));
   }
   if (!whole) {
-    std::memcpy(dst, cluster.data() + (e.guest_offset - e.cluster_guest_offset),
-                e.length);
+    std::memcpy(dst, cluster.data() + (e.guest_offset - e.cluster_guest_offset), e.length);
   }
   return Status();
 }

@@ -28,9 +28,9 @@
 #include <map>
 #include <set>
 
+#include "base/sync_point.h"
 #include "engine/image_open.h"
 #include "engine/qcow2_image.h"
-#include "base/sync_point.h"
 #include "format/align.h"
 #include "format/endian.h"
 #include "format/hex.h"
@@ -70,9 +70,7 @@ class SnapshotView final : public Image {
   uint64_t AllocatedBytes() const override { return inner_->AllocatedBytes(); }
   Status CreateSnapshot(const std::string&) override { return ReadOnly(); }
   Status DeleteSnapshot(const std::string&) override { return ReadOnly(); }
-  Result<std::unique_ptr<Image>> OpenSnapshot(const std::string&) override {
-    return ReadOnly();
-  }
+  Result<std::unique_ptr<Image>> OpenSnapshot(const std::string&) override { return ReadOnly(); }
 
  private:
   static Status ReadOnly() {
@@ -116,8 +114,9 @@ Result<std::vector<uint64_t>> Qcow2Image::ReadTableLocked(uint64_t offset, uint6
   const uint64_t bytes = entries * 8;
   const uint64_t file_size = file_size_.load(std::memory_order_acquire);
   if (offset % cluster_size_ != 0 || offset > file_size || file_size - offset < bytes) {
-    return FenceCorruptLocked(Status(ErrorCode::kCorrupt, std::string(what) + " at " + Hex(offset) +
-                                                        " is unaligned or past the end of the file"));
+    return FenceCorruptLocked(Status(
+        ErrorCode::kCorrupt,
+        std::string(what) + " at " + Hex(offset) + " is unaligned or past the end of the file"));
   }
   std::vector<std::byte> raw(bytes);
   QCOW2FS_RETURN_IF_ERROR(file_->ReadAt(offset, raw).Annotate(std::string("reading ") + what));
@@ -154,20 +153,18 @@ Status Qcow2Image::AddTreeReferencesLocked(const std::vector<uint64_t>& l1, int 
     // maximum (a low refcount_bits image with many snapshots): no half-done
     // update to undo.
     const uint64_t max = MaxRefcount(refcount_order_);
-    QCOW2FS_RETURN_IF_ERROR(ForEachTreeClusterLocked(l1, whose, [&](uint64_t c)
-                                                                    REQUIRES(meta_mutex_) -> Status {
-      QCOW2FS_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get(c));
-      if (rc + static_cast<uint64_t>(delta) <= max) return Status();
-      return Status(ErrorCode::kNoSpace,
-                    "cluster " + Hex(c << cluster_bits_) + " already has the most references " +
-                        "refcount_bits=" + std::to_string(header_.refcount_bits()) +
-                        " allows (" + std::to_string(max) + ")");
-    }));
+    QCOW2FS_RETURN_IF_ERROR(
+        ForEachTreeClusterLocked(l1, whose, [&](uint64_t c) REQUIRES(meta_mutex_) -> Status {
+          QCOW2FS_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get(c));
+          if (rc + static_cast<uint64_t>(delta) <= max) return Status();
+          return Status(ErrorCode::kNoSpace,
+                        "cluster " + Hex(c << cluster_bits_) + " already has the most references " +
+                            "refcount_bits=" + std::to_string(header_.refcount_bits()) +
+                            " allows (" + std::to_string(max) + ")");
+        }));
   }
-  return ForEachTreeClusterLocked(l1, whose,
-                                  [&](uint64_t c) REQUIRES(meta_mutex_) {
-                                    return ChangeReferenceLocked(c, delta);
-                                  });
+  return ForEachTreeClusterLocked(
+      l1, whose, [&](uint64_t c) REQUIRES(meta_mutex_) { return ChangeReferenceLocked(c, delta); });
 }
 
 Status Qcow2Image::ApplyDeferredFreesExclusive() {
@@ -188,8 +185,8 @@ Status Qcow2Image::ChangeReferenceLocked(uint64_t cluster, int delta) {
   QCOW2FS_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get(cluster));
   if (rc == 0) {
     return FenceCorruptLocked(Status(ErrorCode::kCorrupt, "dropping a reference to cluster " +
-                                                        Hex(cluster << cluster_bits_) +
-                                                        " whose refcount is already 0"));
+                                                              Hex(cluster << cluster_bits_) +
+                                                              " whose refcount is already 0"));
   }
   if (rc == 1) {
     // The last reference: nothing reaches the cluster any more (the caller
@@ -221,7 +218,8 @@ Status Qcow2Image::SetCopiedFlagsLocked() {
       const uint64_t word = entries.word(k);
       const ClusterType type = ClassifyL2Entry(word, extended_l2_, false);
       if (type != ClusterType::kNormal && type != ClusterType::kZeroAlloc) continue;
-      QCOW2FS_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get((word & kL2OffsetMask) >> cluster_bits_));
+      QCOW2FS_ASSIGN_OR_RETURN(uint64_t rc,
+                               refcounts_->Get((word & kL2OffsetMask) >> cluster_bits_));
       const uint64_t next = rc == 1 ? (word | kOflagCopied) : (word & ~kOflagCopied);
       if (next != word) {
         entries.set_word(k, next);
@@ -255,8 +253,8 @@ Status Qcow2Image::WriteSnapshotTableLocked(std::vector<SnapshotEntry> entries) 
   // The old table is unreachable now: its clusters are freed with the next
   // deferred frees.
   if (old_bytes != 0) {
-    for (uint64_t c = old_offset >> cluster_bits_; c <= (old_offset + old_bytes - 1) >> cluster_bits_;
-         c++) {
+    for (uint64_t c = old_offset >> cluster_bits_;
+         c <= (old_offset + old_bytes - 1) >> cluster_bits_; c++) {
       metadata_.RemoveKind(c, MetadataMap::kSnapshotTable);
       DeferFreeLocked(c);
     }
@@ -273,8 +271,8 @@ Status Qcow2Image::WriteSnapshotTableLocked(std::vector<SnapshotEntry> entries) 
 Status Qcow2Image::RebuildSnapshotL2SetLocked() {
   snapshot_l2_tables_.clear();
   for (const auto& s : snapshots_) {
-    QCOW2FS_ASSIGN_OR_RETURN(auto l1, ReadTableLocked(s.l1_table_offset, s.l1_size,
-                                                      "a snapshot's L1 table"));
+    QCOW2FS_ASSIGN_OR_RETURN(
+        auto l1, ReadTableLocked(s.l1_table_offset, s.l1_size, "a snapshot's L1 table"));
     for (uint64_t entry : l1) {
       const uint64_t l2 = L1EntryL2Offset(entry);
       if (l2 != 0) snapshot_l2_tables_.insert(l2 >> cluster_bits_);
@@ -387,14 +385,15 @@ Status Qcow2Image::DeleteSnapshot(const std::string& id_or_name) {
   QCOW2FS_RETURN_IF_ERROR(ApplyDeferredFreesExclusive());
   MutexLock lk(meta_mutex_);
   const SnapshotEntry* found = FindSnapshotLocked(id_or_name);
-  if (!found) return Status(ErrorCode::kNotFound, "no snapshot with ID or name '" + id_or_name + "'");
+  if (!found)
+    return Status(ErrorCode::kNotFound, "no snapshot with ID or name '" + id_or_name + "'");
   const SnapshotEntry gone = *found;
   if (open_views_.count(gone.id)) {
     return Status(ErrorCode::kBusy, "snapshot '" + gone.name + "' is open");
   }
   QCOW2FS_RETURN_IF_ERROR(WriteBackLocked());
-  QCOW2FS_ASSIGN_OR_RETURN(auto l1, ReadTableLocked(gone.l1_table_offset, gone.l1_size,
-                                                    "the snapshot's L1 table"));
+  QCOW2FS_ASSIGN_OR_RETURN(
+      auto l1, ReadTableLocked(gone.l1_table_offset, gone.l1_size, "the snapshot's L1 table"));
   // 1. The table without it: from here on the snapshot does not exist.
   std::vector<SnapshotEntry> next;
   for (const auto& s : snapshots_) {
@@ -463,11 +462,13 @@ Status Qcow2Image::RevertToSnapshot(const std::string& id_or_name) {
   QCOW2FS_RETURN_IF_ERROR(ApplyDeferredFreesExclusive());
   MutexLock lk(meta_mutex_);
   const SnapshotEntry* found = FindSnapshotLocked(id_or_name);
-  if (!found) return Status(ErrorCode::kNotFound, "no snapshot with ID or name '" + id_or_name + "'");
+  if (!found)
+    return Status(ErrorCode::kNotFound, "no snapshot with ID or name '" + id_or_name + "'");
   const SnapshotEntry target = *found;
   if (uint64_t{target.l1_size} < header_.l1_entries_for(target.disk_size)) {
-    return FenceCorruptLocked(Status(ErrorCode::kCorrupt, "snapshot '" + target.name +
-                                                        "' has an L1 table too small for its disk"));
+    return FenceCorruptLocked(
+        Status(ErrorCode::kCorrupt,
+               "snapshot '" + target.name + "' has an L1 table too small for its disk"));
   }
   QCOW2FS_RETURN_IF_ERROR(WriteBackLocked());
   QCOW2FS_ASSIGN_OR_RETURN(auto snap_l1, ReadTableLocked(target.l1_table_offset, target.l1_size,
@@ -475,11 +476,13 @@ Status Qcow2Image::RevertToSnapshot(const std::string& id_or_name) {
   // 1. The snapshot's tree gains the active disk's reference, and the new
   // active L1 table is written to new clusters.
   QCOW2FS_RETURN_IF_ERROR(AddTreeReferencesLocked(snap_l1, +1, "snapshot '" + target.name + "'"));
-  const uint64_t clusters = std::max<uint64_t>(
-      1, (uint64_t{target.l1_size} * 8 + cluster_size_ - 1) >> cluster_bits_);
+  const uint64_t clusters =
+      std::max<uint64_t>(1, (uint64_t{target.l1_size} * 8 + cluster_size_ - 1) >> cluster_bits_);
   QCOW2FS_ASSIGN_OR_RETURN(uint64_t new_l1, AllocateClustersLocked(clusters));
-  std::vector<std::byte> raw(AlignUp(std::max<uint64_t>(8, uint64_t{target.l1_size} * 8), kSectorSize));
-  for (size_t i = 0; i < snap_l1.size(); i++) StoreBe64(raw.data() + 8 * i, snap_l1[i] & ~kOflagCopied);
+  std::vector<std::byte> raw(
+      AlignUp(std::max<uint64_t>(8, uint64_t{target.l1_size} * 8), kSectorSize));
+  for (size_t i = 0; i < snap_l1.size(); i++)
+    StoreBe64(raw.data() + 8 * i, snap_l1[i] & ~kOflagCopied);
   QCOW2FS_RETURN_IF_ERROR(CheckOverlapLocked(new_l1, raw.size(), "new L1 table"));
   QCOW2FS_RETURN_IF_ERROR(file_->WriteAt(new_l1, raw).Annotate("writing the new L1 table"));
   QCOW2FS_RETURN_IF_ERROR(WriteBackLocked());
@@ -499,14 +502,15 @@ Status Qcow2Image::RevertToSnapshot(const std::string& id_or_name) {
   size_.store(target.disk_size);
   metadata_.AddRange(new_l1 >> cluster_bits_, clusters, MetadataMap::kL1Table);
   if (old_l1_bytes != 0) {
-    for (uint64_t c = old_l1_offset >> cluster_bits_; c <= (old_l1_offset + old_l1_bytes - 1) >> cluster_bits_;
-         c++) {
+    for (uint64_t c = old_l1_offset >> cluster_bits_;
+         c <= (old_l1_offset + old_l1_bytes - 1) >> cluster_bits_; c++) {
       metadata_.RemoveKind(c, MetadataMap::kL1Table);
       QCOW2FS_RETURN_IF_ERROR(ChangeReferenceLocked(c, -1));
     }
   }
   for (uint64_t entry : l1_) {
-    if (L1EntryL2Offset(entry) != 0) metadata_.Add(L1EntryL2Offset(entry) >> cluster_bits_, MetadataMap::kL2Table);
+    if (L1EntryL2Offset(entry) != 0)
+      metadata_.Add(L1EntryL2Offset(entry) >> cluster_bits_, MetadataMap::kL2Table);
   }
 
   // 3. The old active tree's references go, then the flags follow the

@@ -14,12 +14,12 @@
 #include <cstdio>
 #include <cstring>
 
+#include "base/sync_point.h"
 #include "engine/qcow2_image.h"
 #include "format/align.h"
+#include "format/hex.h"
 #include "format/l2_entry.h"
 #include "format/limits.h"
-#include "format/hex.h"
-#include "base/sync_point.h"
 
 namespace qcow2fs {
 namespace {
@@ -35,13 +35,11 @@ Status Qcow2Image::CheckWritable(uint64_t offset, uint64_t length) const {
     return Status(ErrorCode::kReadOnly, path_ + " is open read-only");
   }
   if (fenced_.load(std::memory_order_acquire)) {
-    return Status(ErrorCode::kReadOnly,
-                  path_ + " was found corrupt; writes are stopped");
+    return Status(ErrorCode::kReadOnly, path_ + " was found corrupt; writes are stopped");
   }
   if (offset > size() || length > size() - offset) {
-    return Status(ErrorCode::kOutOfRange,
-                  "access of " + std::to_string(length) + " bytes at " +
-                      Hex(offset) + " is past the end of the disk");
+    return Status(ErrorCode::kOutOfRange, "access of " + std::to_string(length) + " bytes at " +
+                                              Hex(offset) + " is past the end of the disk");
   }
   return Status();
 }
@@ -67,8 +65,7 @@ Result<uint64_t> Qcow2Image::AllocateClustersLocked(uint64_t count) {
     if (offset.status().code() == ErrorCode::kCorrupt) return FenceCorruptLocked(offset.status());
     return offset;
   }
-  QCOW2FS_RETURN_IF_ERROR(
-      CheckOverlapLocked(*offset, count << cluster_bits_, "new cluster"));
+  QCOW2FS_RETURN_IF_ERROR(CheckOverlapLocked(*offset, count << cluster_bits_, "new cluster"));
   // Bounds checks treat the file as already holding what we allocated.
   const uint64_t end = *offset + (count << cluster_bits_);
   if (end > file_size_.load(std::memory_order_relaxed)) {
@@ -206,9 +203,7 @@ Status Qcow2Image::PlanWriteStepLocked(uint64_t pos, uint64_t end, WriteStep& st
   const uint64_t l1_index = pos / l2_coverage;
   const uint64_t table_end = std::min(end, (l1_index + 1) * l2_coverage);
   const uint64_t first_cluster = pos >> cluster_bits_;
-  auto entry_index = [&](uint64_t guest) {
-    return (guest >> cluster_bits_) & (l2_entries_ - 1);
-  };
+  auto entry_index = [&](uint64_t guest) { return (guest >> cluster_bits_) & (l2_entries_ - 1); };
   auto cluster_end = [&](uint64_t guest) {
     return std::min(table_end, AlignDown(guest, cluster_size_) + cluster_size_);
   };
@@ -268,8 +263,7 @@ Status Qcow2Image::PlanWriteStepLocked(uint64_t pos, uint64_t end, WriteStep& st
     }
     const uint64_t c0 = AlignDown(pos, cluster_size_);
     const uint64_t first_word = word_of(pos);
-    const ClusterType first_type =
-        ClassifyL2Entry(first_word, extended_l2_, has_data_file);
+    const ClusterType first_type = ClassifyL2Entry(first_word, extended_l2_, has_data_file);
     // Extended L2: a cluster we own with some touched subclusters
     // unallocated is filled in place, without a new cluster.
     const bool reuse_host = extended_l2_ && first_type == ClusterType::kNormal &&
@@ -318,8 +312,7 @@ Status Qcow2Image::PlanWriteStepLocked(uint64_t pos, uint64_t end, WriteStep& st
     // writes").
     auto needs_full_copy = [&](uint64_t word) {
       const ClusterType t = ClassifyL2Entry(word, extended_l2_, has_data_file);
-      return t == ClusterType::kCompressed ||
-             (t == ClusterType::kNormal && !(word & kOflagCopied));
+      return t == ClusterType::kCompressed || (t == ClusterType::kNormal && !(word & kOflagCopied));
     };
     auto unit_of = [&](uint64_t guest) -> uint64_t {
       if (!extended_l2_ || needs_full_copy(word_of(guest))) return cluster_size_;
@@ -332,17 +325,16 @@ Status Qcow2Image::PlanWriteStepLocked(uint64_t pos, uint64_t end, WriteStep& st
     const uint64_t window_start = AlignDown(pos, unit_of(pos));
     const uint64_t last = run_end - 1;
     const uint64_t window_end =
-        std::min(AlignDown(last, cluster_size_) + cluster_size_,
-                 AlignUp(run_end, unit_of(last)));
+        std::min(AlignDown(last, cluster_size_) + cluster_size_, AlignUp(run_end, unit_of(last)));
 
     // Old content around the new data, mapped now, read after unlocking.
     if (window_start < pos) {
-      QCOW2FS_ASSIGN_OR_RETURN(step.head_count, MapLocked(window_start, pos, step.head,
-                                                          std::size(step.head)));
+      QCOW2FS_ASSIGN_OR_RETURN(step.head_count,
+                               MapLocked(window_start, pos, step.head, std::size(step.head)));
     }
     if (run_end < window_end) {
-      QCOW2FS_ASSIGN_OR_RETURN(step.tail_count, MapLocked(run_end, window_end, step.tail,
-                                                          std::size(step.tail)));
+      QCOW2FS_ASSIGN_OR_RETURN(step.tail_count,
+                               MapLocked(run_end, window_end, step.tail, std::size(step.tail)));
     }
 
     // The entries this run replaces must be ours to release: one naming
@@ -430,9 +422,9 @@ Status Qcow2Image::CommitWriteStepLocked(WriteStep& step, const Status& io) {
     if (extended_l2_) {
       // Allocated: what was, plus what the window wrote; a compressed
       // cluster's content moved here whole.
-      const uint64_t touched = TouchedSubclusters(
-          g, std::max(g, step.window_start), std::min(g + cluster_size_, step.window_end),
-          subcluster_bits_);
+      const uint64_t touched =
+          TouchedSubclusters(g, std::max(g, step.window_start),
+                             std::min(g + cluster_size_, step.window_end), subcluster_bits_);
       uint64_t alloc = old_bitmap & kAllSubclustersAllocated;
       const ClusterType t = ClassifyL2Entry(old_word, true, has_data_file_);
       if (t == ClusterType::kCompressed) alloc = kAllSubclustersAllocated;

@@ -8,10 +8,10 @@
 #include <algorithm>
 #include <functional>
 
+#include "base/sync_point.h"
 #include "engine/qcow2_image.h"
 #include "format/align.h"
 #include "format/l2_entry.h"
-#include "base/sync_point.h"
 
 namespace qcow2fs {
 
@@ -28,8 +28,8 @@ Status Qcow2Image::WriteZeroBytes(uint64_t offset, uint64_t length) {
   return Status();
 }
 
-Status Qcow2Image::ZeroClustersExclusive(uint64_t first_cluster, uint64_t count,
-                                         bool discard, bool may_unmap) {
+Status Qcow2Image::ZeroClustersExclusive(uint64_t first_cluster, uint64_t count, bool discard,
+                                         bool may_unmap) {
   const bool has_data_file = has_data_file_;
   const bool v3 = version_ >= 3;
   MutexLock lk(meta_mutex_);
@@ -47,8 +47,7 @@ Status Qcow2Image::ZeroClustersExclusive(uint64_t first_cluster, uint64_t count,
       const uint64_t idx = c & (l2_entries_ - 1);
       const uint64_t old = entries.word(idx);
       const ClusterType type = ClassifyL2Entry(old, extended_l2_, has_data_file);
-      const bool allocated = type == ClusterType::kNormal ||
-                             type == ClusterType::kCompressed ||
+      const bool allocated = type == ClusterType::kNormal || type == ClusterType::kCompressed ||
                              type == ClusterType::kZeroAlloc;
       const uint64_t host = old & kL2OffsetMask;
       // A preallocated cluster we own may keep its host cluster (reads
@@ -79,8 +78,9 @@ Status Qcow2Image::ZeroClustersExclusive(uint64_t first_cluster, uint64_t count,
         // Version 2 has no zero flag: deallocate; the cluster then reads from
         // the backing file, which discard allows and zeroing does not.
         if (!discard && backing_) {
-          return Status(ErrorCode::kInvalidArgument, "version 2 image with a backing "
-                                                     "file cannot zero clusters");
+          return Status(ErrorCode::kInvalidArgument,
+                        "version 2 image with a backing "
+                        "file cannot zero clusters");
         }
         new_word = 0;
       }
@@ -125,8 +125,8 @@ Status Qcow2Image::WriteZeroes(uint64_t offset, uint64_t length, bool may_unmap)
   return ApplyDeferredFreesIfDue();
 }
 
-Status Qcow2Image::ClearRange(uint64_t offset, uint64_t length, bool discard,
-                              bool may_unmap, bool drop_staged) {
+Status Qcow2Image::ClearRange(uint64_t offset, uint64_t length, bool discard, bool may_unmap,
+                              bool drop_staged) {
   if (length == 0) return Status();
   // A disk whose size is not cluster aligned still owns its whole last
   // cluster, so a range reaching the end counts that cluster as whole.

@@ -88,9 +88,7 @@ class RawImage final : public Image {
   uint64_t AllocatedBytes() const override { return file_->AllocatedBytes(); }
   Status CreateSnapshot(const std::string&) override { return NoSnapshots(); }
   Status DeleteSnapshot(const std::string&) override { return NoSnapshots(); }
-  Result<std::unique_ptr<Image>> OpenSnapshot(const std::string&) override {
-    return NoSnapshots();
-  }
+  Result<std::unique_ptr<Image>> OpenSnapshot(const std::string&) override { return NoSnapshots(); }
 
  private:
   Status CheckWrite(uint64_t offset, uint64_t length) const {
@@ -108,11 +106,9 @@ class RawImage final : public Image {
 
 }  // namespace
 
-Result<std::unique_ptr<Image>> OpenRaw(std::unique_ptr<File> file,
-                                       const OpenOptions& options) {
+Result<std::unique_ptr<Image>> OpenRaw(std::unique_ptr<File> file, const OpenOptions& options) {
   QCOW2FS_ASSIGN_OR_RETURN(uint64_t size, file->Size());
-  return std::unique_ptr<Image>(
-      new RawImage(std::move(file), size, options.read_only));
+  return std::unique_ptr<Image>(new RawImage(std::move(file), size, options.read_only));
 }
 
 }  // namespace qcow2fs

@@ -6,10 +6,10 @@
 #include <cstdio>
 
 #include "format/endian.h"
+#include "format/hex.h"
 #include "format/l2_entry.h"
 #include "format/limits.h"
 #include "format/refcount_block.h"
-#include "format/hex.h"
 
 namespace qcow2fs {
 Refcounts::Refcounts(File& file, const Header& header)
@@ -29,11 +29,11 @@ Status Refcounts::Load() {
   table_.resize(bytes / 8);
   for (size_t i = 0; i < table_.size(); i++) {
     table_[i] = LoadBe64(raw.data() + 8 * i);
-    if ((table_[i] & ~kRefcountTableOffsetMask) != 0 ||
-        table_[i] % cluster_size_ != 0 || table_[i] > limits::kMaxHostOffset) {
-      return Status(ErrorCode::kCorrupt,
-                    "refcount table entry " + std::to_string(i) +
-                        " points to unaligned or invalid offset " + Hex(table_[i]));
+    if ((table_[i] & ~kRefcountTableOffsetMask) != 0 || table_[i] % cluster_size_ != 0 ||
+        table_[i] > limits::kMaxHostOffset) {
+      return Status(ErrorCode::kCorrupt, "refcount table entry " + std::to_string(i) +
+                                             " points to unaligned or invalid offset " +
+                                             Hex(table_[i]));
     }
   }
   // Two table entries naming one block would make every update of one
@@ -60,8 +60,8 @@ Result<std::vector<std::byte>*> Refcounts::Block(uint64_t index, bool create) {
   if (it != blocks_.end()) return &it->second;
   if (index < table_.size() && table_[index] != 0) {
     std::vector<std::byte> block(cluster_size_);
-    QCOW2FS_RETURN_IF_ERROR(file_.ReadAt(table_[index], block).Annotate(
-        "reading refcount block at " + Hex(table_[index])));
+    QCOW2FS_RETURN_IF_ERROR(file_.ReadAt(table_[index], block)
+                                .Annotate("reading refcount block at " + Hex(table_[index])));
     EvictCleanBlocks();
     return &blocks_.emplace(index, std::move(block)).first->second;
   }
@@ -76,8 +76,7 @@ Result<std::vector<std::byte>*> Refcounts::Block(uint64_t index, bool create) {
     return Block(index, create);
   }
   QCOW2FS_ASSIGN_OR_RETURN(uint64_t cluster, FindFree(1));
-  auto& block = blocks_.emplace(index, std::vector<std::byte>(cluster_size_))
-                    .first->second;
+  auto& block = blocks_.emplace(index, std::vector<std::byte>(cluster_size_)).first->second;
   table_[index] = cluster << cluster_bits_;
   if (map_) map_->Add(cluster, MetadataMap::kRefcountBlock);
   table_dirty_ = true;
@@ -108,9 +107,8 @@ Result<uint64_t> Refcounts::Get(uint64_t cluster) {
 
 Status Refcounts::Set(uint64_t cluster, uint64_t value) {
   if (value > MaxRefcount(order_)) {
-    return Status(ErrorCode::kCorrupt, "refcount of cluster " +
-                                           Hex(cluster << cluster_bits_) +
-                                           " would overflow");
+    return Status(ErrorCode::kCorrupt,
+                  "refcount of cluster " + Hex(cluster << cluster_bits_) + " would overflow");
   }
   const uint64_t index = cluster / block_entries_;
   QCOW2FS_ASSIGN_OR_RETURN(auto* block, Block(index, true));
@@ -122,8 +120,7 @@ Status Refcounts::Set(uint64_t cluster, uint64_t value) {
 Status Refcounts::Add(uint64_t cluster, int64_t delta) {
   QCOW2FS_ASSIGN_OR_RETURN(uint64_t current, Get(cluster));
   if (delta < 0 && current < static_cast<uint64_t>(-delta)) {
-    return Status(ErrorCode::kCorrupt, "refcount of cluster " +
-                                           Hex(cluster << cluster_bits_) +
+    return Status(ErrorCode::kCorrupt, "refcount of cluster " + Hex(cluster << cluster_bits_) +
                                            " would drop below zero");
   }
   const uint64_t next = current + static_cast<uint64_t>(delta);
@@ -132,9 +129,8 @@ Status Refcounts::Add(uint64_t cluster, int64_t delta) {
 }
 
 bool Refcounts::IsReserved(uint64_t cluster) const {
-  return std::any_of(reserved_.begin(), reserved_.end(), [cluster](const auto& r) {
-    return cluster >= r.first && cluster < r.second;
-  });
+  return std::any_of(reserved_.begin(), reserved_.end(),
+                     [cluster](const auto& r) { return cluster >= r.first && cluster < r.second; });
 }
 
 Result<bool> Refcounts::IsFree(uint64_t cluster) {
@@ -142,9 +138,9 @@ Result<bool> Refcounts::IsFree(uint64_t cluster) {
   QCOW2FS_ASSIGN_OR_RETURN(uint64_t rc, Get(cluster));
   if (rc != 0) return false;
   if (map_ && map_->KindsOf(cluster) != 0) {
-    return Status(ErrorCode::kCorrupt,
-                  "cluster " + Hex(cluster << cluster_bits_) + " holds " +
-                      MetadataMap::Describe(map_->KindsOf(cluster)) + " but its refcount is 0");
+    return Status(ErrorCode::kCorrupt, "cluster " + Hex(cluster << cluster_bits_) + " holds " +
+                                           MetadataMap::Describe(map_->KindsOf(cluster)) +
+                                           " but its refcount is 0");
   }
   return true;
 }
@@ -228,9 +224,9 @@ Status Refcounts::CheckSearchReach(uint64_t first, uint64_t end, uint64_t count)
   // Not corruption that endangers data (the clusters are leaked, not
   // shared), so it does not fence the image: what needs no new cluster
   // goes on.
-  const std::string what = count == 1 ? std::string("every cluster")
-                                      : "all but runs shorter than " + std::to_string(count) +
-                                            " clusters";
+  const std::string what = count == 1
+                               ? std::string("every cluster")
+                               : "all but runs shorter than " + std::to_string(count) + " clusters";
   return Status(ErrorCode::kNoSpace,
                 "refcounts mark " + what + " from the end of the image file (" +
                     Hex(std::max(first, file_end) << cluster_bits_) + ") to " +

@@ -121,7 +121,7 @@ class Refcounts {
   // (32 MiB worth, at least 16) plus the dirty ones.
   std::map<uint64_t, std::vector<std::byte>> blocks_;  // by table index
   const size_t max_cached_blocks_;
-  std::map<uint64_t, bool> dirty_blocks_;               // table indexes
+  std::map<uint64_t, bool> dirty_blocks_;  // table indexes
   uint64_t free_cursor_ = 0;
   MetadataMap* map_ = nullptr;
   // Cluster ranges [first, second) handed out but not yet counted: the run

@@ -6,8 +6,8 @@
 #include <cstdio>
 
 #include "format/endian.h"
-#include "format/limits.h"
 #include "format/hex.h"
+#include "format/limits.h"
 
 namespace qcow2fs {
 namespace {
@@ -20,29 +20,25 @@ uint64_t AlignUp(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 
 // A table of `bytes` at `offset` must be cluster aligned, must not overlap
 // the header cluster, and must lie inside the file.
-Status CheckTable(const char* name, uint64_t offset, uint64_t bytes,
-                  uint64_t cluster_size, uint64_t file_size) {
+Status CheckTable(const char* name, uint64_t offset, uint64_t bytes, uint64_t cluster_size,
+                  uint64_t file_size) {
   if (bytes == 0) return Status();
   if (offset % cluster_size != 0) {
-    return Corrupt(std::string(name) + " offset " + Hex(offset) +
-                   " is not cluster aligned");
+    return Corrupt(std::string(name) + " offset " + Hex(offset) + " is not cluster aligned");
   }
   if (offset == 0) {
     return Corrupt(std::string(name) + " overlaps the header at offset 0");
   }
-  if (offset > limits::kMaxHostOffset || bytes > file_size ||
-      offset > file_size - bytes) {
-    return Corrupt(std::string(name) + " at " + Hex(offset) + " (" +
-                   std::to_string(bytes) + " bytes) lies past the end of the " +
-                   std::to_string(file_size) + "-byte file");
+  if (offset > limits::kMaxHostOffset || bytes > file_size || offset > file_size - bytes) {
+    return Corrupt(std::string(name) + " at " + Hex(offset) + " (" + std::to_string(bytes) +
+                   " bytes) lies past the end of the " + std::to_string(file_size) + "-byte file");
   }
   return Status();
 }
 
 Status DecodeExtensions(std::span<const std::byte> area, Header& h) {
   size_t pos = 0;
-  bool seen_backing_format = false, seen_data_file = false,
-       seen_features = false;
+  bool seen_backing_format = false, seen_data_file = false, seen_features = false;
   while (true) {
     if (area.size() - pos < 8) {
       // The area ended without an end marker: QEMU accepts that when the
@@ -56,8 +52,7 @@ Status DecodeExtensions(std::span<const std::byte> area, Header& h) {
     pos += 8;
     if (type == kExtEnd) return Status();
     if (len > area.size() - pos) {
-      return Corrupt("header extension " + Hex(type) + " of " +
-                     std::to_string(len) +
+      return Corrupt("header extension " + Hex(type) + " of " + std::to_string(len) +
                      " bytes runs past the end of the extension area");
     }
     auto data = area.subspan(pos, len);
@@ -89,8 +84,7 @@ Status DecodeExtensions(std::span<const std::byte> area, Header& h) {
       default:
         break;  // bitmaps, encryption pointer, unknown: kept verbatim below
     }
-    h.extensions.push_back(
-        HeaderExtension{type, std::vector<std::byte>(data.begin(), data.end())});
+    h.extensions.push_back(HeaderExtension{type, std::vector<std::byte>(data.begin(), data.end())});
     pos += AlignUp(len, 8);
     if (pos > area.size()) pos = area.size();
   }
@@ -99,9 +93,8 @@ Status DecodeExtensions(std::span<const std::byte> area, Header& h) {
 }  // namespace
 
 std::string IncompatibleFeatureName(const Header& header, int bit) {
-  static const char* const kKnown[] = {"dirty bit", "corrupt bit",
-                                       "external data file", "compression type",
-                                       "extended L2 entries"};
+  static const char* const kKnown[] = {"dirty bit", "corrupt bit", "external data file",
+                                       "compression type", "extended L2 entries"};
   for (const auto& f : header.feature_names) {
     if (f.type == 0 && f.bit == bit && !f.name.empty()) return f.name;
   }
@@ -111,20 +104,17 @@ std::string IncompatibleFeatureName(const Header& header, int bit) {
 
 Result<Header> DecodeHeader(std::span<const std::byte> b, uint64_t file_size) {
   if (b.size() < kHeaderV2Length) {
-    return Status(ErrorCode::kCorrupt,
-                  "not a qcow2 image: file is shorter than a qcow2 header");
+    return Status(ErrorCode::kCorrupt, "not a qcow2 image: file is shorter than a qcow2 header");
   }
   const std::byte* p = b.data();
   if (LoadBe32(p + header_field::kMagic) != kQcow2Magic) {
-    return Status(ErrorCode::kInvalidArgument,
-                  "not a qcow2 image: bad magic number");
+    return Status(ErrorCode::kInvalidArgument, "not a qcow2 image: bad magic number");
   }
   Header h;
   h.version = LoadBe32(p + header_field::kVersion);
   if (h.version != 2 && h.version != 3) {
-    return Status(ErrorCode::kUnsupported,
-                  "qcow2 version " + std::to_string(h.version) +
-                      " is not supported (only 2 and 3)");
+    return Status(ErrorCode::kUnsupported, "qcow2 version " + std::to_string(h.version) +
+                                               " is not supported (only 2 and 3)");
   }
   h.backing_file_offset = LoadBe64(p + header_field::kBackingFileOffset);
   h.backing_file_size = LoadBe32(p + header_field::kBackingFileSize);
@@ -138,8 +128,7 @@ Result<Header> DecodeHeader(std::span<const std::byte> b, uint64_t file_size) {
   h.nb_snapshots = LoadBe32(p + header_field::kNbSnapshots);
   h.snapshots_offset = LoadBe64(p + header_field::kSnapshotsOffset);
 
-  if (h.cluster_bits < limits::kMinClusterBits ||
-      h.cluster_bits > limits::kMaxClusterBits) {
+  if (h.cluster_bits < limits::kMinClusterBits || h.cluster_bits > limits::kMaxClusterBits) {
     return Corrupt("cluster_bits " + std::to_string(h.cluster_bits) + " is outside " +
                    std::to_string(limits::kMinClusterBits) + ".." +
                    std::to_string(limits::kMaxClusterBits) + " (512 B to 2 MiB clusters)");
@@ -158,8 +147,8 @@ Result<Header> DecodeHeader(std::span<const std::byte> b, uint64_t file_size) {
     h.autoclear_features = LoadBe64(p + header_field::kAutoclearFeatures);
     h.refcount_order = LoadBe32(p + header_field::kRefcountOrder);
     h.header_length = LoadBe32(p + header_field::kHeaderLength);
-    if (h.header_length < kHeaderV3MinLength || h.header_length % 8 != 0 ||
-        h.header_length > cs || h.header_length > b.size()) {
+    if (h.header_length < kHeaderV3MinLength || h.header_length % 8 != 0 || h.header_length > cs ||
+        h.header_length > b.size()) {
       return Corrupt("header_length " + std::to_string(h.header_length) +
                      " must be a multiple of 8 between " + std::to_string(kHeaderV3MinLength) +
                      " and the cluster size");
@@ -173,19 +162,17 @@ Result<Header> DecodeHeader(std::span<const std::byte> b, uint64_t file_size) {
   }
 
   if (h.crypt_method != 0) {
-    return Status(ErrorCode::kUnsupported,
-                  std::string("image uses encryption (") +
-                      (h.crypt_method == 1   ? "AES"
-                       : h.crypt_method == 2 ? "LUKS"
-                                             : "unknown method") +
-                      "), which qcow2fs does not support");
+    return Status(ErrorCode::kUnsupported, std::string("image uses encryption (") +
+                                               (h.crypt_method == 1   ? "AES"
+                                                : h.crypt_method == 2 ? "LUKS"
+                                                                      : "unknown method") +
+                                               "), which qcow2fs does not support");
   }
   if (uint64_t unknown = h.incompatible_features & ~kIncompatKnown) {
     int bit = __builtin_ctzll(unknown);
-    return Status(ErrorCode::kUnsupported,
-                  "image uses an unsupported incompatible feature: " +
-                      IncompatibleFeatureName(h, bit) + " (bit " +
-                      std::to_string(bit) + ")");
+    return Status(ErrorCode::kUnsupported, "image uses an unsupported incompatible feature: " +
+                                               IncompatibleFeatureName(h, bit) + " (bit " +
+                                               std::to_string(bit) + ")");
   }
   if (h.refcount_order > 6) {
     return Corrupt("refcount_order " + std::to_string(h.refcount_order) +
@@ -201,8 +188,7 @@ Result<Header> DecodeHeader(std::span<const std::byte> b, uint64_t file_size) {
   }
   if (h.compression_type > 1) {
     return Status(ErrorCode::kUnsupported,
-                  "unknown compression type " +
-                      std::to_string(h.compression_type));
+                  "unknown compression type " + std::to_string(h.compression_type));
   }
   if (h.extended_l2() && h.cluster_bits < limits::kMinClusterBitsExtendedL2) {
     return Corrupt("extended L2 entries need clusters of at least 16 KiB");
@@ -218,25 +204,22 @@ Result<Header> DecodeHeader(std::span<const std::byte> b, uint64_t file_size) {
   }
   if (h.l1_size < h.l1_entries_for(h.size)) {
     return Corrupt("L1 table of " + std::to_string(h.l1_size) +
-                   " entries is too small for the virtual size " +
-                   std::to_string(h.size));
+                   " entries is too small for the virtual size " + std::to_string(h.size));
   }
-  QCOW2FS_RETURN_IF_ERROR(CheckTable("L1 table", h.l1_table_offset,
-                                     uint64_t{h.l1_size} * 8, cs, file_size));
+  QCOW2FS_RETURN_IF_ERROR(
+      CheckTable("L1 table", h.l1_table_offset, uint64_t{h.l1_size} * 8, cs, file_size));
 
   // Refcount table.
-  if (uint64_t{h.refcount_table_clusters} * cs >
-      limits::kMaxRefcountTableBytes) {
+  if (uint64_t{h.refcount_table_clusters} * cs > limits::kMaxRefcountTableBytes) {
     return Corrupt("refcount table of " + std::to_string(h.refcount_table_clusters) +
-                   " clusters exceeds the " +
-                   std::to_string(limits::kMaxRefcountTableBytes >> 20) + " MiB limit");
+                   " clusters exceeds the " + std::to_string(limits::kMaxRefcountTableBytes >> 20) +
+                   " MiB limit");
   }
   if (h.refcount_table_clusters == 0) {
     return Corrupt("refcount table has no clusters");
   }
   QCOW2FS_RETURN_IF_ERROR(CheckTable("refcount table", h.refcount_table_offset,
-                                     uint64_t{h.refcount_table_clusters} * cs,
-                                     cs, file_size));
+                                     uint64_t{h.refcount_table_clusters} * cs, cs, file_size));
 
   // Snapshot table location; entries are decoded by snapshot_table.cc.
   if (h.nb_snapshots > limits::kMaxSnapshots) {
@@ -246,8 +229,7 @@ Result<Header> DecodeHeader(std::span<const std::byte> b, uint64_t file_size) {
   if (h.nb_snapshots > 0) {
     // Each entry is at least 40 bytes.
     QCOW2FS_RETURN_IF_ERROR(CheckTable("snapshot table", h.snapshots_offset,
-                                       uint64_t{h.nb_snapshots} * 40, cs,
-                                       file_size));
+                                       uint64_t{h.nb_snapshots} * 40, cs, file_size));
   }
 
   // The extension area runs from the end of the header to the backing file
@@ -259,20 +241,18 @@ Result<Header> DecodeHeader(std::span<const std::byte> b, uint64_t file_size) {
                      " bytes exceeds " + std::to_string(limits::kMaxBackingFileNameBytes) +
                      " bytes");
     }
-    if (h.backing_file_offset < h.header_length ||
-        h.backing_file_offset > b.size() ||
+    if (h.backing_file_offset < h.header_length || h.backing_file_offset > b.size() ||
         h.backing_file_size > b.size() - h.backing_file_offset ||
         h.backing_file_offset + h.backing_file_size > cs) {
       return Corrupt("backing file name at " + Hex(h.backing_file_offset) +
                      " lies outside the first cluster");
     }
-    h.backing_file.assign(
-        reinterpret_cast<const char*>(p + h.backing_file_offset),
-        h.backing_file_size);
+    h.backing_file.assign(reinterpret_cast<const char*>(p + h.backing_file_offset),
+                          h.backing_file_size);
     area_end = std::min(area_end, h.backing_file_offset);
   }
-  QCOW2FS_RETURN_IF_ERROR(DecodeExtensions(
-      b.subspan(h.header_length, area_end - h.header_length), h));
+  QCOW2FS_RETURN_IF_ERROR(
+      DecodeExtensions(b.subspan(h.header_length, area_end - h.header_length), h));
 
   if (h.has_data_file() && h.nb_snapshots != 0) {
     return Corrupt("images with an external data file cannot have snapshots");
@@ -286,8 +266,7 @@ Result<std::vector<std::byte>> EncodeHeader(const Header& h) {
   std::vector<std::byte> out(cs);
   std::byte* p = out.data();
   const uint32_t header_length =
-      h.version == 2 ? kHeaderV2Length
-                     : std::max<uint32_t>(h.header_length, kHeaderV3Length);
+      h.version == 2 ? kHeaderV2Length : std::max<uint32_t>(h.header_length, kHeaderV3Length);
   StoreBe32(p + header_field::kMagic, kQcow2Magic);
   StoreBe32(p + header_field::kVersion, h.version);
   StoreBe32(p + header_field::kClusterBits, h.cluster_bits);
@@ -310,8 +289,7 @@ Result<std::vector<std::byte>> EncodeHeader(const Header& h) {
       if (kHeaderV3Length + h.unknown_fields.size() > cs) {
         return Status(ErrorCode::kInvalidArgument, "header does not fit");
       }
-      std::copy(h.unknown_fields.begin(), h.unknown_fields.end(),
-                p + kHeaderV3Length);
+      std::copy(h.unknown_fields.begin(), h.unknown_fields.end(), p + kHeaderV3Length);
     }
   }
   uint64_t pos = header_length;
@@ -331,8 +309,7 @@ Result<std::vector<std::byte>> EncodeHeader(const Header& h) {
     }
   }
   if (!put(kExtEnd, {})) {
-    return Status(ErrorCode::kInvalidArgument,
-                  "header extensions do not fit in the first cluster");
+    return Status(ErrorCode::kInvalidArgument, "header extensions do not fit in the first cluster");
   }
   if (!h.backing_file.empty()) {
     if (h.backing_file.size() > limits::kMaxBackingFileNameBytes ||
@@ -342,8 +319,8 @@ Result<std::vector<std::byte>> EncodeHeader(const Header& h) {
     }
     StoreBe64(p + header_field::kBackingFileOffset, pos);
     StoreBe32(p + header_field::kBackingFileSize, static_cast<uint32_t>(h.backing_file.size()));
-    std::copy_n(reinterpret_cast<const std::byte*>(h.backing_file.data()),
-                h.backing_file.size(), p + pos);
+    std::copy_n(reinterpret_cast<const std::byte*>(h.backing_file.data()), h.backing_file.size(),
+                p + pos);
   }
   return out;
 }

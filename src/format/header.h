@@ -131,8 +131,7 @@ struct Header {
 // image whose file is `file_size` bytes long. Structural errors are
 // kCorrupt; unknown incompatible features and encryption are kUnsupported
 // with a message naming the feature.
-Result<Header> DecodeHeader(std::span<const std::byte> first_bytes,
-                            uint64_t file_size);
+Result<Header> DecodeHeader(std::span<const std::byte> first_bytes, uint64_t file_size);
 
 // Encodes the header, its extensions and the backing file name into a
 // buffer of one cluster. Fails if they do not fit.

@@ -26,9 +26,7 @@ inline constexpr uint64_t kRefcountTableOffsetMask = 0xfffffffffffffe00ull;
 inline constexpr int kSubclustersPerCluster = 32;
 inline constexpr uint32_t kSectorSize = 512;
 
-inline uint64_t L1EntryL2Offset(uint64_t l1_entry) {
-  return l1_entry & kL1OffsetMask;
-}
+inline uint64_t L1EntryL2Offset(uint64_t l1_entry) { return l1_entry & kL1OffsetMask; }
 
 enum class ClusterType {
   kUnallocated,  // reads from backing (or zeros)
@@ -42,8 +40,7 @@ enum class ClusterType {
 // host offset 0 is valid, disambiguated by the copied bit (all such clusters
 // have refcount 1). With extended L2 entries the zero flag is not used; the
 // subcluster bitmap decides instead.
-inline ClusterType ClassifyL2Entry(uint64_t entry, bool extended_l2,
-                                   bool has_data_file) {
+inline ClusterType ClassifyL2Entry(uint64_t entry, bool extended_l2, bool has_data_file) {
   if (entry & kOflagCompressed) return ClusterType::kCompressed;
   const uint64_t offset = entry & kL2OffsetMask;
   if ((entry & kOflagZero) && !extended_l2) {
@@ -60,8 +57,7 @@ struct CompressedDescriptor {
   uint64_t max_bytes = 0;    // bytes from host_offset to the end of its last sector
 };
 
-inline CompressedDescriptor DecodeCompressed(uint64_t entry,
-                                             uint32_t cluster_bits) {
+inline CompressedDescriptor DecodeCompressed(uint64_t entry, uint32_t cluster_bits) {
   const uint32_t x = 62 - (cluster_bits - 8);
   const uint64_t offset = entry & ((1ull << x) - 1);
   const uint64_t extra_sectors = (entry & ((1ull << 62) - 1)) >> x;
@@ -74,8 +70,7 @@ inline CompressedDescriptor DecodeCompressed(uint64_t entry,
 // Encodes a compressed cluster whose data occupies [host_offset,
 // host_offset + bytes). The sector count is chosen as QEMU does, so the
 // descriptor round-trips: additional sectors = last sector - first sector.
-inline uint64_t EncodeCompressed(uint64_t host_offset, uint64_t bytes,
-                                 uint32_t cluster_bits) {
+inline uint64_t EncodeCompressed(uint64_t host_offset, uint64_t bytes, uint32_t cluster_bits) {
   const uint32_t x = 62 - (cluster_bits - 8);
   const uint64_t extra_sectors =
       (host_offset + bytes - 1) / kSectorSize - host_offset / kSectorSize;
@@ -122,7 +117,7 @@ inline uint64_t TouchedSubclusters(uint64_t cluster_start, uint64_t begin, uint6
   const uint64_t last = (end - 1 - cluster_start) >> subcluster_bits;
   const uint64_t count = last - first + 1;
   return (count >= uint64_t{kSubclustersPerCluster} ? kAllSubclustersAllocated
-                                          : ((uint64_t{1} << count) - 1))
+                                                    : ((uint64_t{1} << count) - 1))
          << first;
 }
 

@@ -10,8 +10,7 @@
 
 namespace qcow2fs {
 
-inline uint64_t GetRefcountEntry(const std::byte* block, uint32_t order,
-                                 uint64_t index) {
+inline uint64_t GetRefcountEntry(const std::byte* block, uint32_t order, uint64_t index) {
   switch (order) {
     case 0:
     case 1:
@@ -21,16 +20,19 @@ inline uint64_t GetRefcountEntry(const std::byte* block, uint32_t order,
       const auto byte = static_cast<uint8_t>(block[index / per_byte]);
       return (byte >> ((index % per_byte) * bits)) & ((1u << bits) - 1);
     }
-    case 3: return static_cast<uint8_t>(block[index]);
-    case 4: return LoadBe16(block + 2 * index);
-    case 5: return LoadBe32(block + 4 * index);
-    default: return LoadBe64(block + 8 * index);
+    case 3:
+      return static_cast<uint8_t>(block[index]);
+    case 4:
+      return LoadBe16(block + 2 * index);
+    case 5:
+      return LoadBe32(block + 4 * index);
+    default:
+      return LoadBe64(block + 8 * index);
   }
 }
 
 // `value` must fit in 1 << order bits.
-inline void SetRefcountEntry(std::byte* block, uint32_t order, uint64_t index,
-                             uint64_t value) {
+inline void SetRefcountEntry(std::byte* block, uint32_t order, uint64_t index, uint64_t value) {
   switch (order) {
     case 0:
     case 1:
@@ -44,10 +46,18 @@ inline void SetRefcountEntry(std::byte* block, uint32_t order, uint64_t index,
       block[index / per_byte] = static_cast<std::byte>(byte);
       return;
     }
-    case 3: block[index] = static_cast<std::byte>(value); return;
-    case 4: StoreBe16(block + 2 * index, static_cast<uint16_t>(value)); return;
-    case 5: StoreBe32(block + 4 * index, static_cast<uint32_t>(value)); return;
-    default: StoreBe64(block + 8 * index, value); return;
+    case 3:
+      block[index] = static_cast<std::byte>(value);
+      return;
+    case 4:
+      StoreBe16(block + 2 * index, static_cast<uint16_t>(value));
+      return;
+    case 5:
+      StoreBe32(block + 4 * index, static_cast<uint32_t>(value));
+      return;
+    default:
+      StoreBe64(block + 8 * index, value);
+      return;
   }
 }
 

@@ -15,15 +15,13 @@ Status Corrupt(const std::string& what) {
 
 }  // namespace
 
-Result<std::vector<SnapshotEntry>> ReadSnapshotTable(const Header& h,
-                                                     uint64_t file_size,
+Result<std::vector<SnapshotEntry>> ReadSnapshotTable(const Header& h, uint64_t file_size,
                                                      const ReadFn& read) {
   std::vector<SnapshotEntry> out;
   uint64_t pos = h.snapshots_offset;
   const uint64_t cs = h.cluster_size();
   for (uint32_t i = 0; i < h.nb_snapshots; i++) {
-    if (pos - h.snapshots_offset + kEntryFixedBytes >
-            limits::kMaxSnapshotTableBytes ||
+    if (pos - h.snapshots_offset + kEntryFixedBytes > limits::kMaxSnapshotTableBytes ||
         pos + kEntryFixedBytes > file_size) {
       return Corrupt("entry " + std::to_string(i) +
                      " lies past the end of the file or the 64 MiB limit");
@@ -41,13 +39,12 @@ Result<std::vector<SnapshotEntry>> ReadSnapshotTable(const Header& h,
     e.vm_state_size = LoadBe32(fixed + 32);
     const uint32_t extra_size = LoadBe32(fixed + 36);
     if (extra_size > limits::kMaxSnapshotExtraData) {
-      return Corrupt("entry " + std::to_string(i) + " has " +
-                     std::to_string(extra_size) + " bytes of extra data");
+      return Corrupt("entry " + std::to_string(i) + " has " + std::to_string(extra_size) +
+                     " bytes of extra data");
     }
     const uint64_t var_bytes = uint64_t{extra_size} + id_size + name_size;
     const uint64_t entry_bytes = (kEntryFixedBytes + var_bytes + 7) & ~7ull;
-    if (pos - h.snapshots_offset + entry_bytes >
-            limits::kMaxSnapshotTableBytes ||
+    if (pos - h.snapshots_offset + entry_bytes > limits::kMaxSnapshotTableBytes ||
         pos + kEntryFixedBytes + var_bytes > file_size) {
       return Corrupt("entry " + std::to_string(i) +
                      " lies past the end of the file or the 64 MiB limit");
@@ -56,8 +53,7 @@ Result<std::vector<SnapshotEntry>> ReadSnapshotTable(const Header& h,
     QCOW2FS_RETURN_IF_ERROR(read(pos + kEntryFixedBytes, var));
     e.extra_data.assign(var.begin(), var.begin() + extra_size);
     e.id.assign(reinterpret_cast<const char*>(var.data() + extra_size), id_size);
-    e.name.assign(reinterpret_cast<const char*>(var.data() + extra_size + id_size),
-                  name_size);
+    e.name.assign(reinterpret_cast<const char*>(var.data() + extra_size + id_size), name_size);
     e.disk_size = h.size;
     if (extra_size >= 8) e.vm_state_size = LoadBe64(e.extra_data.data());
     if (extra_size >= 16) e.disk_size = LoadBe64(e.extra_data.data() + 8);
@@ -68,10 +64,9 @@ Result<std::vector<SnapshotEntry>> ReadSnapshotTable(const Header& h,
     if (uint64_t{e.l1_size} * 8 > limits::kMaxL1Bytes) {
       return Corrupt("snapshot '" + e.name + "' L1 table is too large");
     }
-    if (e.l1_size > 0 && (e.l1_table_offset == 0 ||
-                          e.l1_table_offset + uint64_t{e.l1_size} * 8 > file_size)) {
-      return Corrupt("snapshot '" + e.name +
-                     "' L1 table lies outside the file");
+    if (e.l1_size > 0 &&
+        (e.l1_table_offset == 0 || e.l1_table_offset + uint64_t{e.l1_size} * 8 > file_size)) {
+      return Corrupt("snapshot '" + e.name + "' L1 table lies outside the file");
     }
     if (e.disk_size > limits::kMaxVirtualSize) {
       return Corrupt("snapshot '" + e.name + "' disk size is too large");
@@ -82,8 +77,7 @@ Result<std::vector<SnapshotEntry>> ReadSnapshotTable(const Header& h,
   return out;
 }
 
-std::vector<std::byte> EncodeSnapshotTable(
-    const std::vector<SnapshotEntry>& entries) {
+std::vector<std::byte> EncodeSnapshotTable(const std::vector<SnapshotEntry>& entries) {
   std::vector<std::byte> out;
   for (const auto& e : entries) {
     const uint64_t start = out.size();
@@ -97,8 +91,7 @@ std::vector<std::byte> EncodeSnapshotTable(
     StoreBe32(p + 16, e.date_sec);
     StoreBe32(p + 20, e.date_nsec);
     StoreBe64(p + 24, e.vm_clock_nsec);
-    StoreBe32(p + 32, static_cast<uint32_t>(
-                          e.vm_state_size > 0xffffffffu ? 0 : e.vm_state_size));
+    StoreBe32(p + 32, static_cast<uint32_t>(e.vm_state_size > 0xffffffffu ? 0 : e.vm_state_size));
     StoreBe32(p + 36, static_cast<uint32_t>(e.extra_data.size()));
     p += kEntryFixedBytes;
     for (std::byte b : e.extra_data) *p++ = b;

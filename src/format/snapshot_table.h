@@ -31,12 +31,10 @@ struct SnapshotEntry {
 using ReadFn = std::function<Status(uint64_t offset, std::span<std::byte>)>;
 
 // Reads and validates header.nb_snapshots entries from the image.
-Result<std::vector<SnapshotEntry>> ReadSnapshotTable(const Header& header,
-                                                     uint64_t file_size,
+Result<std::vector<SnapshotEntry>> ReadSnapshotTable(const Header& header, uint64_t file_size,
                                                      const ReadFn& read);
 
 // Encodes a snapshot table (for the writer).
-std::vector<std::byte> EncodeSnapshotTable(
-    const std::vector<SnapshotEntry>& entries);
+std::vector<std::byte> EncodeSnapshotTable(const std::vector<SnapshotEntry>& entries);
 
 }  // namespace qcow2fs

@@ -219,7 +219,8 @@ Status FaultInjectionFile::Allocate(uint64_t offset, uint64_t length) {
   {
     std::lock_guard lock(mu_);
     s = Admit(&crashed_now);
-    if (s.ok() && offset + length > current_.size()) Record(PendingWrite{offset + length, {}, true});
+    if (s.ok() && offset + length > current_.size())
+      Record(PendingWrite{offset + length, {}, true});
   }
   AfterCrash(crashed_now);
   return s;

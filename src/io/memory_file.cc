@@ -14,8 +14,7 @@ class MemoryFile final : public File {
   MemoryFile(std::string name, std::string contents)
       : name_(std::move(name)),
         data_(reinterpret_cast<const std::byte*>(contents.data()),
-              reinterpret_cast<const std::byte*>(contents.data()) +
-                  contents.size()) {}
+              reinterpret_cast<const std::byte*>(contents.data()) + contents.size()) {}
 
   Status ReadAt(uint64_t offset, std::span<std::byte> buf) override {
     std::lock_guard lock(mu_);

@@ -63,12 +63,12 @@ class PosixFile final : public File {
     size_t done = 0;
     while (done < buf.size()) {
       const int fd = DescriptorFor(offset + done, buf.data() + done, buf.size() - done);
-      ssize_t n = ::pread(fd, buf.data() + done, buf.size() - done,
-                          static_cast<off_t>(offset + done));
+      ssize_t n =
+          ::pread(fd, buf.data() + done, buf.size() - done, static_cast<off_t>(offset + done));
       if (n < 0) {
         if (ShouldRetry(fd)) continue;
-        return Status::FromErrno(errno, "reading " + name_ + " at " +
-                                            std::to_string(offset + done));
+        return Status::FromErrno(errno,
+                                 "reading " + name_ + " at " + std::to_string(offset + done));
       }
       if (n == 0) {  // end of file: the rest reads as zeros
         std::memset(buf.data() + done, 0, buf.size() - done);
@@ -83,12 +83,12 @@ class PosixFile final : public File {
     size_t done = 0;
     while (done < data.size()) {
       const int fd = DescriptorFor(offset + done, data.data() + done, data.size() - done);
-      ssize_t n = ::pwrite(fd, data.data() + done, data.size() - done,
-                           static_cast<off_t>(offset + done));
+      ssize_t n =
+          ::pwrite(fd, data.data() + done, data.size() - done, static_cast<off_t>(offset + done));
       if (n < 0) {
         if (ShouldRetry(fd)) continue;
-        return Status::FromErrno(errno, "writing " + name_ + " at " +
-                                            std::to_string(offset + done));
+        return Status::FromErrno(errno,
+                                 "writing " + name_ + " at " + std::to_string(offset + done));
       }
       done += static_cast<size_t>(n);
     }
@@ -101,8 +101,8 @@ class PosixFile final : public File {
   }
 
   Status PunchHole(uint64_t offset, uint64_t length) override {
-    if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                    static_cast<off_t>(offset), static_cast<off_t>(length)) == 0) {
+    if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+                    static_cast<off_t>(length)) == 0) {
       return Status();
     }
     if (errno != EOPNOTSUPP && errno != ENOSYS) {
@@ -126,8 +126,7 @@ class PosixFile final : public File {
   }
 
   Status Allocate(uint64_t offset, uint64_t length) override {
-    int err = ::posix_fallocate(fd_, static_cast<off_t>(offset),
-                                static_cast<off_t>(length));
+    int err = ::posix_fallocate(fd_, static_cast<off_t>(offset), static_cast<off_t>(length));
     if (err != 0) return Status::FromErrno(err, "allocating space in " + name_);
     return Status();
   }
@@ -154,8 +153,7 @@ class PosixFile final : public File {
       return fd_;
     }
     const auto address = reinterpret_cast<uintptr_t>(buf);
-    const bool aligned = offset % alignment_.offset == 0 &&
-                         length % alignment_.offset == 0 &&
+    const bool aligned = offset % alignment_.offset == 0 && length % alignment_.offset == 0 &&
                          address % alignment_.memory == 0;
     return aligned ? direct_fd_ : fd_;
   }
@@ -182,8 +180,8 @@ class PosixFile final : public File {
 
 }  // namespace
 
-Result<std::unique_ptr<File>> OpenPosixFile(const std::string& path,
-                                            bool writable, bool direct_io) {
+Result<std::unique_ptr<File>> OpenPosixFile(const std::string& path, bool writable,
+                                            bool direct_io) {
   const int access = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC;
   // O_NONBLOCK: a FIFO (or a device) named as a backing or data file must
   // be refused, not wait in open() for a writer forever. It is cleared
@@ -193,8 +191,7 @@ Result<std::unique_ptr<File>> OpenPosixFile(const std::string& path,
   struct stat st;
   if (::fstat(fd, &st) != 0 || (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))) {
     ::close(fd);
-    return Status(ErrorCode::kInvalidArgument,
-                  path + " is not a regular file or block device");
+    return Status(ErrorCode::kInvalidArgument, path + " is not a regular file or block device");
   }
   if (::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK) != 0) {
     const int err = errno;

@@ -63,8 +63,7 @@ void Read(Image& img, uint64_t offset, uint64_t length, std::vector<std::byte>& 
 void Exercise(Image& img, const uint8_t* data, size_t size) {
   const uint64_t vsize = img.size();
   const qcow2fs::ImageInfo info = img.info();
-  g_sink = g_sink + info.warnings.size() + info.snapshots.size() +
-           info.backing_file.size();
+  g_sink = g_sink + info.warnings.size() + info.snapshots.size() + info.backing_file.size();
   const uint64_t cs = std::max<uint64_t>(info.cluster_size, 512);
   std::vector<std::byte> buf;
 
@@ -105,8 +104,8 @@ void Exercise(Image& img, const uint8_t* data, size_t size) {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string contents(reinterpret_cast<const char*>(data), size);
-  const qcow2fs::FileOpener refuse =
-      [](const std::string& path, bool) -> Result<std::unique_ptr<File>> {
+  const qcow2fs::FileOpener refuse = [](const std::string& path,
+                                        bool) -> Result<std::unique_ptr<File>> {
     return Status(ErrorCode::kNotFound, "fuzzer opens no other files: " + path);
   };
   OpenOptions options;

@@ -248,7 +248,8 @@ bool ReferencesCounted(const std::string& f, const HeaderFields& h) {
   const uint64_t bits = uint64_t{1} << h.refcount_order;
   const uint64_t per_block = cs * 8 / bits;
   const uint64_t rt_bytes = uint64_t{h.rt_clusters} * cs;
-  if (h.rt_offset % cs != 0 || h.rt_offset + rt_bytes > fsize || rt_bytes > (8u << 20)) return false;
+  if (h.rt_offset % cs != 0 || h.rt_offset + rt_bytes > fsize || rt_bytes > (8u << 20))
+    return false;
   bool ok = true;
   auto refcount = [&](uint64_t c) -> uint64_t {
     const uint64_t block_index = c / per_block;
@@ -264,7 +265,7 @@ bool ReferencesCounted(const std::string& f, const HeaderFields& h) {
     const uint64_t byte = static_cast<unsigned char>(f[block + i * bits / 8]);
     return (byte >> (i * bits % 8)) & ((1u << bits) - 1);
   };
-  uint64_t budget = 1 << 20;  // references examined, bounding the work
+  uint64_t budget = 1 << 20;                // references examined, bounding the work
   std::map<uint64_t, uint64_t> references;  // cluster -> times referenced
   auto counted = [&](uint64_t offset, uint64_t bytes) {
     for (uint64_t c = offset / cs; bytes && c <= (offset + bytes - 1) / cs && ok; c++) {
@@ -378,8 +379,9 @@ bool CheckShadow(Image& img, const Shadow& s, bool read_errors_are_bugs, const c
       const uint8_t want = seg.op < 0 ? 0 : Pattern(seg.op, x);
       const uint8_t got = static_cast<uint8_t>(buf[x - b]);
       if (want != got) {
-        std::fprintf(stderr, "write_fuzzer: %s: guest byte 0x%llx reads 0x%02x, op %d left 0x%02x\n",
-                     when, static_cast<unsigned long long>(x), got, seg.op, want);
+        std::fprintf(stderr,
+                     "write_fuzzer: %s: guest byte 0x%llx reads 0x%02x, op %d left 0x%02x\n", when,
+                     static_cast<unsigned long long>(x), got, seg.op, want);
         Fail("guest data does not read back as written", x, got, want);
       }
     }
@@ -427,8 +429,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   auto image_bytes = std::make_shared<std::string>(original);
   // Every other file the image opens, by resolved path, for the reopen.
   std::map<std::string, Bytes> others;
-  const qcow2fs::FileOpener opener =
-      [&](const std::string& path, bool writable) -> Result<std::unique_ptr<File>> {
+  const qcow2fs::FileOpener opener = [&](const std::string& path,
+                                         bool writable) -> Result<std::unique_ptr<File>> {
     // writable: the external data file. Else a backing file, or the data
     // file of a backing image (flag 4 gives them as empty raw files).
     if (!writable && !(flags & 4)) {
@@ -443,14 +445,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   options.lock = false;
   options.l2_cache_bytes = (flags & 1) ? 1 : (1 << 20);  // 1: the smallest cache
   if (flags & 2) {
-    options.compress = h0.compression == 1 ? qcow2fs::CompressionType::kZstd
-                                           : qcow2fs::CompressionType::kZlib;
+    options.compress =
+        h0.compression == 1 ? qcow2fs::CompressionType::kZstd : qcow2fs::CompressionType::kZlib;
     options.compress_cache_bytes = (flags & 8) ? 1 : 0;
   }
 
-  auto opened = qcow2fs::OpenQcow2(
-      std::unique_ptr<File>(new SharedMemoryFile("fuzz.qcow2", image_bytes)),
-      "/fuzz/fuzz.qcow2", options, opener);
+  auto opened =
+      qcow2fs::OpenQcow2(std::unique_ptr<File>(new SharedMemoryFile("fuzz.qcow2", image_bytes)),
+                         "/fuzz/fuzz.qcow2", options, opener);
   if (!opened.ok()) {
     Consume(opened.status());
     return 0;
@@ -509,8 +511,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
           // zeros (the core's promise); beyond it, old L2 entries may
           // show through, as in QEMU.
           const uint64_t cs = img->info().cluster_size;
-          const uint64_t stop =
-              std::min<uint64_t>(img->size(), (disk + cs - 1) / cs * cs);
+          const uint64_t stop = std::min<uint64_t>(img->size(), (disk + cs - 1) / cs * cs);
           if (disk % cs != 0) Assign(shadow, disk, stop, true, -1);
         }
         break;
@@ -570,7 +571,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   same("compatible_features", h0.compat, h1.compat);
   same("refcount_order", h0.refcount_order, h1.refcount_order);
   same("compression_type", h0.compression, h1.compression);
-  same("incompatible_features (but corrupt)", h0.incompat & ~uint64_t{2}, h1.incompat & ~uint64_t{2});
+  same("incompatible_features (but corrupt)", h0.incompat & ~uint64_t{2},
+       h1.incompat & ~uint64_t{2});
   same("autoclear_features bits set", 0, h1.autoclear & ~h0.autoclear);
   if (h0.backing != h1.backing) Fail("the backing file name changed");
   if (h1.size < h0.size) Fail("the disk shrank", h0.size, h1.size);
@@ -580,22 +582,23 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     OpenOptions ro;
     ro.read_only = true;
     ro.lock = false;
-    const qcow2fs::FileOpener ro_opener =
-        [&](const std::string& path, bool) -> Result<std::unique_ptr<File>> {
+    const qcow2fs::FileOpener ro_opener = [&](const std::string& path,
+                                              bool) -> Result<std::unique_ptr<File>> {
       auto it = others.find(path);
       if (it == others.end()) return Status(ErrorCode::kNotFound, "no such file: " + path);
       return std::unique_ptr<File>(
           new SharedMemoryFile(path, std::make_shared<std::string>(*it->second)));
     };
-    auto again = qcow2fs::OpenQcow2(
-        std::unique_ptr<File>(new SharedMemoryFile("fuzz.qcow2", std::make_shared<std::string>(after))),
-        "/fuzz/fuzz.qcow2", ro, ro_opener);
+    auto again = qcow2fs::OpenQcow2(std::unique_ptr<File>(new SharedMemoryFile(
+                                        "fuzz.qcow2", std::make_shared<std::string>(after))),
+                                    "/fuzz/fuzz.qcow2", ro, ro_opener);
     if (!again.ok()) {
       std::fprintf(stderr, "write_fuzzer: reopen failed: %s\n", again.status().ToString().c_str());
       Fail("a cleanly written image does not reopen");
     }
     CheckShadow(*again.value(), shadow, true, "reopened");
-    if (trace) std::fprintf(stderr, "write_fuzzer: reopened, %zu known ranges match\n", shadow.size());
+    if (trace)
+      std::fprintf(stderr, "write_fuzzer: reopened, %zu known ranges match\n", shadow.size());
   }
   return 0;
 }

@@ -48,9 +48,8 @@ AssertionResult Builder::Io(const std::string& name, const std::vector<Op>& ops,
                                                    : SemiCompressible(op.length, seed);
           auto r = WriteWholeFile(src, data);
           if (!r) return r;
-          cmds.push_back(std::string("write -q") +
-                         (op.kind == Op::kWriteCompressed ? " -c" : "") + " -s " + src + " " +
-                         range);
+          cmds.push_back(std::string("write -q") + (op.kind == Op::kWriteCompressed ? " -c" : "") +
+                         " -s " + src + " " + range);
           break;
         }
         case Op::kZero:
@@ -123,21 +122,18 @@ std::vector<Op> StandardOps(uint64_t cs, uint64_t size, bool extended) {
 
 namespace {
 
-AssertionResult ReadImage(Image& img, uint64_t offset, uint64_t length,
-                          std::string* out) {
+AssertionResult ReadImage(Image& img, uint64_t offset, uint64_t length, std::string* out) {
   out->assign(length, '\x5c');  // poison: a read that skips bytes shows
   Status s = img.Read(offset, AsWritableBytes(*out));
   if (!s.ok()) {
-    return AssertionFailure() << "Read(" << offset << ", " << length
-                              << ") failed: " << Describe(s);
+    return AssertionFailure() << "Read(" << offset << ", " << length << ") failed: " << Describe(s);
   }
   return AssertionSuccess();
 }
 
 // Walks GetBlockStatus over the whole disk: extents must tile it; extents
 // reported as zeros must read as zeros in the reference.
-AssertionResult CheckBlockStatusWalk(Image& img, std::string_view reference,
-                                     bool has_backing) {
+AssertionResult CheckBlockStatusWalk(Image& img, std::string_view reference, bool has_backing) {
   const uint64_t size = img.size();
   uint64_t off = 0;
   int steps = 0;
@@ -147,23 +143,22 @@ AssertionResult CheckBlockStatusWalk(Image& img, std::string_view reference,
     }
     auto r = img.GetBlockStatus(off, size - off);
     if (!r.ok()) {
-      return AssertionFailure() << "GetBlockStatus(" << off << ", "
-                                << (size - off) << ") failed: "
-                                << Describe(r.status());
+      return AssertionFailure() << "GetBlockStatus(" << off << ", " << (size - off)
+                                << ") failed: " << Describe(r.status());
     }
     const BlockStatus& st = r.value();
     if (st.length == 0 || st.length > size - off) {
-      return AssertionFailure() << "GetBlockStatus(" << off << ") returned length "
-                                << st.length << " (remaining " << (size - off) << ")";
+      return AssertionFailure() << "GetBlockStatus(" << off << ") returned length " << st.length
+                                << " (remaining " << (size - off) << ")";
     }
-    if (st.kind == BlockKind::kZero ||
-        (st.kind == BlockKind::kUnallocated && !has_backing)) {
+    if (st.kind == BlockKind::kZero || (st.kind == BlockKind::kUnallocated && !has_backing)) {
       if (!AllZero(reference.substr(off, st.length))) {
         auto nz = reference.substr(off, st.length).find_first_not_of('\0');
-        return AssertionFailure()
-               << "GetBlockStatus says [" << off << ", " << (off + st.length)
-               << ") is " << (st.kind == BlockKind::kZero ? "zero" : "unallocated without backing")
-               << " but QEMU reads non-zero data at " << (off + nz);
+        return AssertionFailure() << "GetBlockStatus says [" << off << ", " << (off + st.length)
+                                  << ") is "
+                                  << (st.kind == BlockKind::kZero ? "zero"
+                                                                  : "unallocated without backing")
+                                  << " but QEMU reads non-zero data at " << (off + nz);
       }
     }
     if (st.kind == BlockKind::kData && !st.compressed && !st.host_offset) {
@@ -176,23 +171,20 @@ AssertionResult CheckBlockStatusWalk(Image& img, std::string_view reference,
 }
 
 // Reads around `boundary` (clamped to the disk) and compares.
-AssertionResult BoundaryRead(Image& img, std::string_view ref, uint64_t boundary,
-                             uint64_t before, uint64_t after,
-                             const std::string& what) {
+AssertionResult BoundaryRead(Image& img, std::string_view ref, uint64_t boundary, uint64_t before,
+                             uint64_t after, const std::string& what) {
   const uint64_t size = ref.size();
   if (boundary > size) return AssertionSuccess();
   const uint64_t start = boundary >= before ? boundary - before : 0;
   const uint64_t end = std::min(size, boundary + after);
   if (end <= start) return AssertionSuccess();
-  return ReadAndCompare(img, start, end - start, ref.substr(start, end - start),
-                        what);
+  return ReadAndCompare(img, start, end - start, ref.substr(start, end - start), what);
 }
 
 }  // namespace
 
 AssertionResult ReadAndCompare(Image& img, uint64_t offset, uint64_t length,
-                               std::string_view expected,
-                               const std::string& what) {
+                               std::string_view expected, const std::string& what) {
   std::string got;
   auto r = ReadImage(img, offset, length, &got);
   if (!r) return r << " (" << what << ")";
@@ -200,8 +192,7 @@ AssertionResult ReadAndCompare(Image& img, uint64_t offset, uint64_t length,
                       what + " read(" + Num(offset) + ", " + Num(length) + ")");
 }
 
-AssertionResult OpenImage(const Built& b, const OpenOptions& options,
-                          std::unique_ptr<Image>* out) {
+AssertionResult OpenImage(const Built& b, const OpenOptions& options, std::unique_ptr<Image>* out) {
   std::optional<ScopedCwd> cwd;
   if (!b.open_cwd.empty()) {
     cwd.emplace(b.open_cwd);
@@ -217,8 +208,7 @@ AssertionResult OpenImage(const Built& b, const OpenOptions& options,
   return AssertionSuccess();
 }
 
-void CheckWholeDisk(Image& img, const Built& b, const std::string& ref,
-                    uint64_t seed) {
+void CheckWholeDisk(Image& img, const Built& b, const std::string& ref, uint64_t seed) {
   const uint64_t size = ref.size();
   ASSERT_EQ(img.size(), size) << "virtual size differs from qemu-img's";
   const uint64_t cs = b.cluster_size;
@@ -226,48 +216,58 @@ void CheckWholeDisk(Image& img, const Built& b, const std::string& ref,
   // 1. The whole disk in 1 MiB chunks.
   for (uint64_t off = 0; off < size; off += MiB) {
     const uint64_t len = std::min(MiB, size - off);
-    ASSERT_TRUE(ReadAndCompare(img, off, len, std::string_view(ref).substr(off, len),
-                               "1MiB chunk"));
+    ASSERT_TRUE(
+        ReadAndCompare(img, off, len, std::string_view(ref).substr(off, len), "1MiB chunk"));
   }
   // 2. Large reads at odd offsets (many clusters per call).
   for (uint64_t off = 12345; off < size; off += 8 * MiB + 4097) {
     const uint64_t len = std::min(8 * MiB + 777, size - off);
-    ASSERT_TRUE(ReadAndCompare(img, off, len, std::string_view(ref).substr(off, len),
-                               "large unaligned"));
+    ASSERT_TRUE(
+        ReadAndCompare(img, off, len, std::string_view(ref).substr(off, len), "large unaligned"));
   }
   // 3. Random unaligned reads of many sizes.
   Rng rng(seed);
   for (int i = 0; i < 300; ++i) {
     uint64_t len;
     switch (i % 4) {
-      case 0: len = rng.Uniform(1, 64); break;
-      case 1: len = rng.Uniform(1, 2 * cs + 1); break;
-      case 2: len = rng.Uniform(1, 256 * KiB); break;
-      default: len = rng.Uniform(2, 2 * cs); break;
+      case 0:
+        len = rng.Uniform(1, 64);
+        break;
+      case 1:
+        len = rng.Uniform(1, 2 * cs + 1);
+        break;
+      case 2:
+        len = rng.Uniform(1, 256 * KiB);
+        break;
+      default:
+        len = rng.Uniform(2, 2 * cs);
+        break;
     }
     len = std::min(len, size);
     uint64_t off;
     if (i % 4 == 3) {
       // Straddle a cluster boundary.
       const uint64_t k = rng.Uniform(1, std::max<uint64_t>(1, size / cs - 1));
-      const uint64_t back =
-          rng.Uniform(1, std::max<uint64_t>(1, std::min(len - 1, k * cs)));
+      const uint64_t back = rng.Uniform(1, std::max<uint64_t>(1, std::min(len - 1, k * cs)));
       off = k * cs - back;
     } else {
       off = rng.Uniform(0, size - len);
     }
     if (off + len > size) off = size - len;
-    ASSERT_TRUE(ReadAndCompare(img, off, len, std::string_view(ref).substr(off, len),
-                               "random #" + Num(i)));
+    ASSERT_TRUE(
+        ReadAndCompare(img, off, len, std::string_view(ref).substr(off, len), "random #" + Num(i)));
   }
   // 4. Cluster (and subcluster) boundaries around every touched range.
   const uint64_t sc = b.extended_l2 ? cs / 32 : cs;
   for (const Region& t : b.touched) {
-    std::vector<uint64_t> bounds = {
-        AlignDown(t.offset, cs), AlignUp(t.offset, cs),
-        AlignDown(t.offset + t.length, cs), AlignUp(t.offset + t.length, cs),
-        AlignDown(t.offset, sc), AlignUp(t.offset + t.length, sc),
-        t.offset, t.offset + t.length};
+    std::vector<uint64_t> bounds = {AlignDown(t.offset, cs),
+                                    AlignUp(t.offset, cs),
+                                    AlignDown(t.offset + t.length, cs),
+                                    AlignUp(t.offset + t.length, cs),
+                                    AlignDown(t.offset, sc),
+                                    AlignUp(t.offset + t.length, sc),
+                                    t.offset,
+                                    t.offset + t.length};
     for (uint64_t bd : bounds) {
       ASSERT_TRUE(BoundaryRead(img, ref, bd, 37, 41, "boundary"));
       ASSERT_TRUE(BoundaryRead(img, ref, bd, 1, 1, "boundary"));
@@ -306,14 +306,12 @@ std::vector<Region> MergeRegions(std::vector<Region> rs, uint64_t size) {
 }
 
 void CheckRangesWithImage(Image& img, const std::vector<Region>& regions,
-                          const std::vector<std::string>& refs, uint64_t cs,
-                          uint64_t seed) {
+                          const std::vector<std::string>& refs, uint64_t cs, uint64_t seed) {
   Rng rng(seed);
   for (size_t i = 0; i < regions.size(); ++i) {
     const Region& r = regions[i];
     const std::string_view ref = refs[i];
-    const std::string where = "region [" + Num(r.offset) + ", " +
-                              Num(r.offset + r.length) + ")";
+    const std::string where = "region [" + Num(r.offset) + ", " + Num(r.offset + r.length) + ")";
     // Whole region in one read, then in 1 MiB chunks.
     ASSERT_TRUE(ReadAndCompare(img, r.offset, r.length, ref, where));
     for (uint64_t o = 0; o < r.length; o += MiB) {

@@ -38,9 +38,7 @@ inline uint64_t AlignDown(uint64_t v, uint64_t a) { return v / a * a; }
 inline uint64_t AlignUp(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 
 // Guest bytes mapped by one L2 table.
-inline uint64_t L2Coverage(uint64_t cs, bool extended) {
-  return cs * (cs / (extended ? 16 : 8));
-}
+inline uint64_t L2Coverage(uint64_t cs, bool extended) { return cs * (cs / (extended ? 16 : 8)); }
 
 struct Region {
   uint64_t offset = 0;
@@ -55,9 +53,9 @@ struct SnapshotRef {
 
 // The result of a recipe.
 struct Built {
-  std::string image;      // path handed to Image::Open (may be relative)
-  std::string open_cwd;   // working directory for Image::Open, if set
-  std::string qemu_image; // absolute path for qemu-img
+  std::string image;       // path handed to Image::Open (may be relative)
+  std::string open_cwd;    // working directory for Image::Open, if set
+  std::string qemu_image;  // absolute path for qemu-img
   uint64_t cluster_size = 0;
   bool extended_l2 = false;
   bool has_backing = false;
@@ -134,8 +132,7 @@ std::vector<Op> StandardOps(uint64_t cs, uint64_t size, bool extended = false);
 
 AssertionResult ReadAndCompare(Image& img, uint64_t offset, uint64_t length,
                                std::string_view expected, const std::string& what);
-AssertionResult OpenImage(const Built& b, const OpenOptions& options,
-                          std::unique_ptr<Image>* out);
+AssertionResult OpenImage(const Built& b, const OpenOptions& options, std::unique_ptr<Image>* out);
 // Reads the whole disk in many ways (chunks, large and random unaligned
 // reads, cluster and L2 boundaries) and walks its block status; fatal
 // failures end the test.

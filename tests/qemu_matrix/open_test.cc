@@ -29,10 +29,11 @@ TEST(QemuOpen, LuksEncryptionFailsNamingEncryption) {
   const std::string img = dir.Join("enc.qcow2");
   // QEMU benchmarks PBKDF2 with thread CPU time and, on a busy machine,
   // sometimes gives up with "Unable to get accurate CPU usage": retry that.
-  const std::string create = "create -q -f qcow2 --object secret,id=sec0,data=123456 "
-                             "-o encrypt.format=luks,encrypt.key-secret=sec0,"
-                             "encrypt.iter-time=10 " +
-                             ShellQuote(img) + " 8M";
+  const std::string create =
+      "create -q -f qcow2 --object secret,id=sec0,data=123456 "
+      "-o encrypt.format=luks,encrypt.key-secret=sec0,"
+      "encrypt.iter-time=10 " +
+      ShellQuote(img) + " 8M";
   std::string out;
   AssertionResult made = AssertionFailure();
   for (int attempt = 0; attempt < 5; ++attempt) {
@@ -72,8 +73,7 @@ TEST(QemuOpen, CorruptBitOpensReadOnlyWithWarning) {
   OpenOptions o;
   o.read_only = false;
   auto r = Image::Open(img, o);
-  ASSERT_TRUE(r.ok()) << "a corrupt-flagged image should open read-only: "
-                      << Describe(r.status());
+  ASSERT_TRUE(r.ok()) << "a corrupt-flagged image should open read-only: " << Describe(r.status());
   Image& image = *r.value();
   EXPECT_TRUE(image.read_only());
   const ImageInfo info = image.info();
@@ -129,10 +129,8 @@ TEST(QemuOpen, UnknownIncompatibleFeatureFailsNamingTheBit) {
     ASSERT_FALSE(r.ok()) << "unknown incompatible feature bit " << bit << " must fail";
     const std::string& m = r.status().message();
     char hex[32];
-    std::snprintf(hex, sizeof hex, "%llx",
-                  static_cast<unsigned long long>(uint64_t{1} << bit));
-    EXPECT_TRUE(m.find(Num(bit)) != std::string::npos ||
-                ContainsNoCase(m, hex))
+    std::snprintf(hex, sizeof hex, "%llx", static_cast<unsigned long long>(uint64_t{1} << bit));
+    EXPECT_TRUE(m.find(Num(bit)) != std::string::npos || ContainsNoCase(m, hex))
         << "message should name bit " << bit << ": " << Describe(r.status());
   }
 }
@@ -175,8 +173,7 @@ TEST(QemuOpen, MissingBackingFileFailsNamingIt) {
   ASSERT_EQ(std::remove(dir.Join("base.qcow2").c_str()), 0);
   auto r = Image::Open(dir.Join("top.qcow2"), OpenOptions{});
   ASSERT_FALSE(r.ok()) << "opening with a missing backing file must fail";
-  EXPECT_TRUE(r.status().message().find("base.qcow2") != std::string::npos)
-      << Describe(r.status());
+  EXPECT_TRUE(r.status().message().find("base.qcow2") != std::string::npos) << Describe(r.status());
 }
 
 TEST(QemuOpen, RawImageIsProbedAndReadsIdentically) {
@@ -203,8 +200,7 @@ TEST(QemuOpen, ReadPastEndIsRejected) {
   Status s = r.value()->Read(8 * MiB - 100, AsWritableBytes(buf));
   EXPECT_FALSE(s.ok()) << "a read crossing the end of the disk must fail";
   if (!s.ok()) {
-    EXPECT_TRUE(s.code() == ErrorCode::kOutOfRange ||
-                s.code() == ErrorCode::kInvalidArgument)
+    EXPECT_TRUE(s.code() == ErrorCode::kOutOfRange || s.code() == ErrorCode::kInvalidArgument)
         << Describe(s);
   }
 }

@@ -106,8 +106,8 @@ TEST_P(QemuReadMatrix, MatchesQemu) {
     regions = MergeRegions(want, size);
     region_refs.resize(regions.size());
     for (size_t i = 0; i < regions.size(); ++i) {
-      ASSERT_TRUE(QemuReadRange(b.qemu_image, regions[i].offset, regions[i].length,
-                                &region_refs[i], scratch.path()));
+      ASSERT_TRUE(QemuReadRange(b.qemu_image, regions[i].offset, regions[i].length, &region_refs[i],
+                                scratch.path()));
     }
   }
   // Snapshot references: `qemu-img snapshot -a` on a copy (next to the

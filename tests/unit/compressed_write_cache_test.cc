@@ -16,8 +16,8 @@
 #include <string>
 #include <vector>
 
-#include "codec/compression.h"
 #include "base/sync_point.h"
+#include "codec/compression.h"
 
 namespace qcow2fs {
 namespace {
@@ -110,8 +110,7 @@ class FakeSink final : public CompressedClusterSink {
     if (!fail) committed_.push_back(std::move(done));
     return fail ? Status(ErrorCode::kIoError, "injected commit error", EIO) : Status();
   }
-  Status WriteUncompressedCluster(uint64_t guest_offset,
-                                  std::span<const std::byte> data) override {
+  Status WriteUncompressedCluster(uint64_t guest_offset, std::span<const std::byte> data) override {
     std::lock_guard lk(mu_);
     counts_.plain++;
     stored_[guest_offset] = {Kind::kPlain, 0, 0, Bytes(data.begin(), data.end())};
@@ -489,7 +488,8 @@ TEST_P(CompressedWriteCacheTest, AFullCacheStoresItsOldestClustersFirst) {
   FakeSink sink(type(), kCs);
   // 16 clusters of staging, the least there is.
   CompressedWriteCache cache(sink, type(), kCs, kMaxPerHost, kDisk, 16 * kCs);
-  for (uint64_t c = 0; c < 16; c++) ASSERT_TRUE(Write(cache, c * kCs + 1, Compressible(9, 22)).ok());
+  for (uint64_t c = 0; c < 16; c++)
+    ASSERT_TRUE(Write(cache, c * kCs + 1, Compressible(9, 22)).ok());
   EXPECT_EQ(sink.counts().fills, 0);
   ASSERT_TRUE(Write(cache, 16 * kCs + 1, Compressible(9, 23)).ok());
   ASSERT_FALSE(sink.fill_order().empty()) << "a full cache must make room";

@@ -76,9 +76,8 @@ std::span<const std::byte> Bytes(const std::string& s) {
   Result<Header> r = DecodeHeader(bytes, file_size);
   if (r.ok()) return ::testing::AssertionFailure() << "decoded; expected " << text;
   if (r.status().code() != code || r.status().message().find(text) == std::string::npos) {
-    return ::testing::AssertionFailure()
-           << "got " << r.status().ToString() << "; expected " << ErrorCodeName(code) << " with '"
-           << text << "'";
+    return ::testing::AssertionFailure() << "got " << r.status().ToString() << "; expected "
+                                         << ErrorCodeName(code) << " with '" << text << "'";
   }
   return ::testing::AssertionSuccess();
 }
@@ -282,11 +281,11 @@ std::vector<Mutation> Mutations() {
       {"version_4", [](auto& b) { Put32(b, kOffVersion, 4); }, ErrorCode::kUnsupported,
        "qcow2 version 4 is not supported"},
       {"cluster_bits_below_min",
-       [](auto& b) { Put32(b, kOffClusterBits, limits::kMinClusterBits - 1); },
-       ErrorCode::kCorrupt, "cluster_bits 8 is outside"},
+       [](auto& b) { Put32(b, kOffClusterBits, limits::kMinClusterBits - 1); }, ErrorCode::kCorrupt,
+       "cluster_bits 8 is outside"},
       {"cluster_bits_above_max",
-       [](auto& b) { Put32(b, kOffClusterBits, limits::kMaxClusterBits + 1); },
-       ErrorCode::kCorrupt, "cluster_bits 22 is outside"},
+       [](auto& b) { Put32(b, kOffClusterBits, limits::kMaxClusterBits + 1); }, ErrorCode::kCorrupt,
+       "cluster_bits 22 is outside"},
       {"cluster_bits_huge", [](auto& b) { Put32(b, kOffClusterBits, 63); }, ErrorCode::kCorrupt,
        "cluster_bits 63"},
       {"header_length_too_small", [](auto& b) { Put32(b, kOffHeaderLength, 96); },
@@ -311,9 +310,8 @@ std::vector<Mutation> Mutations() {
       {"compression_bit_without_type",
        [](auto& b) { Put64(b, kOffIncompatible, kIncompatCompression); }, ErrorCode::kCorrupt,
        "compression type bit set but compression_type is zlib"},
-      {"compression_type_without_bit",
-       [](auto& b) { b[kOffCompressionType] = std::byte{1}; }, ErrorCode::kCorrupt,
-       "compression_type 1 set without the compression type feature bit"},
+      {"compression_type_without_bit", [](auto& b) { b[kOffCompressionType] = std::byte{1}; },
+       ErrorCode::kCorrupt, "compression_type 1 set without the compression type feature bit"},
       {"compression_type_unknown",
        [](auto& b) {
          Put64(b, kOffIncompatible, kIncompatCompression);
@@ -327,13 +325,10 @@ std::vector<Mutation> Mutations() {
          Put32(b, kOffL1Size, 1 << 13);  // enough entries for 8 KiB clusters
        },
        ErrorCode::kCorrupt, "extended L2 entries need clusters of at least 16 KiB"},
-      {"virtual_size_too_large",
-       [](auto& b) { Put64(b, kOffSize, limits::kMaxVirtualSize + 1); }, ErrorCode::kCorrupt,
-       "virtual size 4611686018427387905 is too large"},
+      {"virtual_size_too_large", [](auto& b) { Put64(b, kOffSize, limits::kMaxVirtualSize + 1); },
+       ErrorCode::kCorrupt, "virtual size 4611686018427387905 is too large"},
       {"l1_over_limit",
-       [](auto& b) {
-         Put32(b, kOffL1Size, static_cast<uint32_t>(limits::kMaxL1Bytes / 8 + 1));
-       },
+       [](auto& b) { Put32(b, kOffL1Size, static_cast<uint32_t>(limits::kMaxL1Bytes / 8 + 1)); },
        ErrorCode::kCorrupt, "exceeds the 32 MiB limit"},
       {"l1_too_small", [](auto& b) { Put32(b, kOffL1Size, 1); }, ErrorCode::kCorrupt,
        "L1 table of 1 entries is too small for the virtual size 1073741824"},
@@ -341,8 +336,8 @@ std::vector<Mutation> Mutations() {
        ErrorCode::kCorrupt, "L1 table offset 0x30200 is not cluster aligned"},
       {"l1_at_header", [](auto& b) { Put64(b, kOffL1TableOffset, 0); }, ErrorCode::kCorrupt,
        "L1 table overlaps the header"},
-      {"l1_past_eof", [](auto& b) { Put64(b, kOffL1TableOffset, kFileSize); },
-       ErrorCode::kCorrupt, "L1 table at 0x400000 (16 bytes) lies past the end"},
+      {"l1_past_eof", [](auto& b) { Put64(b, kOffL1TableOffset, kFileSize); }, ErrorCode::kCorrupt,
+       "L1 table at 0x400000 (16 bytes) lies past the end"},
       {"l1_past_max_offset",
        [](auto& b) { Put64(b, kOffL1TableOffset, (limits::kMaxHostOffset + 1)); },
        ErrorCode::kCorrupt, "lies past the end", ~uint64_t{0}},
@@ -354,15 +349,13 @@ std::vector<Mutation> Mutations() {
                static_cast<uint32_t>(limits::kMaxRefcountTableBytes / kCluster + 1));
        },
        ErrorCode::kCorrupt, "refcount table of 129 clusters exceeds the 8 MiB limit"},
-      {"refcount_table_unaligned",
-       [](auto& b) { Put64(b, kOffRefcountTableOffset, kCluster + 8); }, ErrorCode::kCorrupt,
-       "refcount table offset 0x10008 is not cluster aligned"},
-      {"refcount_table_past_eof",
-       [](auto& b) { Put64(b, kOffRefcountTableOffset, kFileSize); }, ErrorCode::kCorrupt,
-       "refcount table at 0x400000"},
+      {"refcount_table_unaligned", [](auto& b) { Put64(b, kOffRefcountTableOffset, kCluster + 8); },
+       ErrorCode::kCorrupt, "refcount table offset 0x10008 is not cluster aligned"},
+      {"refcount_table_past_eof", [](auto& b) { Put64(b, kOffRefcountTableOffset, kFileSize); },
+       ErrorCode::kCorrupt, "refcount table at 0x400000"},
       {"snapshots_over_limit",
-       [](auto& b) { Put32(b, kOffNbSnapshots, limits::kMaxSnapshots + 1); },
-       ErrorCode::kCorrupt, "65537 snapshots exceed the limit of 65536"},
+       [](auto& b) { Put32(b, kOffNbSnapshots, limits::kMaxSnapshots + 1); }, ErrorCode::kCorrupt,
+       "65537 snapshots exceed the limit of 65536"},
       {"snapshot_table_at_header", [](auto& b) { Put32(b, kOffNbSnapshots, 1); },
        ErrorCode::kCorrupt, "snapshot table overlaps the header"},
       {"snapshot_table_past_eof",
@@ -448,8 +441,8 @@ TEST(HeaderDecode, TooShortInputs) {
   const std::vector<std::byte> bytes = ValidBytes();
   EXPECT_TRUE(Refused({bytes.begin(), bytes.begin() + kHeaderV2Length - 1}, ErrorCode::kCorrupt,
                       "file is shorter than a qcow2 header"));
-  EXPECT_TRUE(Refused({bytes.begin(), bytes.begin() + kHeaderV3MinLength - 8},
-                      ErrorCode::kCorrupt, "file too short for a version 3 header"));
+  EXPECT_TRUE(Refused({bytes.begin(), bytes.begin() + kHeaderV3MinLength - 8}, ErrorCode::kCorrupt,
+                      "file too short for a version 3 header"));
   // header_length may not reach past the bytes given.
   EXPECT_TRUE(Refused({bytes.begin(), bytes.begin() + kHeaderV3MinLength}, ErrorCode::kCorrupt,
                       "header_length 112"));

@@ -73,11 +73,13 @@ class FakeDisk {
 
 // Whether `mu` is held, as another thread finds it.
 bool TakenFromAnotherThread(Mutex& mu) {
-  return std::async(std::launch::async, [&mu] {
-           if (!mu.try_lock()) return true;
-           mu.unlock();
-           return false;
-         }).get();
+  return std::async(std::launch::async,
+                    [&mu] {
+                      if (!mu.try_lock()) return true;
+                      mu.unlock();
+                      return false;
+                    })
+      .get();
 }
 
 class L2CacheTest : public ::testing::Test {

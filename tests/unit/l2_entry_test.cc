@@ -35,8 +35,7 @@ TEST(L2Entry, StandardEntriesClassify) {
   EXPECT_EQ(ClassifyL2Entry(host | kOflagZero | kOflagCopied, false, false),
             ClusterType::kZeroAlloc);
   // Compressed wins over everything else.
-  EXPECT_EQ(ClassifyL2Entry(kOflagCompressed | kOflagZero, false, false),
-            ClusterType::kCompressed);
+  EXPECT_EQ(ClassifyL2Entry(kOflagCompressed | kOflagZero, false, false), ClusterType::kCompressed);
   EXPECT_EQ(ClassifyL2Entry(kOflagCompressed, true, true), ClusterType::kCompressed);
 }
 
@@ -114,8 +113,7 @@ TEST(SubclusterBitmap, EveryStateAtEveryIndex) {
     // Neighbours' bits do not leak into this subcluster.
     const uint64_t others = ~(alloc | zero);
     EXPECT_EQ(SubclusterStateOf(others & 0xffffffffull, i), SubclusterState::kUnallocated);
-    EXPECT_EQ(SubclusterStateOf(others & 0xffffffff00000000ull, i),
-              SubclusterState::kUnallocated);
+    EXPECT_EQ(SubclusterStateOf(others & 0xffffffff00000000ull, i), SubclusterState::kUnallocated);
   }
 }
 

@@ -60,7 +60,8 @@ TEST_P(RefcountWidth, MaximumFillsTheWidth) {
   EXPECT_EQ(GetRefcountEntry(block.data(), order, 0), max);
   // Exactly the entry's bits are set, at the start of the block.
   size_t ones = 0;
-  for (std::byte b : block) ones += static_cast<size_t>(__builtin_popcount(static_cast<unsigned>(b)));
+  for (std::byte b : block)
+    ones += static_cast<size_t>(__builtin_popcount(static_cast<unsigned>(b)));
   EXPECT_EQ(ones, bits);
 }
 

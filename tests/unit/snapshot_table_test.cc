@@ -80,8 +80,8 @@ FakeFile FileWith(const std::vector<std::byte>& table, uint64_t file_size = 16 *
   if (r.ok()) return ::testing::AssertionFailure() << "read; expected " << text;
   if (r.status().code() != ErrorCode::kCorrupt ||
       r.status().message().find(text) == std::string::npos) {
-    return ::testing::AssertionFailure() << "got " << r.status().ToString() << "; expected "
-                                         << text;
+    return ::testing::AssertionFailure()
+           << "got " << r.status().ToString() << "; expected " << text;
   }
   return ::testing::AssertionSuccess();
 }
@@ -123,8 +123,8 @@ TEST(SnapshotTable, EntryLayoutIsPaddedToEightBytes) {
   ASSERT_EQ(table.size(), 128u);
   EXPECT_EQ(LoadBe64(table.data()), 5 * kCluster);
   EXPECT_EQ(LoadBe32(table.data() + 8), 2u);
-  EXPECT_EQ(LoadBe16(table.data() + 12), 1u);  // id_str_size
-  EXPECT_EQ(LoadBe16(table.data() + 14), 3u);  // name_size
+  EXPECT_EQ(LoadBe16(table.data() + 12), 1u);   // id_str_size
+  EXPECT_EQ(LoadBe16(table.data() + 14), 3u);   // name_size
   EXPECT_EQ(LoadBe32(table.data() + 36), 16u);  // extra_data_size
   EXPECT_EQ(static_cast<char>(table[56]), '7');
   EXPECT_EQ(std::memcmp(table.data() + 57, "abc", 3), 0);

@@ -71,11 +71,25 @@ bool ParseSize(const char* s, uint64_t* out) {
   if (errno != 0 || end == s) return false;
   uint64_t mult = 1;
   switch (*end) {
-    case '\0': break;
-    case 'k': case 'K': mult = 1ULL << 10; ++end; break;
-    case 'm': case 'M': mult = 1ULL << 20; ++end; break;
-    case 'g': case 'G': mult = 1ULL << 30; ++end; break;
-    default: return false;
+    case '\0':
+      break;
+    case 'k':
+    case 'K':
+      mult = 1ULL << 10;
+      ++end;
+      break;
+    case 'm':
+    case 'M':
+      mult = 1ULL << 20;
+      ++end;
+      break;
+    case 'g':
+    case 'G':
+      mult = 1ULL << 30;
+      ++end;
+      break;
+    default:
+      return false;
   }
   if (*end == 'i' || *end == 'B') ++end;  // tolerate KiB/MB spellings
   if (*end == 'B') ++end;
@@ -174,9 +188,8 @@ void Reader(Shared* sh, int index, ThreadResult* out) {
   uint64_t budget = UINT64_MAX;
   if (cfg.total != 0) {
     const uint64_t share = cfg.total / static_cast<uint64_t>(cfg.threads);
-    budget = (index == cfg.threads - 1)
-                 ? cfg.total - share * static_cast<uint64_t>(cfg.threads - 1)
-                 : share;
+    budget = (index == cfg.threads - 1) ? cfg.total - share * static_cast<uint64_t>(cfg.threads - 1)
+                                        : share;
   }
   out->lat_ns.reserve(1 << 16);
 
@@ -195,8 +208,8 @@ void Reader(Shared* sh, int index, ThreadResult* out) {
     qcow2fs::Status s = sh->image->Read(off, std::span<std::byte>(buf, len));
     const auto t1 = Clock::now();
     if (!s.ok()) {
-      out->error = "Read(" + std::to_string(off) + ", " + std::to_string(len) +
-                   "): " + s.ToString();
+      out->error =
+          "Read(" + std::to_string(off) + ", " + std::to_string(len) + "): " + s.ToString();
       sh->failed = true;
       sh->stop = true;
       return;
@@ -249,8 +262,8 @@ int main(int argc, char** argv) {
   sh.cfg = &cfg;
   sh.disk = image->size();
   if (sh.disk < cfg.bs) {
-    std::fprintf(stderr, "qcow2fs-read-bench: disk (%" PRIu64
-                 " bytes) is smaller than one block\n", sh.disk);
+    std::fprintf(stderr, "qcow2fs-read-bench: disk (%" PRIu64 " bytes) is smaller than one block\n",
+                 sh.disk);
     return 1;
   }
   if (!cfg.verify.empty()) {
@@ -265,8 +278,8 @@ int main(int argc, char** argv) {
   const qcow2fs::ImageInfo info = image->info();
   std::printf("image %s: %s, %" PRIu64 " MiB, cluster %u, mode %s, bs %" PRIu64
               ", threads %d, %s\n",
-              cfg.image.c_str(), info.format.c_str(), sh.disk >> 20,
-              info.cluster_size, cfg.random ? "rand" : "seq", cfg.bs, cfg.threads,
+              cfg.image.c_str(), info.format.c_str(), sh.disk >> 20, info.cluster_size,
+              cfg.random ? "rand" : "seq", cfg.bs, cfg.threads,
               cfg.total ? ("total " + std::to_string(cfg.total) + " bytes").c_str()
                         : ("runtime " + std::to_string(cfg.runtime) + " s").c_str());
 
@@ -300,15 +313,15 @@ int main(int argc, char** argv) {
 
   const double mibps = static_cast<double>(bytes) / (1 << 20) / secs;
   const double iops = static_cast<double>(ops) / secs;
-  std::printf("read %" PRIu64 " MiB in %.2f s: %.1f MiB/s, %.0f IOPS, latency "
+  std::printf("read %" PRIu64
+              " MiB in %.2f s: %.1f MiB/s, %.0f IOPS, latency "
               "mean %.1f us, p50 %.1f us, p99 %.1f us\n",
-              bytes >> 20, secs, mibps, iops, mean / 1e3,
-              Percentile(lat, 0.50) / 1e3, Percentile(lat, 0.99) / 1e3);
+              bytes >> 20, secs, mibps, iops, mean / 1e3, Percentile(lat, 0.50) / 1e3,
+              Percentile(lat, 0.99) / 1e3);
   std::printf("RESULT mode=%s threads=%d bs=%" PRIu64 " bytes=%" PRIu64
               " seconds=%.3f mibps=%.1f iops=%.0f lat_mean_us=%.1f "
               "lat_p50_us=%.1f lat_p99_us=%.1f\n",
-              cfg.random ? "rand" : "seq", cfg.threads, cfg.bs, bytes, secs, mibps,
-              iops, mean / 1e3, Percentile(lat, 0.50) / 1e3,
-              Percentile(lat, 0.99) / 1e3);
+              cfg.random ? "rand" : "seq", cfg.threads, cfg.bs, bytes, secs, mibps, iops,
+              mean / 1e3, Percentile(lat, 0.50) / 1e3, Percentile(lat, 0.99) / 1e3);
   return 0;
 }

@@ -9,8 +9,7 @@ namespace qcow2fs::img {
 namespace {
 
 std::string KeyOf(const OptionSpec& spec) {
-  return spec.long_name.empty() ? std::string(1, spec.short_name)
-                                : std::string(spec.long_name);
+  return spec.long_name.empty() ? std::string(1, spec.short_name) : std::string(spec.long_name);
 }
 
 }  // namespace
@@ -21,8 +20,7 @@ std::optional<std::string> ParsedArgs::value(std::string_view name) const {
   return it->second;
 }
 
-ParsedArgs ParseArgs(const std::vector<std::string>& args,
-                     const std::vector<OptionSpec>& specs) {
+ParsedArgs ParseArgs(const std::vector<std::string>& args, const std::vector<OptionSpec>& specs) {
   ParsedArgs out;
   auto fail = [&out](std::string message) {
     if (out.error.empty()) out.error = std::move(message);

@@ -15,7 +15,7 @@
 namespace qcow2fs::img {
 
 struct OptionSpec {
-  char short_name = 0;       // 0: long form only
+  char short_name = 0;         // 0: long form only
   std::string_view long_name;  // "" : short form only
   bool takes_value = false;
 };
@@ -33,8 +33,7 @@ struct ParsedArgs {
 };
 
 // Parses `args` (the words after the command name) against `specs`.
-ParsedArgs ParseArgs(const std::vector<std::string>& args,
-                     const std::vector<OptionSpec>& specs);
+ParsedArgs ParseArgs(const std::vector<std::string>& args, const std::vector<OptionSpec>& specs);
 
 // The options most commands share.
 inline constexpr OptionSpec kOutputOption{0, "output", true};

@@ -49,12 +49,14 @@ void PrintHumanSummary(const CheckReport& r) {
     std::printf("No errors were found on the image.\n");
   } else {
     if (r.corruptions != 0) {
-      std::printf("\n%" PRIu64 " errors were found on the image.\n"
+      std::printf("\n%" PRIu64
+                  " errors were found on the image.\n"
                   "Data may be corrupted, or further writes to the image may corrupt it.\n",
                   r.corruptions);
     }
     if (r.leaks != 0) {
-      std::printf("\n%" PRIu64 " leaked clusters were found on the image.\n"
+      std::printf("\n%" PRIu64
+                  " leaked clusters were found on the image.\n"
                   "This means waste of disk space, but no harm to data.\n",
                   r.leaks);
     }
@@ -64,7 +66,8 @@ void PrintHumanSummary(const CheckReport& r) {
     }
   }
   if (r.total_clusters != 0 && r.allocated_clusters != 0) {
-    std::printf("%" PRIu64 "/%" PRIu64 " = %0.2f%% allocated, %0.2f%% fragmented, "
+    std::printf("%" PRIu64 "/%" PRIu64
+                " = %0.2f%% allocated, %0.2f%% fragmented, "
                 "%0.2f%% compressed clusters\n",
                 r.allocated_clusters, r.total_clusters,
                 Percent(r.allocated_clusters, r.total_clusters),
@@ -106,9 +109,7 @@ Result<CheckReport> RunCheckPass(const std::string& path, RepairMode mode, bool 
   options.repair = mode;
   options.force_share = force_share;
   if (progress.active()) {
-    options.progress = [&progress](uint64_t done, uint64_t total) {
-      progress.Update(done, total);
-    };
+    options.progress = [&progress](uint64_t done, uint64_t total) { progress.Update(done, total); };
   }
   auto report = CheckImage(path, options);
   progress.Finish();
@@ -118,8 +119,8 @@ Result<CheckReport> RunCheckPass(const std::string& path, RepairMode mode, bool 
 }  // namespace
 
 int RunCheck(const Args& args) {
-  ParsedArgs parsed = ParseArgs(args, {kOutputOption, kForceShareOption,
-                                       OptionSpec{'r', "", true}});
+  ParsedArgs parsed =
+      ParseArgs(args, {kOutputOption, kForceShareOption, OptionSpec{'r', "", true}});
   if (parsed.help) {
     std::fputs(kCheckHelp, stdout);
     return kExitOk;
@@ -150,8 +151,8 @@ int RunCheck(const Args& args) {
     peek.force_share = true;
     auto image = OpenReadOnly(path, peek);
     if (image.ok() && (*image)->info().format != "qcow2") {
-      std::fprintf(stderr, "qcow2fs-img: %s: the %s format has nothing to check\n",
-                   path.c_str(), (*image)->info().format.c_str());
+      std::fprintf(stderr, "qcow2fs-img: %s: the %s format has nothing to check\n", path.c_str(),
+                   (*image)->info().format.c_str());
       return kExitNotSupported;
     }
   }
@@ -164,11 +165,14 @@ int RunCheck(const Args& args) {
 
   if (report.leaks_fixed != 0 || report.corruptions_fixed != 0 || report.refcounts_rebuilt) {
     if (format == OutputFormat::kHuman) {
-      std::printf("The following inconsistencies were found and repaired:\n\n"
-                  "    %" PRIu64 " leaked clusters\n"
-                  "    %" PRIu64 " corruptions\n\n"
-                  "Double checking the fixed image now...\n",
-                  report.leaks_fixed, report.corruptions_fixed);
+      std::printf(
+          "The following inconsistencies were found and repaired:\n\n"
+          "    %" PRIu64
+          " leaked clusters\n"
+          "    %" PRIu64
+          " corruptions\n\n"
+          "Double checking the fixed image now...\n",
+          report.leaks_fixed, report.corruptions_fixed);
       std::fflush(stdout);
     }
     // What is reported (and decides the exit status) is the image as the

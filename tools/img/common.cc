@@ -49,8 +49,9 @@ int ReportError(const std::string& message) {
 int ReportError(const Status& status) {
   ReportError(status.message().empty() ? status.ToString() : status.message());
   if (status.code() == ErrorCode::kLocked) {
-    std::fprintf(stderr, "qcow2fs-img: (-U inspects an image in use, read-only and "
-                         "without locks; what it shows may be changing)\n");
+    std::fprintf(stderr,
+                 "qcow2fs-img: (-U inspects an image in use, read-only and "
+                 "without locks; what it shows may be changing)\n");
   }
   return kExitFailure;
 }

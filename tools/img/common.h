@@ -16,9 +16,9 @@ namespace qcow2fs::img {
 
 // How a read-only command opens its image.
 struct ReadOpen {
-  bool force_share = false;            // -U: no locks at all
+  bool force_share = false;             // -U: no locks at all
   std::optional<std::string> snapshot;  // -l: an internal snapshot
-  std::string format;                  // "" probes
+  std::string format;                   // "" probes
 };
 
 // Opens `path` read-only. With force_share no lock is taken, so an image in

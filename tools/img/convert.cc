@@ -35,8 +35,8 @@ const char kConvertHelp[] =
 
 namespace {
 
-constexpr size_t kChunk = 4 << 20;       // bytes read from the image at once
-constexpr size_t kZeroBlock = 4096;      // granularity of holes made in data
+constexpr size_t kChunk = 4 << 20;   // bytes read from the image at once
+constexpr size_t kZeroBlock = 4096;  // granularity of holes made in data
 
 bool AllZero(const std::byte* p, size_t n) {
   static const std::byte kZeros[kZeroBlock] = {};
@@ -133,8 +133,8 @@ class Converter {
 }  // namespace
 
 int RunConvert(const Args& args) {
-  ParsedArgs parsed = ParseArgs(
-      args, {kForceShareOption, OptionSpec{'p', "", false}, OptionSpec{'l', "", true}});
+  ParsedArgs parsed =
+      ParseArgs(args, {kForceShareOption, OptionSpec{'p', "", false}, OptionSpec{'l', "", true}});
   if (parsed.help) {
     std::fputs(kConvertHelp, stdout);
     return kExitOk;
@@ -154,7 +154,8 @@ int RunConvert(const Args& args) {
   if (!image.ok()) return ReportError(image.status());
 
   // Never truncate the image (or one of its files) under itself.
-  struct stat in_st {}, out_st {};
+  struct stat in_st {
+  }, out_st{};
   if (::stat(out_path.c_str(), &out_st) == 0 && ::stat(path.c_str(), &in_st) == 0 &&
       in_st.st_dev == out_st.st_dev && in_st.st_ino == out_st.st_ino) {
     return ReportError(out_path + ": is the image itself");

@@ -46,8 +46,7 @@ void PrintHuman(Image& image, const std::string& shown_path) {
   if (!i.backing_file.empty()) {
     const std::string actual = DisplayPath(i.backing_file_resolved);
     if (actual != i.backing_file) {
-      std::printf("backing file: %s (actual path: %s)\n", i.backing_file.c_str(),
-                  actual.c_str());
+      std::printf("backing file: %s (actual path: %s)\n", i.backing_file.c_str(), actual.c_str());
     } else {
       std::printf("backing file: %s\n", i.backing_file.c_str());
     }
@@ -128,8 +127,8 @@ void WriteJson(JsonWriter& json, Image& image, const std::string& shown_path) {
 }  // namespace
 
 int RunInfo(const Args& args) {
-  ParsedArgs parsed = ParseArgs(
-      args, {kOutputOption, kForceShareOption, OptionSpec{0, "backing-chain", false}});
+  ParsedArgs parsed =
+      ParseArgs(args, {kOutputOption, kForceShareOption, OptionSpec{0, "backing-chain", false}});
   if (parsed.help) {
     std::fputs(kInfoHelp, stdout);
     return kExitOk;
@@ -153,9 +152,7 @@ int RunInfo(const Args& args) {
   }
   // The top image is shown as the user named it, the others by the path the
   // core resolved.
-  auto shown = [&](size_t n) {
-    return n == 0 ? path : DisplayPath(images[n]->info().path);
-  };
+  auto shown = [&](size_t n) { return n == 0 ? path : DisplayPath(images[n]->info().path); };
 
   if (format == OutputFormat::kJson) {
     JsonWriter json;

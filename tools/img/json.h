@@ -28,12 +28,30 @@ class JsonWriter {
   void Bool(bool value);
 
   // Key and value in one call.
-  void Field(std::string_view key, std::string_view value) { Key(key); String(value); }
-  void Field(std::string_view key, const char* value) { Key(key); String(value); }
-  void Field(std::string_view key, const std::string& value) { Key(key); String(value); }
-  void Field(std::string_view key, uint64_t value) { Key(key); Uint(value); }
-  void Field(std::string_view key, int value) { Key(key); Int(value); }
-  void Field(std::string_view key, bool value) { Key(key); Bool(value); }
+  void Field(std::string_view key, std::string_view value) {
+    Key(key);
+    String(value);
+  }
+  void Field(std::string_view key, const char* value) {
+    Key(key);
+    String(value);
+  }
+  void Field(std::string_view key, const std::string& value) {
+    Key(key);
+    String(value);
+  }
+  void Field(std::string_view key, uint64_t value) {
+    Key(key);
+    Uint(value);
+  }
+  void Field(std::string_view key, int value) {
+    Key(key);
+    Int(value);
+  }
+  void Field(std::string_view key, bool value) {
+    Key(key);
+    Bool(value);
+  }
 
   const std::string& str() const { return out_; }
 

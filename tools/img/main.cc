@@ -52,8 +52,8 @@ struct Command {
 };
 
 constexpr Command kCommands[] = {
-    {"info", RunInfo},       {"map", RunMap},     {"convert", RunConvert},
-    {"dump", RunConvert},    {"check", RunCheck}, {"snapshot", RunSnapshot},
+    {"info", RunInfo},    {"map", RunMap},     {"convert", RunConvert},
+    {"dump", RunConvert}, {"check", RunCheck}, {"snapshot", RunSnapshot},
 };
 
 int Main(int argc, char** argv) {
@@ -68,8 +68,7 @@ int Main(int argc, char** argv) {
     return kExitOk;
   }
   if (!first.empty() && first[0] == '-') {
-    return UsageError("unrecognized option '" + std::string(first) +
-                      "' (the command comes first)");
+    return UsageError("unrecognized option '" + std::string(first) + "' (the command comes first)");
   }
   Args args(argv + 2, argv + argc);
   for (const Command& c : kCommands) {

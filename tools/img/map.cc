@@ -122,8 +122,8 @@ Result<MapEntry> Resolve(const std::vector<Layer>& layers, uint64_t pos, uint64_
         return e;
     }
   }
-  return Status(ErrorCode::kCorrupt, "no layer of the chain answers for guest offset " +
-                                         std::to_string(pos));
+  return Status(ErrorCode::kCorrupt,
+                "no layer of the chain answers for guest offset " + std::to_string(pos));
 }
 
 void PrintJsonEntry(const MapEntry& e, bool first) {
@@ -147,8 +147,8 @@ void PrintHumanEntry(const MapEntry& e) {
     std::printf("%#-15" PRIx64 " %#-15" PRIx64 " %#-15" PRIx64 " %s\n", e.start, e.length,
                 *e.offset, e.file.c_str());
   } else {
-    std::printf("%#-15" PRIx64 " %#-15" PRIx64 " %-15s %s\n", e.start, e.length,
-                "compressed", e.file.c_str());
+    std::printf("%#-15" PRIx64 " %#-15" PRIx64 " %-15s %s\n", e.start, e.length, "compressed",
+                e.file.c_str());
   }
 }
 

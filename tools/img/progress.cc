@@ -35,8 +35,8 @@ void ProgressBar::Draw(uint64_t done, uint64_t total) {
   const double fraction =
       total == 0 ? 1.0 : std::min(1.0, static_cast<double>(done) / static_cast<double>(total));
   char tail[96];
-  std::snprintf(tail, sizeof tail, " %5.1f%%  %s / %s", fraction * 100.0,
-                HumanSize(done).c_str(), HumanSize(total).c_str());
+  std::snprintf(tail, sizeof tail, " %5.1f%%  %s / %s", fraction * 100.0, HumanSize(done).c_str(),
+                HumanSize(total).c_str());
   const std::string tail_str = tail;
   // label [#####.....] tail, fitted to the terminal's width.
   const int fixed = static_cast<int>(label_.size() + tail_str.size()) + 4;

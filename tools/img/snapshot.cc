@@ -72,8 +72,7 @@ int RunSnapshot(const Args& args) {
   if (action == "create" || action == "delete" || action == "apply") {
     return RunSnapshotChange(action, rest);
   }
-  return UsageError("snapshot: unknown action '" + action +
-                    "' (list, create, delete or apply)");
+  return UsageError("snapshot: unknown action '" + action + "' (list, create, delete or apply)");
 }
 
 }  // namespace qcow2fs::img
