@@ -11,57 +11,57 @@ FaultInjectionFile::FaultInjectionFile(std::string name, std::string contents)
     : name_(std::move(name)), current_(contents), durable_(std::move(contents)) {}
 
 void FaultInjectionFile::CrashAfter(uint64_t ops) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   crash_at_ = ops_ + ops;
 }
 
 void FaultInjectionFile::CrashAtSync(uint64_t syncs) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   crash_at_sync_ = syncs_ + syncs;
 }
 
 void FaultInjectionFile::Crash() {
   bool crashed_now = false;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     if (!crashed_) crashed_ = crashed_now = true;
   }
   AfterCrash(crashed_now);
 }
 
 void FaultInjectionFile::OnCrash(std::function<void()> callback) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   on_crash_ = std::move(callback);
 }
 
 void FaultInjectionFile::FailOnceAfter(uint64_t ops, int err) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   fail_at_ = ops_ + ops;
   fail_errno_ = err;
 }
 
 bool FaultInjectionFile::crashed() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return crashed_;
 }
 
 uint64_t FaultInjectionFile::mutating_ops() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return ops_;
 }
 
 uint64_t FaultInjectionFile::syncs() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return syncs_;
 }
 
 uint64_t FaultInjectionFile::successful_syncs() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return successful_syncs_;
 }
 
 uint64_t FaultInjectionFile::unsynced_writes() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return unsynced_.size();
 }
 
@@ -82,7 +82,7 @@ void FaultInjectionFile::AfterCrash(bool crashed_now) {
   if (!crashed_now) return;
   std::function<void()> callback;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     callback = std::move(on_crash_);
     on_crash_ = nullptr;
   }
@@ -121,7 +121,7 @@ FaultInjectionFile::UnsyncedWrite FaultInjectionFile::ToUnsynced(const PendingWr
 }
 
 std::vector<FaultInjectionFile::UnsyncedWrite> FaultInjectionFile::UnsyncedWrites() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   std::vector<UnsyncedWrite> out;
   out.reserve(unsynced_.size());
   for (size_t i = 0; i < unsynced_.size(); i++) {
@@ -137,7 +137,7 @@ std::string FaultInjectionFile::DurableImage(uint64_t seed) const {
 }
 
 std::string FaultInjectionFile::DurableImage(const KeepPredicate& keep) const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   std::string image = durable_;
   for (size_t i = 0; i < unsynced_.size(); i++) {
     if (keep(ToUnsynced(unsynced_[i], i))) Apply(image, unsynced_[i]);
@@ -154,12 +154,12 @@ std::string FaultInjectionFile::DurableImageKeepNone() const {
 }
 
 std::string FaultInjectionFile::CurrentImage() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return current_;
 }
 
 Status FaultInjectionFile::ReadAt(uint64_t offset, std::span<std::byte> buf) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   if (crashed_) return Status(ErrorCode::kIoError, name_ + ": device is gone", EIO);
   std::fill(buf.begin(), buf.end(), std::byte{0});
   if (offset < current_.size() && !buf.empty()) {
@@ -173,7 +173,7 @@ Status FaultInjectionFile::WriteAt(uint64_t offset, std::span<const std::byte> d
   bool crashed_now = false;
   Status s;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     s = Admit(&crashed_now);
     if (s.ok()) {
       Record(PendingWrite{offset,
@@ -188,7 +188,7 @@ Status FaultInjectionFile::PunchHole(uint64_t offset, uint64_t length) {
   bool crashed_now = false;
   Status s;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     s = Admit(&crashed_now);
     if (s.ok() && offset < current_.size()) {
       length = std::min<uint64_t>(length, current_.size() - offset);
@@ -205,7 +205,7 @@ Status FaultInjectionFile::Truncate(uint64_t length) {
   bool crashed_now = false;
   Status s;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     s = Admit(&crashed_now);
     if (s.ok()) Record(PendingWrite{length, {}, true});
   }
@@ -217,7 +217,7 @@ Status FaultInjectionFile::Allocate(uint64_t offset, uint64_t length) {
   bool crashed_now = false;
   Status s;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     s = Admit(&crashed_now);
     if (s.ok() && offset + length > current_.size())
       Record(PendingWrite{offset + length, {}, true});
@@ -230,7 +230,7 @@ Status FaultInjectionFile::Sync() {
   bool crashed_now = false;
   Status s;
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     if (crashed_) return Status(ErrorCode::kIoError, name_ + ": device is gone", EIO);
     if (syncs_++ == crash_at_sync_) {
       // Power is cut instead of syncing: the unsynced writes stay in doubt.
@@ -247,12 +247,12 @@ Status FaultInjectionFile::Sync() {
 }
 
 Result<uint64_t> FaultInjectionFile::Size() {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return static_cast<uint64_t>(current_.size());
 }
 
 uint64_t FaultInjectionFile::AllocatedBytes() {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return current_.size();
 }
 

@@ -22,11 +22,11 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "base/mutex.h"
 #include "io/file.h"
 
 namespace qcow2fs {
@@ -119,28 +119,28 @@ class FaultInjectionFile final : public File {
   };
   // Counts a mutating operation; returns the error to fail it with, if any.
   // Sets *crashed_now when this operation crashed the file.
-  Status Admit(bool* crashed_now);
+  Status Admit(bool* crashed_now) REQUIRES(mu_);
   // Records a mutating operation in current_ and the unsynced list.
-  void Record(PendingWrite w);
+  void Record(PendingWrite w) REQUIRES(mu_);
   // Runs the crash callback if this call crashed the file (lock not held).
-  void AfterCrash(bool crashed_now);
+  void AfterCrash(bool crashed_now) EXCLUDES(mu_);
   static void Apply(std::string& image, const PendingWrite& w);
   static UnsyncedWrite ToUnsynced(const PendingWrite& w, uint64_t index);
 
   const std::string name_;
-  mutable std::mutex mu_;
-  std::string current_;
-  std::string durable_;
-  std::vector<PendingWrite> unsynced_;
-  uint64_t ops_ = 0;
-  uint64_t crash_at_ = UINT64_MAX;
-  uint64_t syncs_ = 0;
-  uint64_t successful_syncs_ = 0;
-  uint64_t crash_at_sync_ = UINT64_MAX;
-  uint64_t fail_at_ = UINT64_MAX;
-  int fail_errno_ = 0;
-  bool crashed_ = false;
-  std::function<void()> on_crash_;
+  mutable Mutex mu_;
+  std::string current_ GUARDED_BY(mu_);
+  std::string durable_ GUARDED_BY(mu_);
+  std::vector<PendingWrite> unsynced_ GUARDED_BY(mu_);
+  uint64_t ops_ GUARDED_BY(mu_) = 0;
+  uint64_t crash_at_ GUARDED_BY(mu_) = UINT64_MAX;
+  uint64_t syncs_ GUARDED_BY(mu_) = 0;
+  uint64_t successful_syncs_ GUARDED_BY(mu_) = 0;
+  uint64_t crash_at_sync_ GUARDED_BY(mu_) = UINT64_MAX;
+  uint64_t fail_at_ GUARDED_BY(mu_) = UINT64_MAX;
+  int fail_errno_ GUARDED_BY(mu_) = 0;
+  bool crashed_ GUARDED_BY(mu_) = false;
+  std::function<void()> on_crash_ GUARDED_BY(mu_);
 };
 
 }  // namespace qcow2fs

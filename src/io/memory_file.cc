@@ -1,9 +1,9 @@
 // File held in memory: the image of tests and the fuzzer.
 #include <algorithm>
 #include <cstring>
-#include <mutex>
 #include <vector>
 
+#include "base/mutex.h"
 #include "io/file.h"
 
 namespace qcow2fs {
@@ -17,7 +17,7 @@ class MemoryFile final : public File {
               reinterpret_cast<const std::byte*>(contents.data()) + contents.size()) {}
 
   Status ReadAt(uint64_t offset, std::span<std::byte> buf) override {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     std::fill(buf.begin(), buf.end(), std::byte{0});
     if (offset < data_.size() && !buf.empty()) {
       uint64_t n = std::min<uint64_t>(buf.size(), data_.size() - offset);
@@ -27,7 +27,7 @@ class MemoryFile final : public File {
   }
 
   Status WriteAt(uint64_t offset, std::span<const std::byte> data) override {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     if (offset + data.size() > data_.size()) data_.resize(offset + data.size());
     std::memcpy(data_.data() + offset, data.data(), data.size());
     return Status();
@@ -36,7 +36,7 @@ class MemoryFile final : public File {
   Status Sync() override { return Status(); }
 
   Status PunchHole(uint64_t offset, uint64_t length) override {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     if (offset < data_.size()) {
       uint64_t n = std::min<uint64_t>(length, data_.size() - offset);
       std::memset(data_.data() + offset, 0, n);
@@ -45,24 +45,24 @@ class MemoryFile final : public File {
   }
 
   Status Truncate(uint64_t length) override {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     data_.resize(length);
     return Status();
   }
 
   Status Allocate(uint64_t offset, uint64_t length) override {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     if (offset + length > data_.size()) data_.resize(offset + length);
     return Status();
   }
 
   Result<uint64_t> Size() override {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     return static_cast<uint64_t>(data_.size());
   }
 
   uint64_t AllocatedBytes() override {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     return data_.size();
   }
 
@@ -70,8 +70,8 @@ class MemoryFile final : public File {
 
  private:
   const std::string name_;
-  std::mutex mu_;
-  std::vector<std::byte> data_;
+  Mutex mu_;
+  std::vector<std::byte> data_ GUARDED_BY(mu_);
 };
 
 }  // namespace
