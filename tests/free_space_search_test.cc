@@ -58,6 +58,34 @@ uint64_t FillRefcounts(const std::string& path, uint64_t blocks, const std::stri
   return entries * entries_per_block;
 }
 
+// QEMU finds the leaks the refcount edit made and nothing worse (exit 3,
+// not 2), and its reads (`reads`: qemu-io -c options with patterns) find
+// the data that was written.
+void ExpectOnlyLeaksAndReads(const std::string& path, const std::string& reads) {
+  CommandResult check = RunCommand("qemu-img check " + ShellQuote(path));
+  EXPECT_EQ(check.exit_code, 3) << check.output;
+  CommandResult read = RunCommand("qemu-io -f qcow2 " + reads + " " + ShellQuote(path));
+  EXPECT_EQ(read.exit_code, 0) << read.output;
+  EXPECT_EQ(read.output.find("Pattern verification failed"), std::string::npos) << read.output;
+}
+
+constexpr uint64_t kBigCluster = 64 * 1024;
+
+// refcount_bits=1 and 64 KiB clusters, the first 64 KiB of the disk written
+// (0x61), then the refcounts edited: block 0 all in use, eight more blocks
+// of alternating bits, so every other cluster is free over four million
+// clusters, nearly all past the end of the file. Opened writable.
+std::unique_ptr<Image> OpenFragmented(const std::string& path, const std::string& size) {
+  if (!QemuImg("create -q -f qcow2 -o cluster_size=64k,refcount_bits=1 " + ShellQuote(path) + " " +
+               size) ||
+      !QemuIo(path, {"write -P 0x61 0 64k"})) {
+    ADD_FAILURE() << "could not build " << path;
+    return nullptr;
+  }
+  FillRefcounts(path, 8, "\x55", kBigCluster * 8, "\xff", kBigCluster);
+  return OpenWritable(path);
+}
+
 class FreeSpaceSearchTest : public SyncPointTest {};
 
 // 40 full refcount blocks (64 entries each) before the first free cluster:
@@ -109,14 +137,7 @@ TEST_F(FreeSpaceSearchTest, SearchOverFullBlocksLetsReadersIn) {
   ASSERT_TRUE(image->Flush().ok());
   image.reset();
 
-  // QEMU finds the leaks the edit made and nothing worse (exit 3, not 2),
-  // and the guest data is what was written.
-  CommandResult check = RunCommand("qemu-img check " + ShellQuote(path));
-  EXPECT_EQ(check.exit_code, 3) << check.output;
-  CommandResult read = RunCommand(
-      "qemu-io -f qcow2 -c 'read -P 0x77 256k 4k' -c 'read -P 0x61 0 4k' " + ShellQuote(path));
-  EXPECT_EQ(read.exit_code, 0) << read.output;
-  EXPECT_EQ(read.output.find("Pattern verification failed"), std::string::npos) << read.output;
+  ExpectOnlyLeaksAndReads(path, "-c 'read -P 0x77 256k 4k' -c 'read -P 0x61 0 4k'");
 }
 
 // refcount_bits=1: 4096 clusters per 512-byte block. 300 blocks of all ones
@@ -148,23 +169,14 @@ TEST_F(FreeSpaceSearchTest, InUseFarPastEndOfFileFailsTheWrite) {
   EXPECT_FALSE(image->info().corrupt);
 }
 
-// refcount_bits=1 and 64 KiB clusters: eight blocks of alternating bits
-// leave every other cluster free over four million clusters, nearly all past
-// the end of the file. Growing the disk to 8 TiB needs a two-cluster L1
+// Fragmented refcounts (OpenFragmented). Growing the disk to 8 TiB needs a two-cluster L1
 // table, and no two free clusters in a row exist there: the search gives up
 // a million clusters past the end of the file with a message, instead of
 // walking all eight blocks (a table of thousands of such blocks would keep
 // it walking, with the metadata mutex held, for minutes). The disk keeps
 // its size and the image is not fenced.
 TEST_F(FreeSpaceSearchTest, FragmentedPastEndOfFileBoundsTheRunSearch) {
-  constexpr uint64_t kBigCluster = 64 * 1024;
-  const std::string path = dir_.Join("fragmented.qcow2");
-  ASSERT_TRUE(QemuImg("create -q -f qcow2 -o cluster_size=64k,refcount_bits=1 " + ShellQuote(path) +
-                      " 1M"));
-  ASSERT_TRUE(QemuIo(path, {"write -P 0x61 0 64k"}));
-  FillRefcounts(path, 8, "\x55", kBigCluster * 8, "\xff", kBigCluster);
-
-  auto image = OpenWritable(path);
+  auto image = OpenFragmented(dir_.Join("fragmented.qcow2"), "1M");
   ASSERT_NE(image, nullptr);
   Status grown = image->Resize(uint64_t{8} << 40);
   ASSERT_FALSE(grown.ok()) << "the L1 table found a run the refcounts leave no room for";
@@ -185,14 +197,8 @@ TEST_F(FreeSpaceSearchTest, FragmentedPastEndOfFileBoundsTheRunSearch) {
 // at a time on clusters the refcounts mark free, without a search for
 // sixteen in a row.
 TEST_F(FreeSpaceSearchTest, FragmentedFreeSpaceTakesShorterRuns) {
-  constexpr uint64_t kBigCluster = 64 * 1024;
   const std::string path = dir_.Join("fragmented.qcow2");
-  ASSERT_TRUE(QemuImg("create -q -f qcow2 -o cluster_size=64k,refcount_bits=1 " + ShellQuote(path) +
-                      " 4M"));
-  ASSERT_TRUE(QemuIo(path, {"write -P 0x61 0 64k"}));
-  FillRefcounts(path, 8, "\x55", kBigCluster * 8, "\xff", kBigCluster);
-
-  auto image = OpenWritable(path);
+  auto image = OpenFragmented(path, "4M");
   ASSERT_NE(image, nullptr);
   std::string data(1 << 20, '\0');
   for (size_t i = 0; i < data.size(); i++) data[i] = static_cast<char>('A' + i / kBigCluster);
@@ -212,13 +218,7 @@ TEST_F(FreeSpaceSearchTest, FragmentedFreeSpaceTakesShorterRuns) {
   ASSERT_TRUE(image->Flush().ok());
   image.reset();
 
-  // Leaks (the edit's) and nothing worse; QEMU reads the data back.
-  CommandResult check = RunCommand("qemu-img check " + ShellQuote(path));
-  EXPECT_EQ(check.exit_code, 3) << check.output;
-  CommandResult read = RunCommand(
-      "qemu-io -f qcow2 -c 'read -P 0x41 1M 64k' -c 'read -P 0x50 1984k 64k' " + ShellQuote(path));
-  EXPECT_EQ(read.exit_code, 0) << read.output;
-  EXPECT_EQ(read.output.find("Pattern verification failed"), std::string::npos) << read.output;
+  ExpectOnlyLeaksAndReads(path, "-c 'read -P 0x41 1M 64k' -c 'read -P 0x50 1984k 64k'");
 }
 
 }  // namespace
