@@ -322,7 +322,7 @@ std::string UsageLines(const OptionSpec& spec) {
     for (const OptionSpec& other : OptionTable()) {
       if (other.use == Use::kMount) continue;
       std::string piece = "," + NameAndValue(other);
-      if (other.use == Use::kCreateOptional) piece = "[" + piece + "]";
+      if (other.use == Use::kCreateOptional) piece = "[" + piece.append("]");
       if (out.size() - LastLineStart(out) + piece.size() > kUsageWidth) {
         out += "\n" + std::string(kUsageIndent + 2, ' ');
       }
@@ -530,7 +530,7 @@ std::string ExistingImageWarning(const std::string& image_path, const MountOptio
                                  const ImageInfo& info) {
   if (!options.create) return "";
   std::string differences;
-  auto add = [&differences](std::string text) {
+  auto add = [&differences](const std::string& text) {
     if (!differences.empty()) differences += ", ";
     differences += text;
   };

@@ -46,7 +46,7 @@ Status Status::FromErrno(int err, std::string what) {
                    : err == ENOENT                  ? ErrorCode::kNotFound
                    : err == EROFS                   ? ErrorCode::kReadOnly
                                                     : ErrorCode::kIoError;
-  return Status(code, what + ": " + std::strerror(err), err);
+  return Status(code, std::move(what) + ": " + std::strerror(err), err);
 }
 
 const std::string& Status::message() const {

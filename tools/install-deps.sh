@@ -11,8 +11,9 @@ set -euo pipefail
 PACKAGES=(
   # build
   meson ninja-build pkg-config g++ clang libclang-rt-14-dev
-  # the format stage (clang-format-14: the version .clang-format is checked with)
-  clang-format-14
+  # the format and tidy stages (the versions .clang-format and .clang-tidy
+  # are checked with)
+  clang-format-14 clang-tidy-14
   libfuse3-dev zlib1g-dev libzstd-dev libdeflate-dev libtbb-dev
   libgtest-dev libbenchmark-dev
   # run: fusermount3, mount.fuse3
@@ -53,7 +54,7 @@ COMMANDS=(
   fstrim dmesg mountpoint mkfs.ext4 fsck.ext4 debugfs chattr pgrep timeout
   numfmt sha256sum truncate cmp diff find xargs awk grep sed tar python3
   fio qemu-storage-daemon gnuplot git dpkg-buildpackage dh lintian jq
-  clang-format-14
+  clang-format-14 clang-tidy-14
 )
 
 check_commands() {

@@ -8,6 +8,9 @@
 #   deps     tools/install-deps.sh (apt-get only for what is missing)
 #   format   every C++ file as clang-format-14 lays it out (.clang-format);
 #            fails naming the files and lines that differ
+#   tidy     (not run by default: about 10 minutes of CPU) clang-tidy-14
+#            with .clang-tidy over the core, the daemons and the tools,
+#            findings as errors, on the tsa stage's compile database
 #   release  build/       release build, meson test
 #   tsa      build-tsa/   clang build of the core library, the daemon and the
 #                         tools, and a compile of the tests, with
@@ -108,6 +111,18 @@ stage_format() {
     return 1
   fi
   echo "${#files[@]} files formatted as .clang-format says"
+}
+
+stage_tidy() {
+  command -v clang-tidy-14 >/dev/null || { echo "clang-tidy-14 not found"; return 1; }
+  [[ -f build-tsa/compile_commands.json ]] || stage_tsa
+  local files=()
+  mapfile -t files < <(git -C "$ROOT" ls-files 'src/*.cc' 'fuse/*.cc' 'tools/*.cc' |
+                       grep -v '_test\.cc$')
+  [[ ${#files[@]} -gt 0 ]] || { echo "no C++ files found"; return 1; }
+  printf '%s\0' "${files[@]}" |
+    xargs -0 -n 1 -P "$JOBS" clang-tidy-14 -p build-tsa --quiet
+  echo "${#files[@]} files clean under .clang-tidy"
 }
 
 stage_release() {
@@ -386,7 +401,7 @@ else
 fi
 for s in "${STAGES[@]}"; do
   if ! declare -F "stage_$s" >/dev/null; then
-    echo "unknown stage: $s (known: deps format release tsa asan fuzz mount tsan package)" >&2
+    echo "unknown stage: $s (known: deps format tidy release tsa asan fuzz mount tsan package)" >&2
     exit 2
   fi
 done

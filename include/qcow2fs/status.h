@@ -107,8 +107,11 @@ class [[nodiscard]] Result {
 #define QCOW2FS_CONCAT_INNER(a, b) a##b
 #define QCOW2FS_CONCAT(a, b) QCOW2FS_CONCAT_INNER(a, b)
 // Declares `lhs` from a Result-valued expression, returning its error if any.
+// `lhs` is a declaration (`uint64_t x`), so it cannot be parenthesized.
+// NOLINTBEGIN(bugprone-macro-parentheses)
 #define QCOW2FS_ASSIGN_OR_RETURN(lhs, expr)                         \
   auto QCOW2FS_CONCAT(qcow2fs_result_, __LINE__) = (expr);          \
   if (!QCOW2FS_CONCAT(qcow2fs_result_, __LINE__).ok())              \
     return QCOW2FS_CONCAT(qcow2fs_result_, __LINE__).take_status(); \
   lhs = std::move(QCOW2FS_CONCAT(qcow2fs_result_, __LINE__)).value()
+// NOLINTEND(bugprone-macro-parentheses)

@@ -26,6 +26,7 @@
 #include <atomic>
 #include <chrono>
 #include <cinttypes>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -135,14 +136,10 @@ bool ParseArgs(int argc, char** argv, Config* c) {
       c->verify = v;
     } else if ((v = val("--seed"))) {
       c->seed = std::strtoull(v, nullptr, 10);
-    } else if (a == "-h" || a == "--help") {
-      return false;
-    } else if (!a.empty() && a[0] == '-') {
-      return false;
-    } else if (c->image.empty()) {
-      c->image = a;
+    } else if (a.empty() || a[0] == '-' || !c->image.empty()) {
+      return false;  // -h/--help, an option this tool does not know, a second image
     } else {
-      return false;
+      c->image = a;
     }
   }
   return !c->image.empty();
@@ -236,7 +233,7 @@ void Reader(Shared* sh, int index, ThreadResult* out) {
 
 double Percentile(const std::vector<uint32_t>& sorted, double p) {
   if (sorted.empty()) return 0;
-  size_t i = static_cast<size_t>(p * static_cast<double>(sorted.size() - 1) + 0.5);
+  const auto i = static_cast<size_t>(std::lround(p * static_cast<double>(sorted.size() - 1)));
   return static_cast<double>(sorted[std::min(i, sorted.size() - 1)]);
 }
 
@@ -285,6 +282,7 @@ int main(int argc, char** argv) {
 
   std::vector<ThreadResult> results(static_cast<size_t>(cfg.threads));
   std::vector<std::thread> threads;
+  threads.reserve(static_cast<size_t>(cfg.threads));
   const auto start = Clock::now();
   sh.deadline = start + std::chrono::duration_cast<Clock::duration>(
                             std::chrono::duration<double>(cfg.runtime));
