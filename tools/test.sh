@@ -8,7 +8,7 @@
 #   deps     tools/install-deps.sh (apt-get only for what is missing)
 #   format   every C++ file as clang-format-14 lays it out (.clang-format);
 #            fails naming the files and lines that differ
-#   tidy     (not run by default: about 10 minutes of CPU) clang-tidy-14
+#   tidy     (not run by default: about 3 minutes on 2 cores) clang-tidy-14
 #            with .clang-tidy over the core, the daemons and the tools,
 #            findings as errors, on the tsa stage's compile database
 #   release  build/       release build, meson test
