@@ -31,6 +31,17 @@ std::string ReadRange(Image& image, uint64_t offset, uint64_t length) {
   return QemuImg("check -q " + ShellQuote(path));
 }
 
+// A 1 MiB image with 64 KiB clusters whose first cluster QEMU wrote (0x4f),
+// open for writing; null (with the failure recorded) if it cannot be built.
+std::unique_ptr<Image> OpenWithFirstClusterWritten(const std::string& path) {
+  if (!QemuImg("create -q -f qcow2 -o cluster_size=64k " + ShellQuote(path) + " 1M") ||
+      !QemuIo(path, {"write -P 0x4f 0 64k"})) {
+    ADD_FAILURE() << "could not build " << path;
+    return nullptr;
+  }
+  return OpenWritable(path);
+}
+
 class InterleavingTest : public SyncPointTest {};
 
 // Extended L2, 64 KiB clusters (2 KiB subclusters), subclusters 0-3 of
@@ -186,9 +197,7 @@ TEST_F(InterleavingTest, ShrinkAndInFlightWriteCannotBothSucceed) {
 // while the first request still writes there.
 TEST_F(InterleavingTest, DiscardDuringRewriteNeverReusesTheCluster) {
   const std::string path = dir_.Join("rewrite.qcow2");
-  ASSERT_TRUE(QemuImg("create -q -f qcow2 -o cluster_size=64k " + ShellQuote(path) + " 1M"));
-  ASSERT_TRUE(QemuIo(path, {"write -P 0x4f 0 64k"}));
-  auto image = OpenWritable(path);
+  auto image = OpenWithFirstClusterWritten(path);
   ASSERT_TRUE(image);
 
   SyncPoints::Arm("Write:InPlaceBeforeData", [](uint64_t pos) { return pos == 0; });
@@ -226,9 +235,7 @@ TEST_F(InterleavingTest, DiscardDuringRewriteNeverReusesTheCluster) {
 // cluster the snapshot now shares, changing the snapshot after the fact.
 TEST_F(InterleavingTest, SnapshotWaitsForInPlaceWrite) {
   const std::string path = dir_.Join("snap-rewrite.qcow2");
-  ASSERT_TRUE(QemuImg("create -q -f qcow2 -o cluster_size=64k " + ShellQuote(path) + " 1M"));
-  ASSERT_TRUE(QemuIo(path, {"write -P 0x4f 0 64k"}));
-  auto image = OpenWritable(path);
+  auto image = OpenWithFirstClusterWritten(path);
   ASSERT_TRUE(image);
 
   SyncPoints::Arm("Write:InPlaceBeforeData", [](uint64_t pos) { return pos == 0; });
