@@ -252,6 +252,54 @@ INSTANTIATE_TEST_SUITE_P(
                      CompressionType::kZstd}),
     [](const auto& param_info) { return param_info.param.name; });
 
+// A version 2 image over a backing file has no zero clusters: zeros must be
+// stored as data there. All-zero clusters, written or zeroed, staged in
+// compress mode, used to be stored through the zeroing path, which wrote
+// the zeros back into the staging cache and waited on its own commit.
+TEST(CompressedWriteOverBackingTest, ZerosOnVersion2ImageAreStoredCompressed) {
+  ASSERT_TRUE(RequireProgram("qemu-img"));
+  ASSERT_TRUE(RequireProgram("qemu-io"));
+  TempDir dir;
+  constexpr uint64_t kCluster = 64 * 1024, kSize = 4 << 20;
+  const std::string base = dir.Join("base.qcow2"), path = dir.Join("v2.qcow2");
+  ASSERT_TRUE(QemuImg("create -q -f qcow2 -o compat=0.10 " + ShellQuote(base) + " 4M"));
+  ASSERT_TRUE(QemuIo(base, {"write -P 0x5a 0 4M"}));
+  ASSERT_TRUE(QemuImg("create -q -f qcow2 -o compat=0.10,cluster_size=64k -b base.qcow2 -F qcow2 " +
+                      ShellQuote(path) + " 4M"));
+  std::string model(kSize, '\x5a');
+  {
+    OpenOptions o;
+    o.read_only = false;
+    o.compress = CompressionType::kZlib;
+    auto opened = Image::Open(path, o);
+    ASSERT_TRUE(opened.ok()) << Describe(opened.status());
+    Image& image = **opened;
+    const std::string zeros(kCluster, '\0');
+    // A whole cluster of zeros, in one write and in two halves.
+    ASSERT_TRUE(image.Write(0, AsBytes(zeros)).ok());
+    ASSERT_TRUE(image.Write(2 * kCluster, AsBytes(zeros.substr(0, kCluster / 2))).ok());
+    ASSERT_TRUE(image.Write(2 * kCluster + kCluster / 2, AsBytes(zeros.substr(kCluster / 2))).ok());
+    // Zeroing whole clusters writes zeros, which are staged too.
+    ASSERT_TRUE(image.WriteZeroes(4 * kCluster, 2 * kCluster, /*may_unmap=*/true).ok());
+    // Half a cluster: the rest is filled from the backing file's bytes.
+    ASSERT_TRUE(image.Write(8 * kCluster, AsBytes(zeros.substr(0, kCluster / 2))).ok());
+    for (uint64_t at : {uint64_t{0}, 2 * kCluster, 4 * kCluster, 5 * kCluster}) {
+      model.replace(at, kCluster, zeros);
+    }
+    model.replace(8 * kCluster, kCluster / 2, zeros.substr(0, kCluster / 2));
+    ASSERT_TRUE(image.Flush().ok());
+    std::string back(kSize, '\1');
+    ASSERT_TRUE(image.Read(0, AsWritableBytes(back)).ok());
+    EXPECT_TRUE(BuffersEqual(model, back, 0, "read back before closing"));
+  }
+  std::string out;
+  ASSERT_TRUE(QemuImg("check " + ShellQuote(path), &out)) << out;
+  EXPECT_NE(out.find("compressed clusters"), std::string::npos) << out;
+  ASSERT_TRUE(WriteWholeFile(dir.Join("expected.raw"), model));
+  EXPECT_TRUE(QemuImg("compare -q -f qcow2 -F raw " + ShellQuote(path) + " " +
+                      ShellQuote(dir.Join("expected.raw"))));
+}
+
 TEST(CompressedWriteOptionsTest, MismatchedCompressionTypeIsRefused) {
   ASSERT_TRUE(RequireProgram("qemu-img"));
   TempDir dir;

@@ -540,6 +540,11 @@ std::vector<ImageKind> Kinds() {
   with_backing("backing_v3_64k", "cluster_size=64k", "cluster_size=64k", 65536, false);
   with_backing("backing_v3_4k_tiny_l2", "cluster_size=64k", "cluster_size=4k", 4096, false, 2);
   with_backing("backing_v2_4k", "compat=0.10", "compat=0.10,cluster_size=4k", 4096, true);
+  // No zero clusters in version 2 over a backing file: zeros are compressed.
+  with_backing("backing_v2_4k_compress_executor", "compat=0.10", "compat=0.10,cluster_size=4k",
+               4096, true);
+  k.back().compress = CompressionType::kZlib;
+  k.back().executor = true;
   with_backing("backing_extended_l2_64k", "cluster_size=64k", "cluster_size=64k,extended_l2=on",
                65536, false);
   with_backing("backing_extended_l2_16k", "cluster_size=4k", "cluster_size=16k,extended_l2=on",

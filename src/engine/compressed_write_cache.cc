@@ -213,7 +213,7 @@ Result<CompressedWriteCache::Prepared> CompressedWriteCache::Prepare(Job& job) {
   }
   const std::vector<std::byte>& data = job.filled.empty() ? e.data : job.filled;
   Prepared p;
-  if (AllZeroBytes(data)) {
+  if (sink_.CanZeroClusters() && AllZeroBytes(data)) {
     p.action = Prepared::Action::kZero;
     return p;
   }

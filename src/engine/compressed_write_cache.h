@@ -20,7 +20,7 @@
 //               only then points the L2 entries into it. The staging entry
 //               goes away at that moment.
 // A cluster that does not compress is written as a normal cluster, an
-// all-zero one becomes a zero cluster.
+// all-zero one becomes a zero cluster where the image has them.
 //
 // Threading: every method may be called from any thread. One mutex (mu_)
 // guards the staging map and the segment; compression and host I/O run
@@ -80,9 +80,16 @@ class CompressedClusterSink {
   // a failed commit some entries may point into it already, with the same
   // bytes the cache still stages.
   virtual Status StoreSegment(std::span<const std::byte> data, std::span<const Placed> placed) = 0;
-  // Stores a cluster that did not compress, or is all zeros.
+  // Stores a cluster that did not compress.
   virtual Status WriteUncompressedCluster(uint64_t guest_offset,
                                           std::span<const std::byte> data) = 0;
+  // Whether the image can make a cluster read as zeros by changing only its
+  // L2 entry (a zero flag, or no mapping with nothing beneath). A version 2
+  // image over a backing file cannot: it would have to write the zeros, so
+  // the cache compresses an all-zero cluster there like any other data.
+  virtual bool CanZeroClusters() const = 0;
+  // Stores an all-zero cluster as a zero cluster; only called when
+  // CanZeroClusters().
   virtual Status ZeroCluster(uint64_t guest_offset) = 0;
 };
 

@@ -166,10 +166,19 @@ Status Qcow2Image::WriteUncompressedCluster(uint64_t guest_offset,
   return WriteShared(guest_offset, data.first(n));
 }
 
+bool Qcow2Image::CanZeroClusters() const {
+  // Version 2 has no zero flag, and deallocating would let the backing
+  // file show through.
+  return version_ >= 3 || !backing_;
+}
+
 Status Qcow2Image::ZeroCluster(uint64_t guest_offset) {
   const uint64_t n = BytesBeforeEnd(size(), guest_offset, cluster_size_);
   if (n == 0) return Status();
-  // The cluster is this entry's own commit: nothing staged to drop.
+  // The cluster is this entry's own commit: nothing staged to drop. The
+  // cache asks only where CanZeroClusters(), so ClearRange changes entries
+  // and never writes zeros back through the cache (which would wait for
+  // this very commit).
   return ClearRange(guest_offset, n, /*discard=*/false, /*may_unmap=*/true,
                     /*drop_staged=*/false);
 }

@@ -168,6 +168,7 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   Status CommitSegmentLocked(std::span<const Placed> placed, uint64_t segment)
       REQUIRES(meta_mutex_);
   Status WriteUncompressedCluster(uint64_t guest_offset, std::span<const std::byte> data) override;
+  bool CanZeroClusters() const override;
   Status ZeroCluster(uint64_t guest_offset) override;
 
   // --- writing (qcow2_write.cc, qcow2_zero.cc, qcow2_metadata.cc) ---

@@ -134,7 +134,7 @@ Status Qcow2Image::ClearRange(uint64_t offset, uint64_t length, bool discard, bo
       offset + length == size() ? AlignUp(size(), cluster_size_) : offset + length;
   // Version 2 cannot mark a cluster zero over a backing file: zeroing
   // writes zeros there (discard may let the backing data show).
-  const bool write_whole = !discard && version_ < 3 && backing_;
+  const bool write_whole = !discard && !CanZeroClusters();
   return ForClusterSpan(
       offset, span_end - offset, cluster_size_,
       [&](uint64_t off, uint64_t len) {

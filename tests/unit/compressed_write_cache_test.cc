@@ -116,8 +116,10 @@ class FakeSink final : public CompressedClusterSink {
     stored_[guest_offset] = {Kind::kPlain, 0, 0, Bytes(data.begin(), data.end())};
     return Status();
   }
+  bool CanZeroClusters() const override { return can_zero_; }
   Status ZeroCluster(uint64_t guest_offset) override {
     std::lock_guard lk(mu_);
+    EXPECT_TRUE(can_zero_) << "ZeroCluster on an image without zero clusters";
     counts_.zeros++;
     stored_[guest_offset] = {Kind::kZero, 0, 0, {}};
     return Status();
@@ -157,6 +159,8 @@ class FakeSink final : public CompressedClusterSink {
   void FailAlloc(int n) { Set(fail_alloc_, n); }
   void FailWrite(int n) { Set(fail_write_, n); }
   void FailCommit(int n) { Set(fail_commit_, n); }
+  // As a version 2 image over a backing file: zeros must be stored as data.
+  void DisableZeroClusters() { can_zero_ = false; }
 
  private:
   enum class Kind { kCompressed, kPlain, kZero };
@@ -198,6 +202,7 @@ class FakeSink final : public CompressedClusterSink {
   std::vector<uint64_t> fill_order_;
   Counts counts_;
   int fail_fill_ = 0, fail_alloc_ = 0, fail_write_ = 0, fail_commit_ = 0;
+  bool can_zero_ = true;  // set before the cache is used
 };
 
 constexpr uint64_t kCs = 4096;
@@ -309,6 +314,17 @@ TEST_P(CompressedWriteCacheTest, ZeroAndIncompressibleClustersAreNotCompressed) 
   EXPECT_FALSE(sink.IsCompressed(kCs));
   EXPECT_EQ(sink.Content(0), Bytes(kCs));
   ExpectStored(sink, {1});
+}
+
+TEST_P(CompressedWriteCacheTest, ZeroClustersAreCompressedWhereTheImageCannotZero) {
+  FakeSink sink(type(), kCs);
+  sink.DisableZeroClusters();
+  CompressedWriteCache cache(sink, type(), kCs, kMaxPerHost, kDisk, 0);
+  ASSERT_TRUE(Write(cache, 0, Bytes(kCs)).ok());
+  ASSERT_TRUE(cache.Flush().ok());
+  EXPECT_EQ(sink.counts().zeros, 0);
+  EXPECT_TRUE(sink.IsCompressed(0));
+  EXPECT_EQ(sink.Content(0), Bytes(kCs));
 }
 
 TEST_P(CompressedWriteCacheTest, CaptureAndApplyOverlayTheStagedBytes) {
