@@ -206,7 +206,8 @@ start_target() {
       findmnt -rn --mountpoint "$mnt" >/dev/null || die "$mnt is not mounted"
       # The daemon: the process whose command line ends in the mount point.
       for pid in $(pgrep -f -- "mount\.qcow2fs" || true); do
-        if [[ $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) == *" $img $mnt " ]]; then
+        # (a process pgrep listed may have exited since: no message for it)
+        if [[ $( { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null) == *" $img $mnt " ]]; then
           DPID=$pid
         fi
       done
