@@ -260,11 +260,22 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   // tables from the file (written back before).
   Status ForEachTreeClusterLocked(const std::vector<uint64_t>& l1, const std::string& whose,
                                   const std::function<Status(uint64_t)>& fn) REQUIRES(meta_mutex_);
+  // kNoSpace when some cluster the tree reaches has the most references
+  // the refcount width allows (so a +1 on the tree cannot be done).
+  Status CheckRoomForTreeReferenceLocked(const std::vector<uint64_t>& l1, const std::string& whose)
+      REQUIRES(meta_mutex_);
   // Adds `delta` (+1 or -1) to the refcount of every cluster the tree
-  // reaches; +1 fails with kNoSpace, changing nothing, when a refcount is
-  // at its maximum.
+  // reaches; for +1 the caller has made sure there is room.
   Status AddTreeReferencesLocked(const std::vector<uint64_t>& l1, int delta,
                                  const std::string& whose) REQUIRES(meta_mutex_);
+  // Sets or clears the header's dirty bit, written and synced, around the
+  // steps of a snapshot operation whose crash would leave OFLAG_COPIED
+  // flags that disagree with refcounts: whoever next opens the image for
+  // writing (qcow2fs or QEMU) then repairs it first. Set, it goes out after
+  // everything written before; cleared, only after everything written
+  // before is synced (the caller has written metadata back). Version 2 has
+  // no dirty bit: a no-op there.
+  Status SetDirtyBitLocked(bool dirty) REQUIRES(meta_mutex_);
   // One reference more or less; the last one going punches the cluster.
   // Dropping needs discard_lock_ held exclusively.
   Status ChangeReferenceLocked(uint64_t cluster, int delta) REQUIRES(meta_mutex_);

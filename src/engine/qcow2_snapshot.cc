@@ -11,15 +11,19 @@
 // Every operation runs with the writers stopped (resize_lock_ exclusive),
 // the staging cache drained, and metadata written back before and after, in
 // the order that makes each step's end a consistent image:
-//   take:   refcounts +1 (and the L1 copy counted) -> sync -> flags cleared
-//           in L2/L1 -> sync -> new snapshot table -> sync -> header -> sync
-//   drop:   new snapshot table -> sync -> header -> sync -> refcounts -1,
-//           flags set -> sync
+//   take:   [dirty -> refcounts +1 (and the L1 copy counted) -> sync ->
+//           flags cleared in L2/L1 -> sync -> clean] -> new snapshot table
+//           -> sync -> header -> sync
+//   drop:   new snapshot table -> sync -> header -> sync -> [dirty ->
+//           refcounts -1, flags set -> sync -> clean]
+// ([dirty ... clean]: the header's dirty bit, each change synced.)
 // Before the header points to the new table there is no snapshot and the
 // raised refcounts are leaks; after it, the snapshot is complete. Between
 // the refcount and the flag steps a crash leaves flags that disagree with
 // refcounts (QEMU's own order has the same window): data is safe, since the
-// extra references belong to no snapshot, and a repair rewrites the flags.
+// extra references belong to no snapshot, and on a version 3 image the
+// header's dirty bit is set for exactly that span, so the next writable
+// open (qcow2fs's or QEMU's) repairs the flags before anything trusts them.
 #include <time.h>
 
 #include <algorithm>
@@ -146,25 +150,38 @@ Status Qcow2Image::ForEachTreeClusterLocked(const std::vector<uint64_t>& l1,
   return Status();
 }
 
+Status Qcow2Image::CheckRoomForTreeReferenceLocked(const std::vector<uint64_t>& l1,
+                                                   const std::string& whose) {
+  // Asked before anything changes, so that a refusal (a low refcount_bits
+  // image with many snapshots) leaves no half-done update to undo.
+  const uint64_t max = MaxRefcount(refcount_order_);
+  return ForEachTreeClusterLocked(l1, whose, [&](uint64_t c) REQUIRES(meta_mutex_) -> Status {
+    QCOW2FS_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get(c));
+    if (rc < max) return Status();
+    return Status(ErrorCode::kNoSpace,
+                  "cluster " + Hex(c << cluster_bits_) + " already has the most references " +
+                      "refcount_bits=" + std::to_string(header_.refcount_bits()) + " allows (" +
+                      std::to_string(max) + ")");
+  });
+}
+
 Status Qcow2Image::AddTreeReferencesLocked(const std::vector<uint64_t>& l1, int delta,
                                            const std::string& whose) {
-  if (delta > 0) {
-    // Refused before anything changes when some refcount is at its
-    // maximum (a low refcount_bits image with many snapshots): no half-done
-    // update to undo.
-    const uint64_t max = MaxRefcount(refcount_order_);
-    QCOW2FS_RETURN_IF_ERROR(
-        ForEachTreeClusterLocked(l1, whose, [&](uint64_t c) REQUIRES(meta_mutex_) -> Status {
-          QCOW2FS_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get(c));
-          if (rc + static_cast<uint64_t>(delta) <= max) return Status();
-          return Status(ErrorCode::kNoSpace,
-                        "cluster " + Hex(c << cluster_bits_) + " already has the most references " +
-                            "refcount_bits=" + std::to_string(header_.refcount_bits()) +
-                            " allows (" + std::to_string(max) + ")");
-        }));
-  }
   return ForEachTreeClusterLocked(
       l1, whose, [&](uint64_t c) REQUIRES(meta_mutex_) { return ChangeReferenceLocked(c, delta); });
+}
+
+Status Qcow2Image::SetDirtyBitLocked(bool dirty) {
+  if (version_ < 3) return Status();
+  const uint64_t features = dirty ? header_.incompatible_features | kIncompatDirty
+                                  : header_.incompatible_features & ~kIncompatDirty;
+  if (features == header_.incompatible_features) return Status();
+  // Setting: what was written before reaches the disk first, so a crash
+  // never shows the dirty bit's absence with a later step's writes.
+  if (dirty) QCOW2FS_RETURN_IF_ERROR(file_->Sync());
+  header_.incompatible_features = features;
+  QCOW2FS_RETURN_IF_ERROR(WriteHeaderLocked());
+  return file_->Sync();
 }
 
 Status Qcow2Image::ApplyDeferredFreesExclusive() {
@@ -322,6 +339,10 @@ Status Qcow2Image::CreateSnapshot(const std::string& name) {
 
   // 1. A second reference to everything the active tree reaches, and the
   // L1 copy, counted; the flags cleared where clusters are now shared.
+  // Until both are on disk the flags disagree with the refcounts: the image
+  // is marked dirty for that long.
+  QCOW2FS_RETURN_IF_ERROR(CheckRoomForTreeReferenceLocked(l1_, "the active disk"));
+  QCOW2FS_RETURN_IF_ERROR(SetDirtyBitLocked(true));
   QCOW2FS_RETURN_IF_ERROR(AddTreeReferencesLocked(l1_, +1, "the active disk"));
   std::vector<uint64_t> copy(l1_.size());
   uint64_t copy_offset = 0;
@@ -345,8 +366,10 @@ Status Qcow2Image::CreateSnapshot(const std::string& name) {
     QCOW2FS_RETURN_IF_ERROR(
         file_->WriteAt(copy_offset, raw).Annotate("writing the snapshot's L1 table"));
   }
-  // Refcounts, then the L2 tables and L1 entries with their new flags.
+  // Refcounts, then the L2 tables and L1 entries with their new flags; the
+  // extra references are leaks until the header names the snapshot.
   QCOW2FS_RETURN_IF_ERROR(WriteBackLocked());
+  QCOW2FS_RETURN_IF_ERROR(SetDirtyBitLocked(false));
   QCOW2FS_SYNC_POINT("Snapshot:ReferencesCounted", 0);
 
   // 2. The snapshot table with the new entry; the header switch makes it
@@ -402,7 +425,9 @@ Status Qcow2Image::DeleteSnapshot(const std::string& id_or_name) {
   QCOW2FS_RETURN_IF_ERROR(WriteSnapshotTableLocked(std::move(next)));
   QCOW2FS_SYNC_POINT("Snapshot:Unlisted", 0);
 
-  // 2. Its references go; what nothing else uses is freed.
+  // 2. Its references go; what nothing else uses is freed. Until the flags
+  // follow (3.) they disagree with the refcounts: dirty for that long.
+  QCOW2FS_RETURN_IF_ERROR(SetDirtyBitLocked(true));
   QCOW2FS_RETURN_IF_ERROR(RebuildSnapshotL2SetLocked());
   QCOW2FS_RETURN_IF_ERROR(AddTreeReferencesLocked(l1, -1, "snapshot '" + gone.name + "'"));
   if (gone.l1_size != 0) {
@@ -412,7 +437,8 @@ Status Qcow2Image::DeleteSnapshot(const std::string& id_or_name) {
   }
   // 3. Clusters the active disk now holds alone may be written in place.
   QCOW2FS_RETURN_IF_ERROR(SetCopiedFlagsLocked());
-  return WriteBackLocked();
+  QCOW2FS_RETURN_IF_ERROR(WriteBackLocked());
+  return SetDirtyBitLocked(false);
 }
 
 Result<std::unique_ptr<Image>> Qcow2Image::OpenSnapshot(const std::string& id_or_name) {
@@ -475,6 +501,8 @@ Status Qcow2Image::RevertToSnapshot(const std::string& id_or_name) {
                                                          "the snapshot's L1 table"));
   // 1. The snapshot's tree gains the active disk's reference, and the new
   // active L1 table is written to new clusters.
+  QCOW2FS_RETURN_IF_ERROR(
+      CheckRoomForTreeReferenceLocked(snap_l1, "snapshot '" + target.name + "'"));
   QCOW2FS_RETURN_IF_ERROR(AddTreeReferencesLocked(snap_l1, +1, "snapshot '" + target.name + "'"));
   const uint64_t clusters =
       std::max<uint64_t>(1, (uint64_t{target.l1_size} * 8 + cluster_size_ - 1) >> cluster_bits_);
@@ -514,10 +542,12 @@ Status Qcow2Image::RevertToSnapshot(const std::string& id_or_name) {
   }
 
   // 3. The old active tree's references go, then the flags follow the
-  // refcounts.
+  // refcounts (dirty until they do).
+  QCOW2FS_RETURN_IF_ERROR(SetDirtyBitLocked(true));
   QCOW2FS_RETURN_IF_ERROR(AddTreeReferencesLocked(old_l1, -1, "the previous active disk"));
   QCOW2FS_RETURN_IF_ERROR(SetCopiedFlagsLocked());
-  return WriteBackLocked();
+  QCOW2FS_RETURN_IF_ERROR(WriteBackLocked());
+  return SetDirtyBitLocked(false);
 }
 
 Status Image::ApplySnapshot(const std::string& path, const std::string& id_or_name) {
