@@ -237,6 +237,7 @@ void WriteBehind::Run() {
     if (next == queue_.end()) return;  // stopping, nothing left
     next->started = true;
     lk.Unlock();
+    QCOW2FS_SYNC_POINT("WriteBehind:Applying", next->offset);
     const std::span<const std::byte> data(next->buffer.data(), next->length);
     // The write allocates from the free space; from now on, what the bank
     // holds for it is the space a retry gets.
