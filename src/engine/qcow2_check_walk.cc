@@ -24,9 +24,6 @@ namespace {
 constexpr uint64_t kL1ReservedMask = 0x7f000000000001ffull;
 constexpr uint64_t kL2StandardReservedMask = 0x3f000000000001feull;
 constexpr uint64_t kRefcountTableReservedMask = 0x1ffull;
-// Extended L2 bitmap halves.
-constexpr uint64_t kAllAllocatedBits = 0x00000000ffffffffull;
-constexpr uint64_t kAllZeroBits = 0xffffffff00000000ull;
 // Bitmap table entries: bits 9-55 hold the data cluster's offset.
 constexpr uint64_t kBitmapTableOffsetMask = 0x00fffffffffffe00ull;
 // QEMU's limits for persistent bitmaps: a bitmaps extension naming more or
@@ -130,7 +127,8 @@ void Walker::PatchToZero(uint64_t entry_offset, uint64_t bitmap, bool compressed
   if (h().extended_l2()) {
     // Allocated subclusters (all of a compressed cluster) become zero ones;
     // unallocated ones keep reading from the backing file.
-    const uint64_t zero = compressed ? kAllZeroBits : ((bitmap | (bitmap << 32)) & kAllZeroBits);
+    const uint64_t zero =
+        compressed ? kAllSubclustersZero : ((bitmap | (bitmap << 32)) & kAllSubclustersZero);
     f_.patches.push_back({entry_offset, 0, what});
     f_.patches.push_back({entry_offset + 8, zero, what + " (subcluster bitmap)"});
   } else {
@@ -279,7 +277,7 @@ Status Walker::WalkL2(uint64_t l2_offset, bool active) {
         }
         if (offset % cs()) {
           const bool holds_data =
-              extended ? (bitmap & kAllAllocatedBits) != 0 : !(entry & kOflagZero);
+              extended ? (bitmap & kAllSubclustersAllocated) != 0 : !(entry & kOflagZero);
           if (!holds_data) {
             Corruption(Fmt("%s offset=%" PRIx64
                            ": Preallocated cluster is not properly aligned; L2 entry "
@@ -313,7 +311,7 @@ Status Walker::WalkL2(uint64_t l2_offset, bool active) {
       case ClusterType::kZeroPlain:
         break;
       case ClusterType::kUnallocated:
-        if (bitmap & kAllAllocatedBits) {
+        if (bitmap & kAllSubclustersAllocated) {
           Corruption("ERROR: Unallocated cluster has non-zero subcluster allocation map");
         }
         break;
