@@ -14,8 +14,9 @@
 namespace qcow2fs {
 namespace {
 
-// A writable open of an image left `dirty` (lazy refcounts, not closed
-// cleanly) repairs its refcounts first, as QEMU does on open: the check
+// A writable open of an image left `dirty` (not closed cleanly while its
+// refcounts were being changed: QEMU with lazy refcounts, or a snapshot's
+// metadata step) repairs its refcounts first, as QEMU does on open: the check
 // with RepairMode::kAll, which clears the dirty bit once the image is
 // consistent. Returns the warning to show, or nothing for a clean image.
 // An image also marked corrupt is left alone (it opens read-only and needs

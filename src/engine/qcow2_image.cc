@@ -97,8 +97,8 @@ Status Qcow2Image::LoadMetadata(const OpenOptions& options, const FileOpener& op
   }
   if (header_.incompatible_features & kIncompatDirty) {
     warnings_.push_back(
-        "image is dirty (lazy refcounts were in use and it was not closed "
-        "cleanly); opened read-only until its refcounts are repaired");
+        "image is dirty (not closed cleanly while its refcounts were being "
+        "changed); opened read-only until its refcounts are repaired");
     read_only_ = true;
   }
 

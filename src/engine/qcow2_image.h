@@ -260,12 +260,17 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   // tables from the file (written back before).
   Status ForEachTreeClusterLocked(const std::vector<uint64_t>& l1, const std::string& whose,
                                   const std::function<Status(uint64_t)>& fn) REQUIRES(meta_mutex_);
+  // The kNoSpace refusal for a cluster at the most references the refcount
+  // width allows.
+  Status RefcountFullLocked(uint64_t cluster) const REQUIRES(meta_mutex_);
   // kNoSpace when some cluster the tree reaches has the most references
   // the refcount width allows (so a +1 on the tree cannot be done).
   Status CheckRoomForTreeReferenceLocked(const std::vector<uint64_t>& l1, const std::string& whose)
       REQUIRES(meta_mutex_);
   // Adds `delta` (+1 or -1) to the refcount of every cluster the tree
-  // reaches; for +1 the caller has made sure there is room.
+  // reaches, once per reference. +1 is all or nothing: when a refcount
+  // would pass its maximum it fails with kNoSpace and every refcount is as
+  // before.
   Status AddTreeReferencesLocked(const std::vector<uint64_t>& l1, int delta,
                                  const std::string& whose) REQUIRES(meta_mutex_);
   // Sets or clears the header's dirty bit, written and synced, around the

@@ -24,9 +24,10 @@
 namespace qcow2fs {
 Status Qcow2Image::PrepareForWriting() {
   if (header_.incompatible_features & kIncompatDirty) {
-    return Status(ErrorCode::kUnsupported,
-                  "image is dirty (lazy refcounts, not closed cleanly); repair it "
-                  "with 'qemu-img check -r all' before opening it for writing");
+    return Status(
+        ErrorCode::kUnsupported,
+        "image is dirty (not closed cleanly while its refcounts were being changed); repair it "
+        "with 'qemu-img check -r all' before opening it for writing");
   }
   refcounts_ = std::make_unique<Refcounts>(*file_, header_);
   QCOW2FS_RETURN_IF_ERROR(refcounts_->Load());

@@ -150,36 +150,75 @@ Status Qcow2Image::ForEachTreeClusterLocked(const std::vector<uint64_t>& l1,
   return Status();
 }
 
+Status Qcow2Image::RefcountFullLocked(uint64_t cluster) const {
+  return Status(ErrorCode::kNoSpace, "cluster " + Hex(cluster << cluster_bits_) +
+                                         " already has the most references refcount_bits=" +
+                                         std::to_string(header_.refcount_bits()) + " allows (" +
+                                         std::to_string(MaxRefcount(refcount_order_)) + ")");
+}
+
 Status Qcow2Image::CheckRoomForTreeReferenceLocked(const std::vector<uint64_t>& l1,
                                                    const std::string& whose) {
-  // Asked before anything changes, so that a refusal (a low refcount_bits
-  // image with many snapshots) leaves no half-done update to undo.
+  // Asked before anything changes, so that the usual refusal (a low
+  // refcount_bits image with many snapshots) needs nothing undone.
   const uint64_t max = MaxRefcount(refcount_order_);
   return ForEachTreeClusterLocked(l1, whose, [&](uint64_t c) REQUIRES(meta_mutex_) -> Status {
     QCOW2FS_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get(c));
-    if (rc < max) return Status();
-    return Status(ErrorCode::kNoSpace,
-                  "cluster " + Hex(c << cluster_bits_) + " already has the most references " +
-                      "refcount_bits=" + std::to_string(header_.refcount_bits()) + " allows (" +
-                      std::to_string(max) + ")");
+    return rc < max ? Status() : RefcountFullLocked(c);
   });
 }
 
 Status Qcow2Image::AddTreeReferencesLocked(const std::vector<uint64_t>& l1, int delta,
                                            const std::string& whose) {
-  return ForEachTreeClusterLocked(
-      l1, whose, [&](uint64_t c) REQUIRES(meta_mutex_) { return ChangeReferenceLocked(c, delta); });
+  if (delta < 0) {
+    return ForEachTreeClusterLocked(l1, whose, [&](uint64_t c) REQUIRES(meta_mutex_) {
+      return ChangeReferenceLocked(c, delta);
+    });
+  }
+  // A host cluster the tree reaches more than once (compressed clusters
+  // packed into it) can reach the maximum partway through although the
+  // room check found room for one more. Then the increments made so far,
+  // all in memory and none of them freeing anything, are taken back in the
+  // same walk order, and the tree is refused as a whole.
+  const uint64_t max = MaxRefcount(refcount_order_);
+  uint64_t added = 0;
+  bool full = false;
+  const Status status =
+      ForEachTreeClusterLocked(l1, whose, [&](uint64_t c) REQUIRES(meta_mutex_) -> Status {
+        QCOW2FS_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get(c));
+        if (rc >= max) {
+          full = true;
+          return RefcountFullLocked(c);
+        }
+        QCOW2FS_RETURN_IF_ERROR(ChangeReferenceLocked(c, delta));
+        added++;
+        return Status();
+      });
+  if (!full) return status;
+  uint64_t undone = 0;
+  QCOW2FS_RETURN_IF_ERROR(
+      ForEachTreeClusterLocked(l1, whose, [&](uint64_t c) REQUIRES(meta_mutex_) -> Status {
+        if (undone == added) return Status();
+        undone++;
+        Status taken_back = refcounts_->Add(c, -1);
+        return taken_back.ok() ? taken_back : FenceCorruptLocked(taken_back);
+      }));
+  return status;
 }
 
 Status Qcow2Image::SetDirtyBitLocked(bool dirty) {
   if (version_ < 3) return Status();
-  const uint64_t features = dirty ? header_.incompatible_features | kIncompatDirty
-                                  : header_.incompatible_features & ~kIncompatDirty;
-  if (features == header_.incompatible_features) return Status();
-  // Setting: what was written before reaches the disk first, so a crash
-  // never shows the dirty bit's absence with a later step's writes.
-  if (dirty) QCOW2FS_RETURN_IF_ERROR(file_->Sync());
-  header_.incompatible_features = features;
+  // What was written before reaches the disk first: once set, no later
+  // step's write can be there without the bit; once cleared, no earlier
+  // step's write can be missing.
+  QCOW2FS_RETURN_IF_ERROR(file_->Sync());
+  if (dirty) {
+    header_.incompatible_features |= kIncompatDirty;
+  } else {
+    header_.incompatible_features &= ~kIncompatDirty;
+  }
+  // Written even when header_ says so already: an earlier header write that
+  // failed may have left the disk's copy otherwise.
   QCOW2FS_RETURN_IF_ERROR(WriteHeaderLocked());
   return file_->Sync();
 }
@@ -343,7 +382,14 @@ Status Qcow2Image::CreateSnapshot(const std::string& name) {
   // is marked dirty for that long.
   QCOW2FS_RETURN_IF_ERROR(CheckRoomForTreeReferenceLocked(l1_, "the active disk"));
   QCOW2FS_RETURN_IF_ERROR(SetDirtyBitLocked(true));
-  QCOW2FS_RETURN_IF_ERROR(AddTreeReferencesLocked(l1_, +1, "the active disk"));
+  if (Status added = AddTreeReferencesLocked(l1_, +1, "the active disk"); !added.ok()) {
+    // Refused partway with every increment taken back: nothing to repair.
+    if (added.code() == ErrorCode::kNoSpace) {
+      QCOW2FS_RETURN_IF_ERROR(WriteBackLocked());
+      QCOW2FS_RETURN_IF_ERROR(SetDirtyBitLocked(false));
+    }
+    return added;
+  }
   std::vector<uint64_t> copy(l1_.size());
   uint64_t copy_offset = 0;
   if (!l1_.empty()) {
