@@ -350,9 +350,12 @@ mkfifo cmds
 qemu-io held.qcow2 <cmds >/dev/null 2>&1 &
 HOLDER=$!
 exec 3>cmds
-# Until qemu-io holds the image, qemu-img can open it read-only.
-for _ in $(seq 100); do
+# Until qemu-io holds the image, qemu-img can open it read-only. (The
+# limit only guards against a hang: a loaded machine may take seconds to
+# start qemu-io.)
+for _ in $(seq 1200); do
   qemu-img info held.qcow2 >/dev/null 2>&1 || break
+  kill -0 "$HOLDER" 2>/dev/null || fail "qemu-io exited before it held the image"
   sleep 0.1
 done
 qemu-img info held.qcow2 >/dev/null 2>&1 && fail "qemu-io did not lock the image"
