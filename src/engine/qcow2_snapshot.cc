@@ -588,12 +588,12 @@ Status Qcow2Image::RevertToSnapshot(const std::string& id_or_name) {
   }
 
   // 3. The old active tree's references go, then the flags follow the
-  // refcounts (dirty until they do).
-  QCOW2FS_RETURN_IF_ERROR(SetDirtyBitLocked(true));
+  // refcounts. No dirty bit is needed here: every cluster the new active
+  // tree reaches is the snapshot's too, so its refcount stays at 2 or more
+  // and the cleared flags agree with it at every step.
   QCOW2FS_RETURN_IF_ERROR(AddTreeReferencesLocked(old_l1, -1, "the previous active disk"));
   QCOW2FS_RETURN_IF_ERROR(SetCopiedFlagsLocked());
-  QCOW2FS_RETURN_IF_ERROR(WriteBackLocked());
-  return SetDirtyBitLocked(false);
+  return WriteBackLocked();
 }
 
 Status Image::ApplySnapshot(const std::string& path, const std::string& id_or_name) {
