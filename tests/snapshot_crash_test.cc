@@ -94,6 +94,28 @@ struct Counts {
   uint64_t syncs = 0;
 };
 
+// Runs `workload` on `initial_file` (opened as `name`) without a crash:
+// it must get to `reached`, and the image it leaves, written to `done`,
+// must be clean. Sets *to to the counts at the end.
+::testing::AssertionResult RunWhole(const std::string& initial_file, const std::string& name,
+                                    const std::function<int(Image&)>& workload, int reached,
+                                    const std::string& done, Counts* to) {
+  auto f = std::make_shared<FaultInjectionFile>("img", initial_file);
+  {
+    auto image = OpenOnFaultyFile(f, name);
+    if (!image.ok()) return ::testing::AssertionFailure() << Describe(image.status());
+    const int got = workload(**image);
+    if (got != reached) {
+      return ::testing::AssertionFailure() << "the workload got to " << got << ", not " << reached;
+    }
+  }
+  *to = {f->mutating_ops(), f->syncs()};
+  if (!WriteWholeFile(done, f->CurrentImage())) return ::testing::AssertionFailure() << done;
+  CommandResult check = RunCommand("qemu-img check " + ShellQuote(done));
+  if (check.exit_code != 0) return ::testing::AssertionFailure() << check.output;
+  return ::testing::AssertionSuccess();
+}
+
 // Cuts power after every mutating operation in [from.ops, to.ops) and at
 // every sync in [from.syncs, to.syncs) of `workload` run on `initial_file`
 // (opened as `name`), and for each point writes two survivors (every
@@ -182,17 +204,8 @@ TEST(SnapshotCrashTest, EveryCrashPointLeavesNoSnapshotOrAWholeOne) {
     from = {f->mutating_ops(), f->syncs()};
   }
   {
-    auto f = std::make_shared<FaultInjectionFile>("img", initial_file);
-    {
-      auto image = OpenOnFaultyFile(f, fresh);
-      ASSERT_TRUE(image.ok());
-      ASSERT_EQ(workload(**image), 2);
-    }
-    to = {f->mutating_ops(), f->syncs()};
     const std::string done = dir.Join("done.qcow2");
-    ASSERT_TRUE(WriteWholeFile(done, f->CurrentImage()));
-    CommandResult check = RunCommand("qemu-img check " + ShellQuote(done));
-    ASSERT_EQ(check.exit_code, 0) << check.output;
+    ASSERT_TRUE(RunWhole(initial_file, fresh, workload, 2, done, &to));
     ASSERT_FALSE(SnapshotDisk(dir, done, "old").has_value());
     ASSERT_EQ(SnapshotDisk(dir, done, "new"), disk);
   }
@@ -262,17 +275,8 @@ TEST(SnapshotCrashTest, EveryCrashPointOfARevertLeavesOneDiskOrTheOther) {
     from = {f->mutating_ops(), f->syncs()};
   }
   {
-    auto f = std::make_shared<FaultInjectionFile>("img", initial_file);
-    {
-      auto image = OpenOnFaultyFile(f, fresh);
-      ASSERT_TRUE(image.ok());
-      ASSERT_EQ(workload(**image), 1);
-    }
-    to = {f->mutating_ops(), f->syncs()};
     const std::string done = dir.Join("done.qcow2");
-    ASSERT_TRUE(WriteWholeFile(done, f->CurrentImage()));
-    CommandResult check = RunCommand("qemu-img check " + ShellQuote(done));
-    ASSERT_EQ(check.exit_code, 0) << check.output;
+    ASSERT_TRUE(RunWhole(initial_file, fresh, workload, 1, done, &to));
     ASSERT_TRUE(QemuConvertToRaw(done, dir.Join("done.raw")));
     std::string reverted;
     ASSERT_TRUE(ReadWholeFile(dir.Join("done.raw"), &reverted));
