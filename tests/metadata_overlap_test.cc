@@ -111,18 +111,53 @@ TEST_F(MetadataOverlapTest, L2EntryIntoItsOwnL2Table) {
 }
 
 TEST_F(MetadataOverlapTest, L2EntryIntoTheHeader) {
-  // Offset 0 with COPIED is "host offset 0" (the header): refused too.
+  // Offset 0 with COPIED would be "host offset 0" (the header) in a data
+  // file; in the image file QEMU reads it as unallocated, and so do we: the
+  // cluster reads as zeros, a write allocates a new cluster and never
+  // lands on the header.
   RedirectCluster0(0);
   std::string before;
   ASSERT_TRUE(ReadFileRange(path_, 0, 4096, &before));
   auto image = OpenWritable(path_);
   ASSERT_TRUE(image);
+  std::string read(4096, 'r');
+  ASSERT_TRUE(image->Read(0, AsWritableBytes(read)).ok());
+  EXPECT_TRUE(AllZero(read)) << "the cluster does not read as unallocated";
   const std::string data(4096, 'x');
-  EXPECT_FALSE(image->Write(0, AsBytes(data)).ok());
+  EXPECT_TRUE(image->Write(0, AsBytes(data)).ok());
+  ASSERT_TRUE(image->Read(0, AsWritableBytes(read)).ok());
+  EXPECT_EQ(read, data);
   image.reset();
   std::string after;
   ASSERT_TRUE(ReadFileRange(path_, 0, 4096, &after));
   EXPECT_EQ(before.substr(0, 4), after.substr(0, 4)) << "the header magic was overwritten";
+  // (The edit leaked the cluster the entry named before: leaks only.)
+  const CommandResult check = RunCommand("qemu-img check " + ShellQuote(path_));
+  EXPECT_TRUE(check.exit_code == 0 || check.exit_code == 3) << check.output;
+  std::string qemu_read;
+  ASSERT_TRUE(QemuConvertToRaw(path_, dir_.Join("converted.raw")));
+  ASSERT_TRUE(ReadFileRange(dir_.Join("converted.raw"), 0, 4096, &qemu_read));
+  EXPECT_EQ(qemu_read, data) << "QEMU does not read what was written";
+}
+
+// Discarding or zeroing such an entry leaves a cluster that reads as zeros
+// (the write fuzzer found one the discard left behind, then refused).
+TEST_F(MetadataOverlapTest, L2EntryIntoTheHeaderDiscardedReadsZeros) {
+  RedirectCluster0(0);
+  {
+    auto image = OpenWritable(path_);
+    ASSERT_TRUE(image);
+    ASSERT_TRUE(image->Discard(0, 2 * kCluster).ok());
+    ASSERT_TRUE(image->WriteZeroes(0, kCluster, /*may_unmap=*/false).ok());
+    ASSERT_TRUE(image->Flush().ok());
+  }
+  OpenOptions options;
+  options.read_only = true;
+  auto image = Image::Open(path_, options);
+  ASSERT_TRUE(image.ok()) << Describe(image.status());
+  std::string read(kCluster, 'r');
+  ASSERT_TRUE((*image)->Read(0, AsWritableBytes(read)).ok());
+  EXPECT_TRUE(AllZero(read));
 }
 
 // An L2 table counted free: the allocator would hand it out as a data

@@ -195,11 +195,11 @@ Result<size_t> Qcow2Image::MapLocked(uint64_t offset, uint64_t end, Extent* out,
         }
         return Status();
       };
-      // Offset 0 with the copied flag means "host offset 0", valid only in
-      // an external data file.
-      if (!has_data_file && (word & ~kOflagZero) == kOflagCopied) {
-        return corrupt(pos, "L2 entry claims host offset 0 (the image header)");
-      }
+      // Offset 0 with the copied flag means "host offset 0" only in an
+      // external data file; in the image file the spec does not allow it,
+      // and ClassifyL2Entry reads it as unallocated, as QEMU does (which
+      // reads the cluster as zeros or the backing file's and allocates a
+      // new one on the first write).
       if (type == ClusterType::kZeroAlloc && host % cluster_size_ != 0) {
         return corrupt(pos, "zero cluster preallocated at unaligned host offset " + Hex(host));
       }
