@@ -183,7 +183,7 @@ Status Qcow2Image::AddTreeReferencesLocked(const std::vector<uint64_t>& l1, int 
   const uint64_t max = MaxRefcount(refcount_order_);
   uint64_t added = 0;
   bool full = false;
-  const Status status =
+  Status status =
       ForEachTreeClusterLocked(l1, whose, [&](uint64_t c) REQUIRES(meta_mutex_) -> Status {
         QCOW2FS_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get(c));
         if (rc >= max) {
