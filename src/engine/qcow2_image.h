@@ -263,10 +263,6 @@ class Qcow2Image final : public Image, private CompressedClusterSink {
   // The kNoSpace refusal for a cluster at the most references the refcount
   // width allows.
   Status RefcountFullLocked(uint64_t cluster) const REQUIRES(meta_mutex_);
-  // kNoSpace when some cluster the tree reaches has the most references
-  // the refcount width allows (so a +1 on the tree cannot be done).
-  Status CheckRoomForTreeReferenceLocked(const std::vector<uint64_t>& l1, const std::string& whose)
-      REQUIRES(meta_mutex_);
   // Adds `delta` (+1 or -1) to the refcount of every cluster the tree
   // reaches, once per reference. +1 is all or nothing: when a refcount
   // would pass its maximum it fails with kNoSpace and every refcount is as

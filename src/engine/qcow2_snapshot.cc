@@ -157,17 +157,6 @@ Status Qcow2Image::RefcountFullLocked(uint64_t cluster) const {
                                          std::to_string(MaxRefcount(refcount_order_)) + ")");
 }
 
-Status Qcow2Image::CheckRoomForTreeReferenceLocked(const std::vector<uint64_t>& l1,
-                                                   const std::string& whose) {
-  // Asked before anything changes, so that the usual refusal (a low
-  // refcount_bits image with many snapshots) needs nothing undone.
-  const uint64_t max = MaxRefcount(refcount_order_);
-  return ForEachTreeClusterLocked(l1, whose, [&](uint64_t c) REQUIRES(meta_mutex_) -> Status {
-    QCOW2FS_ASSIGN_OR_RETURN(uint64_t rc, refcounts_->Get(c));
-    return rc < max ? Status() : RefcountFullLocked(c);
-  });
-}
-
 Status Qcow2Image::AddTreeReferencesLocked(const std::vector<uint64_t>& l1, int delta,
                                            const std::string& whose) {
   if (delta < 0) {
@@ -175,11 +164,12 @@ Status Qcow2Image::AddTreeReferencesLocked(const std::vector<uint64_t>& l1, int 
       return ChangeReferenceLocked(c, delta);
     });
   }
-  // A host cluster the tree reaches more than once (compressed clusters
-  // packed into it) can reach the maximum partway through although the
-  // room check found room for one more. Then the increments made so far,
-  // all in memory and none of them freeing anything, are taken back in the
-  // same walk order, and the tree is refused as a whole.
+  // When a refcount is at its maximum (a low refcount_bits image with many
+  // snapshots, or a host cluster the tree reaches more than once, with
+  // compressed clusters packed into it, reaching it partway through), the
+  // increments made so far, all in memory and none of them freeing
+  // anything, are taken back in the same walk order, and the tree is
+  // refused as a whole.
   const uint64_t max = MaxRefcount(refcount_order_);
   uint64_t added = 0;
   bool full = false;
@@ -194,7 +184,7 @@ Status Qcow2Image::AddTreeReferencesLocked(const std::vector<uint64_t>& l1, int 
         added++;
         return Status();
       });
-  if (!full) return status;
+  if (!full || added == 0) return status;
   uint64_t undone = 0;
   QCOW2FS_RETURN_IF_ERROR(
       ForEachTreeClusterLocked(l1, whose, [&](uint64_t c) REQUIRES(meta_mutex_) -> Status {
@@ -380,10 +370,9 @@ Status Qcow2Image::CreateSnapshot(const std::string& name) {
   // L1 copy, counted; the flags cleared where clusters are now shared.
   // Until both are on disk the flags disagree with the refcounts: the image
   // is marked dirty for that long.
-  QCOW2FS_RETURN_IF_ERROR(CheckRoomForTreeReferenceLocked(l1_, "the active disk"));
   QCOW2FS_RETURN_IF_ERROR(SetDirtyBitLocked(true));
   if (Status added = AddTreeReferencesLocked(l1_, +1, "the active disk"); !added.ok()) {
-    // Refused partway with every increment taken back: nothing to repair.
+    // Refused with every increment taken back: nothing to repair.
     if (added.code() == ErrorCode::kNoSpace) {
       QCOW2FS_RETURN_IF_ERROR(WriteBackLocked());
       QCOW2FS_RETURN_IF_ERROR(SetDirtyBitLocked(false));
@@ -547,8 +536,6 @@ Status Qcow2Image::RevertToSnapshot(const std::string& id_or_name) {
                                                          "the snapshot's L1 table"));
   // 1. The snapshot's tree gains the active disk's reference, and the new
   // active L1 table is written to new clusters.
-  QCOW2FS_RETURN_IF_ERROR(
-      CheckRoomForTreeReferenceLocked(snap_l1, "snapshot '" + target.name + "'"));
   QCOW2FS_RETURN_IF_ERROR(AddTreeReferencesLocked(snap_l1, +1, "snapshot '" + target.name + "'"));
   const uint64_t clusters =
       std::max<uint64_t>(1, (uint64_t{target.l1_size} * 8 + cluster_size_ - 1) >> cluster_bits_);
